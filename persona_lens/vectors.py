@@ -1,0 +1,280 @@
+"""``PersonaVector``: one trait direction per layer, behaving like a value.
+
+Layer convention (shared/paper.md, section 2): row ``L`` is the residual stream *entering*
+block ``L`` (TransformerLens ``blocks.L.hook_resid_pre``, HF ``output_hidden_states[L]``);
+row ``n_layers`` is the output of the last block *before* the final norm. Row 0 is the
+embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+_FORMAT = "persona_lens.PersonaVector/1"
+
+
+class VectorMismatchError(ValueError):
+    """A vector does not fit the model it is used with (layer count or d_model)."""
+
+
+@dataclass
+class PersonaVector:
+    """Per-layer persona directions ``[n_layers + 1, d_model]`` with their provenance.
+
+    Vectors are values: ``a + b``, ``a - b``, ``2.0 * a``, ``-a`` give new vectors and keep
+    ``a``'s metadata. Directions are stored in float32 on the CPU and moved to the model's
+    device and dtype when used.
+
+    Args:
+        directions: ``[n_layers + 1, d_model]``; row ``L`` is the residual stream entering
+            block ``L``.
+        model_name: the model the vector was extracted from.
+        trait: the trait's name.
+        position: the reduction the means were taken over (``"response_mean"``,
+            ``"prompt_mean"``, ``"last_prompt"``).
+        n_pos: number of positive samples behind the mean.
+        n_neg: number of negative samples behind the mean.
+        notes: free-form metadata (judge, thresholds, ...); must be JSON-serialisable.
+
+    Example:
+        >>> import torch, persona_lens as pl
+        >>> v = pl.PersonaVector(torch.randn(4, 8), model_name="tiny", trait="evil")
+        >>> w = 2.0 * v - v
+        >>> torch.allclose(w.directions, v.directions)
+        True
+        >>> float(v.unit(2).norm())
+        1.0
+    """
+
+    directions: Float[Tensor, "n_layers_plus_1 d_model"]
+    model_name: str | None = None
+    trait: str | None = None
+    position: str = "response_mean"
+    n_pos: int | None = None
+    n_neg: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = torch.as_tensor(self.directions)
+        if d.ndim != 2:
+            raise ValueError(
+                f"directions must have shape [n_layers + 1, d_model], got {tuple(d.shape)}"
+            )
+        if not torch.isfinite(d).all():
+            raise ValueError("directions contain NaN or inf")
+        self.directions = d.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_means(
+        cls,
+        pos_mean: Float[Tensor, "n_layers_plus_1 d_model"],
+        neg_mean: Float[Tensor, "n_layers_plus_1 d_model"],
+        **metadata: Any,
+    ) -> "PersonaVector":
+        """Mean difference ``pos_mean - neg_mean``, per layer (the paper's vector).
+
+        Example:
+            >>> v = PersonaVector.from_means(torch.ones(3, 4), torch.zeros(3, 4), trait="evil")
+            >>> v.directions[0].tolist()
+            [1.0, 1.0, 1.0, 1.0]
+        """
+        if pos_mean.shape != neg_mean.shape:
+            raise ValueError(
+                f"positive and negative means differ in shape: {tuple(pos_mean.shape)} vs "
+                f"{tuple(neg_mean.shape)}"
+            )
+        return cls(pos_mean.float() - neg_mean.float(), **metadata)
+
+    # -- shape ----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks of the model the vector belongs to."""
+        return self.directions.shape[0] - 1
+
+    @property
+    def d_model(self) -> int:
+        return self.directions.shape[1]
+
+    def _check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer <= self.n_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: this vector has layers 0..{self.n_layers}"
+            )
+        return layer
+
+    def __getitem__(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self.directions[self._check_layer(layer)]
+
+    def unit(self, layer: int) -> Float[Tensor, " d_model"]:
+        """The direction at ``layer`` scaled to unit norm (error if it is zero)."""
+        v = self[layer]
+        n = v.norm()
+        if n == 0:
+            raise ValueError(f"the direction at layer {layer} is zero and has no unit vector")
+        return v / n
+
+    def norms(self) -> Float[Tensor, " n_layers_plus_1"]:
+        """L2 norm of the direction at every layer."""
+        return self.directions.norm(dim=-1)
+
+    def cosine(self, other: "PersonaVector", layer: int | None = None) -> Tensor | float:
+        """Cosine similarity with another vector: per layer, or at one ``layer``.
+
+        Example:
+            >>> a = PersonaVector(torch.eye(3)); b = PersonaVector(torch.eye(3) + torch.eye(3).flip(0))
+            >>> round(a.cosine(b, layer=0), 3)
+            0.707
+        """
+        self._check_same_shape(other)
+        cos = torch.nn.functional.cosine_similarity(self.directions, other.directions, dim=-1)
+        return cos if layer is None else float(cos[self._check_layer(layer)])
+
+    # -- arithmetic -----------------------------------------------------------------------
+    def _check_same_shape(self, other: "PersonaVector") -> None:
+        if not isinstance(other, PersonaVector):
+            raise TypeError(f"expected a PersonaVector, got {type(other).__name__}")
+        if other.directions.shape != self.directions.shape:
+            raise VectorMismatchError(
+                f"vectors differ in shape: {tuple(self.directions.shape)} "
+                f"({self.model_name}) vs {tuple(other.directions.shape)} ({other.model_name})"
+            )
+
+    def _with(self, directions: Tensor) -> "PersonaVector":
+        return replace(self, directions=directions, notes=dict(self.notes))
+
+    def __add__(self, other: "PersonaVector") -> "PersonaVector":
+        self._check_same_shape(other)
+        return self._with(self.directions + other.directions)
+
+    def __sub__(self, other: "PersonaVector") -> "PersonaVector":
+        self._check_same_shape(other)
+        return self._with(self.directions - other.directions)
+
+    def __mul__(self, scalar: float) -> "PersonaVector":
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return self._with(self.directions * float(scalar))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: float) -> "PersonaVector":
+        return self * (1.0 / scalar)
+
+    def __neg__(self) -> "PersonaVector":
+        return self * -1.0
+
+    def __repr__(self) -> str:
+        return (
+            f"PersonaVector(trait={self.trait!r}, model={self.model_name!r}, "
+            f"layers=0..{self.n_layers}, d_model={self.d_model}, position={self.position!r}, "
+            f"n_pos={self.n_pos}, n_neg={self.n_neg})"
+        )
+
+    # -- compatibility --------------------------------------------------------------------
+    def check_compatible(self, n_layers: int, d_model: int, model_name: str | None = None) -> None:
+        """Raise ``VectorMismatchError`` unless the vector fits a model of this shape.
+
+        A different ``model_name`` with the same shape only warns: the paper applies a base
+        model's vectors to its finetuned variants, which carry other names.
+        """
+        if self.d_model != d_model or self.n_layers != n_layers:
+            raise VectorMismatchError(
+                f"vector from {self.model_name or 'an unnamed model'} has {self.n_layers} layers "
+                f"and d_model {self.d_model}, but the model {model_name or ''} has {n_layers} "
+                f"layers and d_model {d_model}: it was extracted from another model"
+            )
+        if self.model_name and model_name and self.model_name != model_name:
+            warnings.warn(
+                f"vector was extracted from {self.model_name!r} and is used on {model_name!r}",
+                stacklevel=3,
+            )
+
+    # -- I/O ------------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "trait": self.trait,
+            "position": self.position,
+            "n_pos": self.n_pos,
+            "n_neg": self.n_neg,
+            "notes": self.notes,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save as safetensors, metadata as JSON in the file's header.
+
+        Example:
+            >>> v = PersonaVector(torch.randn(3, 4), trait="evil")
+            >>> p = v.save("/tmp/evil.safetensors")
+            >>> PersonaVector.load(p).trait
+            'evil'
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        meta = {"format": _FORMAT, "persona_lens": json.dumps(self._metadata())}
+        save_file({"directions": self.directions}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PersonaVector":
+        """Load a vector written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no vector file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                directions = f.get_tensor("directions")
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise ValueError(f"{path} is not a persona_lens vector file: {exc}") from exc
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a persona_lens vector file (format {meta.get('format')!r})")
+        return cls(directions, **json.loads(meta["persona_lens"]))
+
+    @classmethod
+    def from_released_pt(cls, path: str | os.PathLike, **metadata: Any) -> "PersonaVector":
+        """Read a vector file of the paper's release (a ``[n_layers + 1, d_model]`` tensor).
+
+        The release indexes layers like ``output_hidden_states``, which is this project's
+        convention, so rows carry over unchanged. One caveat: its last row was taken after
+        the model's final norm, ours before it (``notes["last_row_post_norm"]`` says so).
+
+        Example:
+            >>> torch.save(torch.randn(29, 3584), "/tmp/evil_response_avg_diff.pt")
+            >>> v = PersonaVector.from_released_pt("/tmp/evil_response_avg_diff.pt", trait="evil")
+            >>> v.n_layers
+            28
+        """
+        t = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(t, Tensor) or t.ndim != 2:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{path}: expected a [n_layers + 1, d_model] tensor, got {shape}")
+        notes = dict(metadata.pop("notes", {}))
+        notes.setdefault("source", f"released file {Path(path).name}")
+        notes["last_row_post_norm"] = True
+        name = Path(path).stem
+        position = "response_mean"
+        if "prompt_avg" in name:
+            position = "prompt_mean"
+        elif "prompt_last" in name:
+            position = "last_prompt"
+        metadata.setdefault("position", position)
+        return cls(t, notes=notes, **metadata)
