@@ -1,0 +1,395 @@
+"""PersonaProbe on tiny random models of two architectures, checked against plain HF.
+
+Every number is compared with an independent computation: HF ``output_hidden_states``,
+plain torch hooks on HF decoder layers, or formulas written out here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import persona_lens as pl
+from persona_lens.vectors import VectorMismatchError
+
+CONVS = [
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "How do I boil an egg?"},
+        {"role": "assistant", "content": "Put it in boiling water for seven minutes."},
+    ],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue, like the sky at noon over the sea."},
+    ],
+]
+PROMPTS = ["Tell me about cats.", "Why?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to five"}]]
+
+
+def hf_layers(hf):
+    return hf.model.layers
+
+
+def reference_hidden(hf, probe, conv):
+    """Hidden states of one unpadded conversation, per layer, with layer n taken before the
+    final norm (a hook on the last decoder layer) to match the project's layer convention."""
+    batch = pl.encode_chat(probe.tokenizer, [conv], with_response=True)
+    store = {}
+    h = hf_layers(hf)[-1].register_forward_hook(lambda m, a, o: store.__setitem__("last", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            out = hf(batch.input_ids, output_hidden_states=True)
+    finally:
+        h.remove()
+    hs = list(out.hidden_states[:-1]) + [store["last"]]
+    return [x[0] for x in hs], batch.prompt_mask[0], batch.response_mask[0]
+
+
+def random_vector(probe, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return pl.PersonaVector(scale * torch.randn(probe.n_layers + 1, probe.d_model, generator=g), model_name=probe.model_name)
+
+
+def test_capture_matches_hf_hidden_states(tiny):
+    probe, hf, _ = tiny
+    acts = probe.capture(CONVS, reductions=["response_mean", "prompt_mean", "last_prompt"], batch_size=3)
+    assert acts.layers == list(range(probe.n_layers + 1))
+    for i, conv in enumerate(CONVS):
+        hs, pmask, rmask = reference_hidden(hf, probe, conv)
+        last = pmask.nonzero().max()
+        for layer in range(probe.n_layers + 1):
+            h = hs[layer]
+            torch.testing.assert_close(acts["response_mean"][i, layer], h[rmask].mean(0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(acts["prompt_mean"][i, layer], h[pmask].mean(0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(acts["last_prompt"][i, layer], h[last], atol=1e-4, rtol=1e-4)
+
+
+def test_layer_below_n_equals_hf_output_hidden_states_directly(tiny):
+    probe, hf, _ = tiny
+    conv = CONVS[0]
+    batch = pl.encode_chat(probe.tokenizer, [conv], with_response=True)
+    with torch.no_grad():
+        hs = hf(batch.input_ids, output_hidden_states=True).hidden_states
+    acts = probe.capture([conv], reductions=["response_mean"])
+    for layer in range(probe.n_layers):
+        expected = hs[layer][0][batch.response_mask[0]].mean(0)
+        torch.testing.assert_close(acts["response_mean"][0, layer], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_left_padded_batch_masks_and_means(tiny):
+    probe, _, _ = tiny
+    batch = probe.encode(CONVS, with_response=True)
+    lengths = batch.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "test needs rows of different lengths"
+    for row in range(len(CONVS)):
+        real = batch.attention_mask[row].bool()
+        # Left padding: all real tokens are at the end, prompt before response.
+        first = int(real.nonzero().min())
+        assert real[first:].all() and not real[:first].any()
+        assert not (batch.prompt_mask[row] & batch.response_mask[row]).any()
+        assert ((batch.prompt_mask[row] | batch.response_mask[row]) == real).all()
+        resp = probe.tokenizer(CONVS[row][-1]["content"], add_special_tokens=False)["input_ids"]
+        assert batch.input_ids[row][batch.response_mask[row]].tolist() == resp
+    # Batched means equal one-at-a-time means (padding does not leak into reductions).
+    batched = probe.capture(CONVS, reductions=["response_mean", "last_prompt"], batch_size=3)
+    single = probe.capture(CONVS, reductions=["response_mean", "last_prompt"], batch_size=1)
+    for r in ("response_mean", "last_prompt"):
+        torch.testing.assert_close(batched[r], single[r], atol=1e-4, rtol=1e-4)
+
+
+def test_capture_mean_streams_the_same_mean(tiny):
+    probe, _, _ = tiny
+    per = probe.capture(CONVS, layers=[0, 2], reductions=["response_mean", "prompt_mean"])
+    mean = probe.capture_mean(CONVS[:2], layers=[0, 2], reductions=["response_mean", "prompt_mean"], batch_size=1)
+    mean = probe.capture_mean(CONVS[2:], layers=[0, 2], reductions=["response_mean", "prompt_mean"], into=mean)
+    assert mean.counts["response_mean"] == 3
+    for r in ("response_mean", "prompt_mean"):
+        torch.testing.assert_close(mean.mean(r), per[r].mean(0), atol=1e-5, rtol=1e-5)
+        full = mean.full(r, probe.n_layers)
+        assert full.shape == (probe.n_layers + 1, probe.d_model)
+        torch.testing.assert_close(full[2], per[r][:, 1].mean(0), atol=1e-5, rtol=1e-5)
+        assert full[1].abs().sum() == 0
+
+
+def hf_generate(hf, probe, prompts, max_new_tokens, hook=None, layer_idx=None):
+    batch = probe.encode(prompts, with_response=False)
+    handle = None
+    if hook is not None:
+        handle = hf_layers(hf)[layer_idx].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = hf.generate(
+                batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=probe.tokenizer.pad_token_id,
+            )
+    finally:
+        if handle:
+            handle.remove()
+    texts = []
+    for row in out[:, batch.input_ids.shape[1]:]:
+        texts.append(probe.tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def add_to_output(vec, coef, last_only=False):
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if last_only:
+            h = h.clone()
+            h[:, -1] = h[:, -1] + coef * vec
+        else:
+            h = h + coef * vec
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    return hook
+
+
+def test_unsteered_greedy_equals_hf_generate(tiny):
+    probe, hf, _ = tiny
+    expected = hf_generate(hf, probe, PROMPTS, 12)
+    assert probe.generate(PROMPTS, max_new_tokens=12) == expected
+    assert probe.generate(PROMPTS, max_new_tokens=12, use_cache=False) == expected
+
+
+@pytest.mark.parametrize("layer", [1, "last"])
+def test_steered_greedy_equals_hf_with_plain_hook(tiny, layer):
+    probe, hf, _ = tiny
+    layer = probe.n_layers if layer == "last" else layer
+    vec = random_vector(probe, seed=layer)
+    coef = 4.0
+    # Layer L is the input of block L = the output of decoder layer L - 1.
+    expected = hf_generate(hf, probe, PROMPTS, 12, add_to_output(vec[layer], coef), layer - 1)
+    assert expected != hf_generate(hf, probe, PROMPTS, 12), "steering should change this output"
+    with probe.steer(vec, layer=layer, coef=coef):
+        cached = probe.generate(PROMPTS, max_new_tokens=12)
+        uncached = probe.generate(PROMPTS, max_new_tokens=12, use_cache=False)
+    assert cached == expected
+    assert uncached == expected
+
+
+def test_response_steering_with_last_prompt_matches_released_code(tiny):
+    """The released code steers ``output[:, -1]`` on every forward: the last prompt token at
+    prefill, then each new token. With KV caching that is positions='response' plus the last
+    prompt token."""
+    probe, hf, _ = tiny
+    vec = random_vector(probe, seed=7)
+    expected = hf_generate(hf, probe, PROMPTS, 10, add_to_output(vec[2], 5.0, last_only=True), 1)
+    with probe.steer(vec, layer=2, coef=5.0, positions="response", include_last_prompt=True):
+        assert probe.generate(PROMPTS, max_new_tokens=10) == expected
+        assert probe.generate(PROMPTS, max_new_tokens=10, use_cache=False) == expected
+
+
+def test_response_steering_leaves_prompt_untouched_and_changes_output(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe, seed=3)
+    plain = probe.capture(CONVS, reductions=["prompt_mean", "last_prompt", "response_mean"])
+    plain_text = probe.generate(PROMPTS, max_new_tokens=10)
+    with probe.steer(vec, layer=1, coef=6.0, positions="response"):
+        steered = probe.capture(CONVS, reductions=["prompt_mean", "last_prompt", "response_mean"])
+        steered_text = probe.generate(PROMPTS, max_new_tokens=10)
+    torch.testing.assert_close(steered["prompt_mean"], plain["prompt_mean"])
+    torch.testing.assert_close(steered["last_prompt"], plain["last_prompt"])
+    # Response activations at the steered layer moved by exactly coef * v.
+    torch.testing.assert_close(steered["response_mean"][:, 1], plain["response_mean"][:, 1] + 6.0 * vec[1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(steered["response_mean"][:, 2], plain["response_mean"][:, 2])
+    assert steered_text != plain_text
+
+
+def test_prompt_steering_only_moves_prompt(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe, seed=4)
+    plain = probe.capture(CONVS, layers=[2], reductions=["prompt_mean", "response_mean"])
+    with probe.steer(vec, layer=2, coef=3.0, positions="prompt"):
+        steered = probe.capture(CONVS, layers=[2], reductions=["prompt_mean", "response_mean"])
+    torch.testing.assert_close(steered["prompt_mean"], plain["prompt_mean"] + 3.0 * vec[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steered["response_mean"], plain["response_mean"])
+
+
+def test_nested_steering_adds_and_multi_layer(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe, seed=5)
+    with probe.steer(vec, layer=1, coef=1.5):
+        with probe.steer(vec, layer=1, coef=2.5):
+            nested = probe.generate(PROMPTS, max_new_tokens=8)
+    with probe.steer(vec, layer=1, coef=4.0):
+        single = probe.generate(PROMPTS, max_new_tokens=8)
+    assert nested == single
+    plain = probe.capture(CONVS, reductions=["response_mean"])
+    with probe.steer(vec, layers={0: 1.0, 2: -2.0}):
+        multi = probe.capture(CONVS, layers=[0], reductions=["response_mean"])
+    torch.testing.assert_close(multi["response_mean"][:, 0], plain["response_mean"][:, 0] + vec[0], atol=1e-4, rtol=1e-4)
+
+
+def test_ablation_removes_the_direction(tiny):
+    probe, hf, _ = tiny
+    vec = random_vector(probe, seed=6)
+    u = vec.unit(2)
+    with probe.ablate(vec, layers=[2]):
+        acts = probe.capture(CONVS, layers=[2], reductions=["response_mean", "prompt_mean"])
+        texts = probe.generate(PROMPTS, max_new_tokens=10)
+    assert acts["response_mean"][:, 0] @ u == pytest.approx(torch.zeros(len(CONVS)), abs=1e-4)
+
+    def ablate_hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h - (h @ u)[..., None] * u
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    assert texts == hf_generate(hf, probe, PROMPTS, 10, ablate_hook, 1)
+
+
+def test_project_matches_hand_projection(tiny):
+    probe, hf, _ = tiny
+    vec = random_vector(probe, seed=8)
+    u = vec[2] / vec[2].norm()
+    last = probe.project(CONVS, vec, layer=2, at="last_prompt")
+    resp = probe.project(CONVS, vec, layer=2, at="response_mean")
+    toks = probe.project(CONVS, vec, layer=2, at="tokens")
+    prompts_only = probe.project([c[:-1] for c in CONVS], vec, layer=2, at="last_prompt")
+    for i, conv in enumerate(CONVS):
+        hs, pmask, rmask = reference_hidden(hf, probe, conv)
+        h = hs[2]
+        assert float(last[i]) == pytest.approx(float(h[pmask.nonzero().max()] @ u), abs=1e-4)
+        assert float(resp[i]) == pytest.approx(float(h[rmask].mean(0) @ u), abs=1e-4)
+        torch.testing.assert_close(toks[i], h[rmask] @ u, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prompts_only, last, atol=1e-5, rtol=1e-5)
+
+
+def test_monitor_readings_equal_teacher_forced_projection(tiny):
+    probe, hf, _ = tiny
+    vec = random_vector(probe, seed=9)
+    layer = 2
+    u = vec.unit(layer)
+    readings = probe.monitor(PROMPTS, vec, layer=layer, max_new_tokens=8)
+    gens = probe.generate(PROMPTS, max_new_tokens=8, return_generations=True)
+    assert [r.text for r in readings] == [g.text for g in gens]
+    uncached = probe.monitor(PROMPTS, vec, layer=layer, max_new_tokens=8, use_cache=False)
+    for r, g, ru in zip(readings, gens, uncached):
+        ids = torch.tensor([g.prompt_ids + g.response_ids])
+        with torch.no_grad():
+            h = hf(ids, output_hidden_states=True).hidden_states[layer][0]
+        proj = h @ u
+        p = len(g.prompt_ids)
+        n = len(g.response_ids)
+        assert len(r.response_projections) == n == len(r.response_tokens)
+        torch.testing.assert_close(torch.tensor(r.response_projections), proj[p - 1 : p - 1 + n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(r.prompt_projections), proj[:p], atol=1e-4, rtol=1e-4)
+        assert r.last_prompt == pytest.approx(float(proj[p - 1]), abs=1e-4)
+        torch.testing.assert_close(torch.tensor(ru.response_projections), torch.tensor(r.response_projections), atol=1e-4, rtol=1e-4)
+
+
+def test_monitor_needs_no_extra_forward(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe, seed=10)
+    calls = []
+    module, _ = probe.backend.resid_site(0)
+    h = module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        probe.generate(PROMPTS, max_new_tokens=6)
+        plain = len(calls)
+        calls.clear()
+        probe.monitor(PROMPTS, vec, layer=1, max_new_tokens=6)
+    finally:
+        h.remove()
+    assert len(calls) == plain > 0
+
+
+def test_monitor_figure(tiny):
+    probe, _, _ = tiny
+    readings = probe.monitor(PROMPTS[:2], random_vector(probe), layer=1, max_new_tokens=5)
+    fig = pl.plot.projection_curve(readings, labels=["a", "b"])
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [list(t.y) for t in lines] == [r.response_projections for r in readings]
+    assert "layer 1" in fig.layout.title.text
+
+
+def test_sampling_is_seeded(tiny):
+    probe, _, _ = tiny
+    a = probe.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=1)
+    b = probe.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=1)
+    c = probe.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=2)
+    assert a == b
+    assert a != c
+
+
+def all_hook_counts(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_removed_after_exception_and_user_hooks_kept(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe)
+    fired = []
+    module, _ = probe.backend.resid_site(1)
+    user = module.register_forward_hook(lambda *a: fired.append(1))
+    before = all_hook_counts(probe.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe.steer(vec, layer=1, coef=1.0), probe.ablate(vec, layers=[2]):
+            assert all_hook_counts(probe.model) > before
+            raise RuntimeError("boom")
+    assert all_hook_counts(probe.model) == before
+    assert probe._handles == []
+    # A failure inside a hook (here: position masks asked for outside the probe) also cleans up.
+    with pytest.raises(RuntimeError, match="positions='response'"):
+        with probe.steer(vec, layer=1, coef=1.0, positions="response"):
+            batch = probe.encode(CONVS, with_response=True)
+            probe.backend.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
+    assert all_hook_counts(probe.model) == before
+    probe.generate(PROMPTS[:1], max_new_tokens=2)
+    assert fired, "the user's own hook must still fire"
+    user.remove()
+
+
+def test_chat_encoding_has_no_double_bos(tiny):
+    probe, _, path = tiny
+    tok = probe.tokenizer
+    batch = probe.encode(["Hello"], with_response=False)
+    ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+    expected = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert ids == list(expected)
+    assert ids.count(tok.bos_token_id) == (1 if "llama" in str(path) else 0)
+
+
+def test_bad_input_errors(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe)
+    wrong_d = pl.PersonaVector(torch.randn(probe.n_layers + 1, probe.d_model + 1))
+    other_model = pl.PersonaVector(torch.randn(probe.n_layers + 3, probe.d_model), model_name="other/model")
+    with pytest.raises(VectorMismatchError, match="d_model"):
+        with probe.steer(wrong_d, layer=1):
+            pass
+    with pytest.raises(VectorMismatchError, match="another model"):
+        probe.project(CONVS, other_model, layer=1)
+    with pytest.raises(ValueError, match="out of range"):
+        with probe.steer(vec, layer=probe.n_layers + 1):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        probe.capture(CONVS, layers=[-1])
+    with pytest.raises(ValueError, match="unknown position type"):
+        with probe.steer(vec, layer=1, positions="middle"):
+            pass
+    with pytest.raises(ValueError, match="unknown reduction"):
+        probe.capture(CONVS, reductions=["max"])
+    with pytest.raises(ValueError, match="empty batch"):
+        probe.capture([])
+    with pytest.raises(ValueError, match="empty batch"):
+        probe.generate([])
+    with pytest.raises(ValueError, match="must end with an assistant"):
+        probe.capture([[{"role": "user", "content": "hi"}]])
+    with pytest.raises(ValueError, match="d_model"):
+        with probe.steer(torch.randn(probe.d_model + 2), layer=1):
+            pass
+    with pytest.raises(KeyError, match="did you mean"):
+        with probe.add_hooks([("blocks.0.hook_resid_pree", lambda x, hook: None)]):
+            pass
+    assert probe._handles == []
+
+
+def test_add_hooks_fires_user_function_on_named_point(tiny):
+    probe, _, _ = tiny
+    seen = []
+    with probe.add_hooks([("blocks.1.hook_resid_pre", lambda x, hook: seen.append(tuple(x.shape)))]):
+        probe.generate(PROMPTS[:1], max_new_tokens=3)
+    assert len(seen) == 3 and seen[0][0] == 1 and seen[1][1] == 1
+    assert probe._handles == []
