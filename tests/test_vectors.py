@@ -1,0 +1,112 @@
+"""PersonaVector: arithmetic, unit vectors, cosine, safetensors I/O, released .pt files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from persona_lens import PersonaVector, VectorMismatchError
+
+
+def vec(seed=0, shape=(4, 6), **meta):
+    return PersonaVector(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), **meta)
+
+
+def test_from_means_is_difference():
+    pos, neg = torch.randn(4, 6), torch.randn(4, 6)
+    v = PersonaVector.from_means(pos, neg, trait="evil", n_pos=3, n_neg=5)
+    torch.testing.assert_close(v.directions, pos - neg)
+    assert (v.n_layers, v.d_model, v.n_pos, v.n_neg) == (3, 6, 3, 5)
+    with pytest.raises(ValueError, match="differ in shape"):
+        PersonaVector.from_means(torch.randn(4, 6), torch.randn(3, 6))
+
+
+def test_arithmetic_is_elementwise_and_keeps_metadata():
+    a, b = vec(1, trait="evil", notes={"k": 1}), vec(2)
+    torch.testing.assert_close((a + b).directions, a.directions + b.directions)
+    torch.testing.assert_close((a - b).directions, a.directions - b.directions)
+    torch.testing.assert_close((2.5 * a).directions, 2.5 * a.directions)
+    torch.testing.assert_close((a * 2).directions, 2 * a.directions)
+    torch.testing.assert_close((-a).directions, -a.directions)
+    torch.testing.assert_close((a / 4).directions, a.directions / 4)
+    s = a * 3
+    assert s.trait == "evil" and s.notes == {"k": 1}
+    s.notes["k"] = 2
+    assert a.notes == {"k": 1}, "a derived vector must not share mutable metadata"
+    with pytest.raises(VectorMismatchError):
+        a + vec(3, shape=(5, 6))
+    with pytest.raises(TypeError):
+        a * a
+
+
+def test_unit_and_cosine_against_formula():
+    a, b = vec(1), vec(2)
+    for layer in range(4):
+        u = a.unit(layer)
+        assert float(u.norm()) == pytest.approx(1.0, abs=1e-6)
+        x, y = a.directions[layer], b.directions[layer]
+        expected = float(x @ y) / math.sqrt(float(x @ x) * float(y @ y))
+        assert a.cosine(b, layer=layer) == pytest.approx(expected, abs=1e-6)
+    assert a.cosine(b).shape == (4,)
+    assert a.cosine(a, layer=0) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(a.norms(), a.directions.norm(dim=-1))
+    with pytest.raises(ValueError, match="out of range"):
+        a.unit(4)
+    with pytest.raises(ValueError, match="zero"):
+        PersonaVector(torch.zeros(2, 3)).unit(0)
+
+
+def test_save_load_roundtrip(tmp_path):
+    a = vec(1, model_name="m", trait="evil", position="prompt_mean", n_pos=7, n_neg=9, notes={"judge": "x", "thr": [50, 50]})
+    p = a.save(tmp_path / "sub" / "evil.safetensors")
+    b = PersonaVector.load(p)
+    assert torch.equal(a.directions, b.directions)
+    assert (b.model_name, b.trait, b.position, b.n_pos, b.n_neg, b.notes) == ("m", "evil", "prompt_mean", 7, 9, {"judge": "x", "thr": [50, 50]})
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        PersonaVector.load(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a persona_lens vector"):
+        PersonaVector.load(bad)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"directions": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(ValueError, match="not a persona_lens vector"):
+        PersonaVector.load(other)
+
+
+def test_from_released_pt(tmp_path):
+    t = torch.randn(29, 16)
+    p = tmp_path / "evil_prompt_avg_diff.pt"
+    torch.save(t, p)
+    v = PersonaVector.from_released_pt(p, trait="evil", model_name="Qwen/Qwen2.5-7B-Instruct")
+    assert torch.equal(v.directions, t)
+    assert (v.n_layers, v.position, v.trait) == (28, "prompt_mean", "evil")
+    assert v.notes["last_row_post_norm"] is True
+    torch.save({"not": "a tensor"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="expected a"):
+        PersonaVector.from_released_pt(tmp_path / "x.pt")
+
+
+def test_check_compatible():
+    a = vec(1, model_name="m1")
+    a.check_compatible(3, 6, "m1")
+    with pytest.raises(VectorMismatchError, match="d_model 6"):
+        a.check_compatible(3, 8, "m2")
+    with pytest.raises(VectorMismatchError, match="another model"):
+        a.check_compatible(5, 6, "m2")
+    with pytest.warns(UserWarning, match="extracted from 'm1'"):
+        a.check_compatible(3, 6, "m1-finetuned")
+
+
+def test_rejects_bad_directions():
+    with pytest.raises(ValueError, match="shape"):
+        PersonaVector(torch.zeros(5))
+    with pytest.raises(ValueError, match="NaN"):
+        PersonaVector(torch.tensor([[float("nan")]]))
