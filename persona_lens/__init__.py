@@ -10,8 +10,10 @@ Example:
 
 from persona_lens import plot
 from persona_lens.chat import ChatBatch, encode_chat
+from persona_lens.extract import extract
 from persona_lens.models import load_model
 from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading
+from persona_lens.sweep import sweep
 from persona_lens.vectors import PersonaVector, VectorMismatchError
 
 __all__ = [
@@ -24,7 +26,9 @@ __all__ = [
     "Reading",
     "VectorMismatchError",
     "encode_chat",
+    "extract",
     "load_model",
     "plot",
+    "sweep",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,337 @@
+"""The ``persona-lens`` command.
+
+::
+
+    persona-lens extract --model M --trait NAME|PATH [--judge MODEL|none|organism] [--out DIR] ...
+    persona-lens sweep --model M --trait T --vector PATH --layers 10-20:2 --coefs 0,1,2 [--out DIR]
+    persona-lens generate-trait NAME "DESCRIPTION" [--model gpt-4.1-mini] [--out DIR]
+    persona-lens organism train [--out DIR] [--seed N] [--minutes M]
+
+Errors the user can fix (unknown trait, malformed trait file, a judge that answers text or
+times out, no pair surviving the filter) print one line and exit with status 1; whatever was
+finished before the error stays in the output directory and a rerun resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from persona_lens.pipeline_io import slug
+
+PROG = "persona-lens"
+DEFAULT_JUDGE = "gpt-4.1-mini"
+
+
+class UsageError(Exception):
+    """A command-line argument is wrong."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from persona_lens.extract import ExtractionError
+    from persona_lens.judge import JudgeError
+    from persona_lens.traits import TraitError
+    from persona_lens.vectors import VectorMismatchError
+
+    # ValueError and OSError: bad arguments, unreadable files, a model name that cannot be
+    # loaded. --debug shows the traceback.
+    known: tuple[type[BaseException], ...] = (
+        UsageError, TraitError, JudgeError, ExtractionError, VectorMismatchError, ValueError, OSError)
+    try:
+        import openai
+
+        known += (openai.OpenAIError,)
+    except ImportError:  # pragma: no cover - openai is a dependency
+        pass
+    return known
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def parse_int_list(text: str) -> list[int]:
+    """``"10,12,14"``, ``"8-20"`` (inclusive) or ``"8-20:4"`` (step) -> list of ints.
+
+    Example:
+        >>> parse_int_list("4,8-12:2")
+        [4, 8, 10, 12]
+    """
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            step = 1
+            if ":" in part:
+                part, step_s = part.split(":", 1)
+                step = int(step_s)
+            if "-" in part:
+                a, b = part.split("-", 1)
+                if step < 1:
+                    raise ValueError
+                out.extend(range(int(a), int(b) + 1, step))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as layers: use e.g. 12,16,20 or 8-20 or 8-20:2") from None
+    if not out:
+        raise UsageError(f"no layers in {text!r}")
+    return sorted(set(out))
+
+
+def parse_float_list(text: str) -> list[float]:
+    """``"0,0.5,1,2"`` -> list of floats."""
+    try:
+        out = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as coefficients: use e.g. 0,0.5,1,1.5,2") from None
+    if not out:
+        raise UsageError(f"no coefficients in {text!r}")
+    return out
+
+
+def _is_organism(model: str) -> bool:
+    from persona_lens.models import ORGANISM
+
+    return model == ORGANISM
+
+
+def load_trait_arg(name: str, model: str):
+    """A trait for ``--trait``: organism traits first when the model is the organism."""
+    from persona_lens.extract import resolve_trait
+
+    if _is_organism(model) and "/" not in name and not name.endswith(".json"):
+        try:
+            from persona_lens import organism
+        except ImportError:
+            organism = None
+        if organism is not None and hasattr(organism, "load_trait"):
+            try:
+                return organism.load_trait(name)
+            except ValueError as e:
+                from persona_lens.traits import TraitError
+
+                if isinstance(e, TraitError):
+                    raise
+                raise UsageError(str(e)) from None
+    return resolve_trait(name)
+
+
+def make_judge(spec: str | None, model: str, base_url: str | None = None, api_key: str | None = None,
+               timeout: float = 60.0, cache_dir: str | None = None, retries: int = 6):
+    """``--judge``: a model name for an OpenAI-compatible endpoint, ``none`` or ``organism``.
+
+    Default: the organism's exact judge for the organism model, else gpt-4.1-mini.
+    """
+    if spec is None:
+        spec = "organism" if _is_organism(model) and _organism_judge_available() else DEFAULT_JUDGE
+    if spec.lower() == "none":
+        return None
+    if spec.lower() == "organism":
+        if not _organism_judge_available():
+            raise UsageError("--judge organism needs persona_lens.organism (not available)")
+        from persona_lens.organism import OrganismJudge
+
+        return OrganismJudge()
+    from persona_lens.judge import OpenAIJudge
+
+    return OpenAIJudge(spec, base_url=base_url, api_key=api_key, timeout=timeout, max_retries=retries,
+                       cache_dir=cache_dir if cache_dir else None)
+
+
+def _organism_judge_available() -> bool:
+    try:
+        from persona_lens.organism import OrganismJudge  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _load_probe(args: argparse.Namespace):
+    from persona_lens.models import load_model
+    from persona_lens.probe import PersonaProbe
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    return PersonaProbe(load_model(args.model, dtype=args.dtype, device=args.device))
+
+
+def _default_out(trait: str, model: str, *sub: str) -> Path:
+    return Path("persona_runs").joinpath(slug(trait), slug(model), *sub)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from persona_lens.extract import Thresholds, extract
+
+    trait = load_trait_arg(args.trait, args.model)
+    judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
+                       args.judge_retries)
+    probe = _load_probe(args)
+    out = Path(args.out) if args.out else _default_out(trait.name, args.model)
+    result = extract(
+        probe, trait, judge, out_dir=out, samples=args.samples, questions=args.questions,
+        instructions=args.instructions, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, batch_size=args.batch_size,
+        thresholds=Thresholds(args.pos_threshold, args.neg_threshold, args.coherence_threshold),
+        seed=args.seed, progress=not args.quiet, verbose=False,
+    )
+    print(result.summary())
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from persona_lens.sweep import sweep
+    from persona_lens.vectors import PersonaVector
+
+    trait = load_trait_arg(args.trait, args.model)
+    vector = PersonaVector.load(args.vector)
+    if args.judge is not None and args.judge.lower() == "none":
+        raise UsageError("a sweep needs a judge: --judge MODEL or --judge organism")
+    judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
+                       args.judge_retries)
+    layers = parse_int_list(args.layers)
+    coefs = parse_float_list(args.coefs)
+    probe = _load_probe(args)
+    out = Path(args.out) if args.out else _default_out(trait.name, args.model, "sweep")
+    result = sweep(
+        probe, vector, trait, layers=layers, coefs=coefs, judge=judge, questions=args.questions,
+        samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        coherence_floor=args.coherence_floor, positions=args.positions, batch_size=args.batch_size,
+        seed=args.seed, out_dir=out, progress=not args.quiet,
+    )
+    print(result.table())
+    s = result.stats
+    print(f"responses: {s['generated']} generated, {s['reused']} reused; judge: {s['judged']} new "
+          f"scores, {s['judge_reused']} reused")
+    print(f"best layer: {result.best_layer}")
+    print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.html'}")
+    return 0
+
+
+def cmd_generate_trait(args: argparse.Namespace) -> int:
+    from persona_lens.traits import generate_trait
+
+    client = None
+    if args.base_url or args.api_key:
+        import openai
+
+        client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key or "EMPTY")
+    trait = generate_trait(args.name, args.description, client=client, model=args.model)
+    out = Path(args.out) if args.out else Path("traits")
+    extract_path, eval_path = trait.to_json(out)
+    print(f"trait {trait.name!r}: {len(trait.instructions)} instruction pairs, "
+          f"{len(trait.questions)} extraction + {len(trait.eval_questions)} evaluation questions")
+    print(f"wrote {extract_path} and {eval_path}")
+    print(f"use it with: {PROG} extract --model MODEL --trait {out / trait.name}")
+    return 0
+
+
+def cmd_organism_train(args: argparse.Namespace) -> int:
+    try:
+        from persona_lens.organism.train import train
+    except ImportError as e:
+        raise UsageError(f"the organism trainer is not available ({e})") from None
+    kwargs: dict[str, Any] = {"seed": args.seed}
+    if args.minutes is not None:
+        kwargs["minutes"] = args.minutes
+    path = train(args.out, **kwargs)
+    print(f"organism saved to {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="HF name, local checkpoint dir, or built-in: smollm2-135m-instruct, persona-organism")
+    p.add_argument("--trait", required=True, help="bundled trait name, or a trait JSON file / directory")
+    p.add_argument("--judge", default=None,
+                   help=f"judge model on an OpenAI-compatible endpoint (default {DEFAULT_JUDGE}; the organism's "
+                        "exact judge for persona-organism), 'organism', or 'none' (extract: keep every pair)")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint of the judge (default: OpenAI)")
+    p.add_argument("--api-key", default=None, help="judge API key (default: $OPENAI_API_KEY)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request (60)")
+    p.add_argument("--judge-retries", type=int, default=6, help="tries per judge request, the first included (6)")
+    p.add_argument("--judge-cache", default=None, help="judge cache folder (default ~/.cache/persona_lens/judge)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=32, help="responses per generation batch")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default persona_runs/TRAIT/MODEL[/sweep])")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description="Persona vectors on TransformerLens.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="extract persona vectors for a trait (the paper's pipeline)")
+    _add_model_args(p)
+    p.add_argument("--samples", type=int, default=10, help="samples per question, instruction and polarity (10)")
+    p.add_argument("--questions", type=int, default=None, help="use the first N extraction questions (all)")
+    p.add_argument("--instructions", type=int, default=None, help="use the first N instruction pairs (all)")
+    p.add_argument("--max-new-tokens", type=int, default=1000)
+    p.add_argument("--pos-threshold", type=float, default=50.0, help="keep pos if trait >= this (50)")
+    p.add_argument("--neg-threshold", type=float, default=50.0, help="keep neg if trait < this (50)")
+    p.add_argument("--coherence-threshold", type=float, default=50.0, help="keep if both coherence >= this (50)")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("sweep", help="steer at each layer and coefficient, judge, choose a layer")
+    _add_model_args(p)
+    p.add_argument("--vector", required=True, help="a .safetensors PersonaVector (from extract)")
+    p.add_argument("--layers", required=True, help="e.g. 12,16,20 or 8-20 or 8-20:2")
+    p.add_argument("--coefs", default="0,0.5,1,1.5,2,2.5", help="steering coefficients (0,0.5,...,2.5)")
+    p.add_argument("--questions", type=int, default=None, help="use the first N evaluation questions (all)")
+    p.add_argument("--samples", type=int, default=1, help="answers per question and cell (1)")
+    p.add_argument("--max-new-tokens", type=int, default=1000)
+    p.add_argument("--coherence-floor", type=float, default=50.0)
+    p.add_argument("--positions", default="response", choices=["response", "all", "prompt"])
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("generate-trait", help="write a trait's artifacts with an LLM")
+    p.add_argument("name")
+    p.add_argument("description")
+    p.add_argument("--model", default=DEFAULT_JUDGE)
+    p.add_argument("--base-url", default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--out", default=None, help="folder for extract/NAME.json and eval/NAME.json (traits)")
+    p.set_defaults(func=cmd_generate_trait)
+
+    p = sub.add_parser("organism", help="the persona organism")
+    osub = p.add_subparsers(dest="organism_command", required=True, metavar="ACTION")
+    t = osub.add_parser("train", help="retrain the organism from a seed")
+    t.add_argument("--out", default="persona_organism", help="output directory")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
+    t.set_defaults(func=cmd_organism_train)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished work is saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug or not isinstance(e, _known_errors()):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

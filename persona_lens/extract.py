@@ -1,0 +1,754 @@
+"""The extraction pipeline: from a trait to persona vectors (shared/paper.md, section 1).
+
+::
+
+    trait -> contrastive generations -> judge (trait, coherence) -> paired filter
+          -> streaming activation means -> per-layer mean difference -> PersonaVector
+
+Everything is written to ``out_dir`` as it is produced and the pipeline is resumable:
+
+- ``responses.jsonl``: one record per generated response (polarity, instruction index,
+  question index, sample index, system prompt, question, answer, model, generation
+  settings), appended and synced after every generation batch. A rerun skips every record
+  whose inputs and settings match, so a killed run loses at most the batch in flight.
+- ``scores.jsonl``: one record per judge score, keyed by the judge, the kind of score
+  (trait / coherence), the rubric and the exact question and answer, so a rerun never asks
+  the judge again for a score it already gave (even without the judge's own cache).
+- ``pairs.csv``: every (pos, neg) pair with its four scores and whether it was kept.
+- ``vectors/TRAIT_REDUCTION.safetensors``: one :class:`PersonaVector` per reduction
+  (``response_mean`` is the paper's), recomputed only when the kept set changes.
+- ``run.json``, ``summary.json``, and ``trait/`` (a copy of the trait's files).
+
+Example:
+    >>> import persona_lens as pl
+    >>> from persona_lens.judge import OpenAIJudge
+    >>> probe = pl.PersonaProbe(pl.load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16"))
+    >>> result = pl.extract(probe, "evil", judge=OpenAIJudge("gpt-4.1-mini"), out_dir="runs/evil")
+    >>> result.vector                      # response_mean PersonaVector, every layer
+    >>> print(result.summary())
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from tqdm.auto import tqdm
+
+from persona_lens.pipeline_io import (
+    JsonlLog,
+    derived_seed,
+    fingerprint,
+    read_json,
+    slug,
+    write_json,
+    write_text,
+)
+from persona_lens.vectors import PersonaVector
+
+if TYPE_CHECKING:
+    from persona_lens.judge import Judge
+    from persona_lens.probe import PersonaProbe
+    from persona_lens.traits import Trait
+
+__all__ = [
+    "REDUCTIONS",
+    "Thresholds",
+    "ExtractionError",
+    "Response",
+    "KeptPair",
+    "ExtractionStats",
+    "ExtractionResult",
+    "extract",
+    "resolve_trait",
+]
+
+#: The three reductions captured for every kept response (the paper uses ``response_mean``).
+REDUCTIONS = ("response_mean", "prompt_mean", "last_prompt")
+POLARITIES = ("pos", "neg")
+
+
+class ExtractionError(RuntimeError):
+    """The pipeline cannot go on (for example: no pair survived the filter). Work already
+    done stays on disk; a rerun with the same output directory resumes from it."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The paired filter (the paper's defaults).
+
+    A (pos, neg) pair is kept when ``pos trait >= pos_trait``, ``neg trait < neg_trait`` and
+    both coherence scores are ``>= coherence``. A missing score (judge refusal) fails.
+    """
+
+    pos_trait: float = 50.0
+    neg_trait: float = 50.0
+    coherence: float = 50.0
+
+    def describe(self) -> str:
+        return (f"pos trait >= {self.pos_trait:g}, neg trait < {self.neg_trait:g}, "
+                f"coherence >= {self.coherence:g} (both)")
+
+
+@dataclass
+class Response:
+    """One generated response of the contrastive set (one line of ``responses.jsonl``)."""
+
+    id: str
+    polarity: str
+    instruction: int
+    question_index: int
+    sample: int
+    system: str
+    question: str
+    answer: str
+    model: str
+    settings: dict[str, Any]
+    batch_seed: int = 0
+    n_tokens: int = 0
+    finished: bool = True
+
+    def conversation(self) -> list[dict[str, str]]:
+        """System, user and assistant messages: what the activations are captured on."""
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": self.question},
+            {"role": "assistant", "content": self.answer},
+        ]
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "Response":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in rec.items() if k in names})
+
+
+@dataclass
+class KeptPair:
+    """A (pos, neg) pair and its scores (None: no judge, or no score)."""
+
+    pos: Response
+    neg: Response
+    pos_trait: float | None = None
+    neg_trait: float | None = None
+    pos_coherence: float | None = None
+    neg_coherence: float | None = None
+
+
+@dataclass
+class ExtractionStats:
+    """What a run did; ``generated`` and ``judged`` count only this run's new work.
+
+    Attributes:
+        responses: responses the run needs (pairs x 2).
+        generated / reused: responses generated now / read back from ``responses.jsonl``.
+        stale: records in ``responses.jsonl`` whose inputs or settings no longer match
+            (regenerated).
+        judged / judge_reused: scores asked from the judge now / read back from ``scores.jsonl``.
+        unscored: responses without a trait score (refusal or no number).
+        pairs / kept: (pos, neg) pairs in all / kept by the filter.
+        failed: pairs failing each condition (a pair may fail several).
+        n_pos / n_neg: responses behind the ``response_mean`` means.
+        vectors_reused: the vectors were read back (same kept set as before).
+        seconds: wall time per phase.
+    """
+
+    responses: int = 0
+    generated: int = 0
+    reused: int = 0
+    stale: int = 0
+    judged: int = 0
+    judge_reused: int = 0
+    unscored: int = 0
+    pairs: int = 0
+    kept: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    n_pos: int = 0
+    n_neg: int = 0
+    vectors_reused: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractionResult:
+    """What :func:`extract` returns.
+
+    Attributes:
+        vectors: one :class:`PersonaVector` per reduction.
+        kept: the pairs that passed the filter.
+        stats: :class:`ExtractionStats`.
+        out_dir, responses_path, scores_path, pairs_path, summary_path: files written.
+        vector_paths: reduction -> safetensors file.
+    """
+
+    trait: "Trait"
+    judge_name: str | None
+    vectors: dict[str, PersonaVector]
+    kept: list[KeptPair]
+    stats: ExtractionStats
+    thresholds: Thresholds
+    out_dir: Path
+    responses_path: Path
+    scores_path: Path
+    pairs_path: Path
+    summary_path: Path
+    vector_paths: dict[str, Path]
+
+    @property
+    def vector(self) -> PersonaVector:
+        """The paper's vector: mean difference over response tokens, every layer."""
+        return self.vectors["response_mean"]
+
+    def summary(self) -> str:
+        """A short human-readable account of the run."""
+        s = self.stats
+        v = self.vector
+        norms = v.norms()
+        top = sorted(range(len(norms)), key=lambda l: -float(norms[l]))[:3]
+        rows = [
+            ("trait", self.trait.name),
+            ("model", str(v.model_name)),
+            ("responses", f"{s.responses} ({s.generated} generated, {s.reused} reused"
+                          + (f", {s.stale} stale regenerated" if s.stale else "") + ")"),
+            ("judge", (f"{self.judge_name} ({s.judged} new scores, {s.judge_reused} reused"
+                       + (f", {s.unscored} responses without a trait score" if s.unscored else "") + ")")
+             if self.judge_name else "none (every pair kept: plain contrastive mean difference)"),
+            ("filter", self.thresholds.describe() if self.judge_name else "none"),
+            ("pairs kept", f"{s.kept} / {s.pairs}"),
+        ]
+        if self.judge_name:
+            rows.append(("failed", ", ".join(f"{k} {n}" for k, n in s.failed.items())))
+        rows += [
+            ("samples (pos/neg)", f"{s.n_pos} / {s.n_neg}"),
+            ("largest norms", ", ".join(f"layer {l}: {float(norms[l]):.3g}" for l in top)),
+            ("vectors", f"{self.vector_paths['response_mean']}"
+                        + (" (reused)" if s.vectors_reused else "")),
+            ("output", str(self.out_dir)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {val}" for k, val in rows)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def resolve_trait(trait: "Trait | str") -> "Trait":
+    """A :class:`Trait`, or a bundled name / a path loaded with ``Trait.load``."""
+    from persona_lens.traits import Trait
+
+    if isinstance(trait, Trait):
+        return trait
+    return Trait.load(trait, n_pairs=None)
+
+
+def _select(what: str, sel: int | Sequence[int] | None, total: int) -> list[int]:
+    if sel is None:
+        return list(range(total))
+    if isinstance(sel, bool):
+        raise TypeError(f"{what} must be a count or a list of indices, got {sel!r}")
+    if isinstance(sel, int):
+        if not 1 <= sel <= total:
+            raise ValueError(f"{what}={sel}: the trait has {total}; choose 1..{total}")
+        return list(range(sel))
+    out = sorted({int(i) for i in sel})
+    if not out:
+        raise ValueError(f"{what} is empty")
+    bad = [i for i in out if not 0 <= i < total]
+    if bad:
+        raise ValueError(f"{what} indices {bad} out of range 0..{total - 1}")
+    return out
+
+
+def _clean_score(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+class ScoreLog:
+    """Judge scores on disk (``scores.jsonl``), keyed by judge, kind, rubric, question and answer.
+
+    ``score(judge, trait, items, ...)`` returns the trait and coherence scores of
+    ``(record_id, question, answer)`` items, asking the judge only for the missing ones, in
+    chunks that are written to disk as soon as they come back.
+    """
+
+    KINDS = ("trait", "coherence")
+
+    def __init__(self, path: str | Path | None):
+        self.log = JsonlLog(path) if path is not None else None  # None: in memory only
+        self.scores: dict[str, float | None] = {}
+        for rec in self.log.read() if self.log is not None else []:
+            if "key" in rec:
+                self.scores[rec["key"]] = _clean_score(rec.get("score"))
+
+    @staticmethod
+    def key(judge_name: str, kind: str, trait: "Trait", question: str, answer: str) -> str:
+        rubric = fingerprint(trait.name, trait.eval_prompt) if kind == "trait" else None
+        return fingerprint(judge_name, kind, rubric, question, answer, length=24)
+
+    def score(
+        self,
+        judge: "Judge",
+        trait: "Trait",
+        items: Sequence[tuple[str, str, str]],
+        *,
+        batch_size: int = 64,
+        progress: bool | None = None,
+        desc: str = "judge",
+    ) -> tuple[dict[str, list[float | None]], int, int]:
+        """Scores per kind for ``items``; also (new judge answers, answers read from disk)."""
+        name = judge.name
+        keys = {kind: [self.key(name, kind, trait, q, a) for _, q, a in items] for kind in self.KINDS}
+        todo: list[tuple[str, str, str, str, str]] = []  # (kind, key, id, question, answer)
+        seen: set[str] = set()
+        for i, (rid, q, a) in enumerate(items):
+            for kind in self.KINDS:
+                k = keys[kind][i]
+                if k not in self.scores and k not in seen:
+                    seen.add(k)
+                    todo.append((kind, k, rid, q, a))
+        reused = sum(k in self.scores for kind in self.KINDS for k in keys[kind])
+        bar = tqdm(total=len(todo), desc=desc, unit="score", disable=_quiet(progress, len(todo)))
+        try:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                for kind in self.KINDS:
+                    part = [t for t in chunk if t[0] == kind]
+                    if not part:
+                        continue
+                    pairs = [(q, a) for _, _, _, q, a in part]
+                    got = judge.score_trait(trait, pairs) if kind == "trait" else judge.score_coherence(pairs)
+                    got = list(got)
+                    if len(got) != len(part):
+                        raise ExtractionError(
+                            f"judge {name} returned {len(got)} {kind} scores for {len(part)} answers")
+                    recs = []
+                    for (kind_, k, rid, _, _), s in zip(part, got):
+                        s = _clean_score(s)
+                        self.scores[k] = s
+                        recs.append({"key": k, "id": rid, "kind": kind_, "judge": name,
+                                     "trait": trait.name if kind_ == "trait" else None, "score": s})
+                    if self.log is not None:
+                        self.log.append(recs)
+                    bar.update(len(part))
+        finally:
+            bar.close()
+        out = {kind: [self.scores[k] for k in keys[kind]] for kind in self.KINDS}
+        return out, len(todo), reused
+
+
+def _quiet(progress: bool | None, n: int) -> bool:
+    """Bars show for non-trivial jobs unless turned off."""
+    return not progress if progress is not None else n <= 1
+
+
+@dataclass
+class _Task:
+    id: str
+    polarity: str
+    instruction: int
+    question_index: int
+    sample: int
+    system: str
+    question: str
+
+
+def _matches(rec: dict[str, Any], task: _Task, model: str, settings: dict[str, Any]) -> bool:
+    return (
+        rec.get("system") == task.system
+        and rec.get("question") == task.question
+        and rec.get("model") == model
+        and rec.get("settings") == settings
+        and isinstance(rec.get("answer"), str)
+    )
+
+
+def generate_responses(
+    probe: "PersonaProbe",
+    tasks: Sequence[_Task],
+    log: JsonlLog,
+    *,
+    model: str,
+    settings: dict[str, Any],
+    batch_size: int,
+    progress: bool | None,
+    desc: str = "generate",
+) -> tuple[dict[str, Response], int, int, int]:
+    """Generate what ``log`` lacks, a batch at a time, appending each batch as it finishes.
+
+    Returns (responses by id, generated, reused, stale). Batches are formed from the
+    missing tasks in order and seeded from ``settings["seed"]`` and their first task, so a
+    run resumed after a kill between batches produces exactly the texts the uninterrupted
+    run would have.
+    """
+    existing: dict[str, dict[str, Any]] = {}
+    for rec in log.read():
+        if "id" in rec:
+            existing[rec["id"]] = rec  # the latest line wins
+    done: dict[str, Response] = {}
+    todo: list[_Task] = []
+    stale = 0
+    for t in tasks:
+        rec = existing.get(t.id)
+        if rec is not None and _matches(rec, t, model, settings):
+            done[t.id] = Response.from_record(rec)
+        else:
+            stale += rec is not None
+            todo.append(t)
+    reused = len(done)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bar = tqdm(total=len(tasks), initial=reused, desc=desc, unit="resp", disable=_quiet(progress, len(todo)))
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            seed = derived_seed(settings.get("seed"), chunk[0].id)
+            convs = [[{"role": "system", "content": t.system}, {"role": "user", "content": t.question}]
+                     for t in chunk]
+            gens = probe.generate(
+                convs,
+                max_new_tokens=settings["max_new_tokens"],
+                temperature=settings["temperature"],
+                top_p=settings.get("top_p", 1.0),
+                seed=seed,
+                batch_size=len(chunk),
+                return_generations=True,
+                progress=False,
+            )
+            recs = []
+            for t, g in zip(chunk, gens):
+                r = Response(
+                    id=t.id, polarity=t.polarity, instruction=t.instruction,
+                    question_index=t.question_index, sample=t.sample, system=t.system,
+                    question=t.question, answer=g.text, model=model, settings=dict(settings),
+                    batch_seed=seed, n_tokens=len(g.response_ids), finished=bool(g.finished),
+                )
+                done[t.id] = r
+                recs.append(asdict(r))
+            log.append(recs)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return done, len(todo), reused, stale
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+
+def extract(
+    probe: "PersonaProbe",
+    trait: "Trait | str",
+    judge: "Judge | None",
+    *,
+    out_dir: str | Path | None = None,
+    samples: int = 10,
+    questions: int | Sequence[int] | None = None,
+    instructions: int | Sequence[int] | None = None,
+    max_new_tokens: int = 1000,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    capture_batch_size: int = 16,
+    judge_batch_size: int = 64,
+    thresholds: Thresholds | dict[str, float] | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: bool | None = True,
+    verbose: bool = True,
+) -> ExtractionResult:
+    """Extract persona vectors for ``trait`` from ``probe``'s model (the paper's pipeline).
+
+    Args:
+        probe: the model to extract from.
+        trait: a :class:`~persona_lens.traits.Trait`, a bundled trait name or a path.
+        judge: scores trait and coherence (e.g. ``OpenAIJudge("gpt-4.1-mini")``); ``None``
+            keeps every pair (plain contrastive mean difference, noted in the metadata).
+        out_dir: where everything is written and resumed from; default
+            ``persona_runs/TRAIT/MODEL`` in the working directory.
+        samples: responses per (instruction, question) and polarity (10 in the paper).
+        questions: extraction questions to use: all (None, 20 in the paper), the first N,
+            or a list of indices.
+        instructions: instruction pairs to use: all (None, 5 in the paper), the first N, or
+            a list of indices.
+        max_new_tokens: response length limit (1000 in the paper).
+        temperature, top_p: sampling settings (the paper samples at temperature 1).
+        batch_size: responses per generation batch (each batch is saved when it finishes).
+        capture_batch_size: conversations per forward pass when capturing activations.
+        judge_batch_size: answers per judge call (each chunk is saved when it returns).
+        thresholds: the paired filter, a :class:`Thresholds` or a dict of its fields.
+        layers: layers to capture (default all, ``0..n_layers``; others stay zero).
+        seed: seeds generation (per batch, derived from this and the batch's first record).
+        progress: tqdm bars for generation, judging and capture.
+        verbose: print the summary at the end.
+
+    Returns:
+        :class:`ExtractionResult`; ``result.vector`` is the ``response_mean`` vector.
+
+    Raises:
+        ExtractionError: no pair survived the filter (the message says which thresholds
+            failed how often), or the judge misbehaved.
+        persona_lens.judge.JudgeError: the judge failed (timeouts, text instead of numbers).
+            Everything finished before the error is on disk and reused by a rerun.
+        persona_lens.traits.TraitError: an unknown or malformed trait.
+
+    Example:
+        >>> result = pl.extract(probe, "evil", judge=OpenAIJudge("gpt-4.1-mini"))
+        >>> result.vector.save("evil.safetensors")
+    """
+    t_start = time.perf_counter()
+    trait = resolve_trait(trait)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(thresholds, dict):
+        thresholds = Thresholds(**thresholds)
+    thresholds = thresholds or Thresholds()
+    q_idx = _select("questions", questions, len(trait.questions))
+    i_idx = _select("instructions", instructions, len(trait.instructions))
+    model = probe.model_name or "unnamed-model"
+    judge_name = None if judge is None else str(getattr(judge, "name", type(judge).__name__))
+    out = Path(out_dir) if out_dir is not None else Path("persona_runs") / slug(trait.name) / slug(model)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
+                "top_p": float(top_p), "seed": int(seed)}
+    stats = ExtractionStats()
+
+    # Provenance: the trait as used, and the run's settings.
+    try:
+        trait.to_json(out / "trait")
+    except Exception:  # a name unusable as a file name must not stop the run
+        pass
+    write_json(out / "run.json", {
+        "model": model, "trait": trait.name, "judge": judge_name, "settings": settings,
+        "samples": samples, "questions": q_idx, "instructions": i_idx,
+        "thresholds": asdict(thresholds), "n_layers": probe.n_layers, "d_model": probe.d_model,
+    })
+
+    # 1. Contrastive generation.
+    tasks: list[_Task] = []
+    for i in i_idx:
+        pos_sys, neg_sys = trait.system_prompts(i)
+        for q in q_idx:
+            for s in range(samples):
+                for pol, system in (("pos", pos_sys), ("neg", neg_sys)):
+                    tasks.append(_Task(f"{pol}-i{i}-q{q}-s{s}", pol, i, q, s, system, trait.questions[q]))
+    stats.responses = len(tasks)
+    responses_log = JsonlLog(out / "responses.jsonl")
+    t0 = time.perf_counter()
+    responses, stats.generated, stats.reused, stats.stale = generate_responses(
+        probe, tasks, responses_log, model=model, settings=settings, batch_size=batch_size,
+        progress=progress, desc=f"generate {trait.name}",
+    )
+    stats.seconds["generate"] = round(time.perf_counter() - t0, 2)
+
+    # 2. Judging.
+    ordered = [responses[t.id] for t in tasks]
+    scores_path = out / "scores.jsonl"
+    scores: dict[str, dict[str, float | None]] = {}
+    if judge is not None:
+        t0 = time.perf_counter()
+        log = ScoreLog(scores_path)
+        got, stats.judged, stats.judge_reused = log.score(
+            judge, trait, [(r.id, r.question, r.answer) for r in ordered],
+            batch_size=judge_batch_size, progress=progress, desc=f"judge {trait.name}",
+        )
+        for j, r in enumerate(ordered):
+            scores[r.id] = {kind: got[kind][j] for kind in ScoreLog.KINDS}
+        stats.unscored = sum(s["trait"] is None for s in scores.values())
+        stats.seconds["judge"] = round(time.perf_counter() - t0, 2)
+
+    # 3. Paired filter.
+    kept, rows, failed = _filter_pairs(responses, tasks, scores, thresholds, judge is not None)
+    stats.pairs = len(rows)
+    stats.kept = len(kept)
+    stats.failed = failed
+    pairs_path = write_text(out / "pairs.csv", _pairs_csv(rows))
+    if not kept:
+        raise ExtractionError(_no_pairs_message(stats, thresholds, judge_name, out))
+
+    # 4. Activations and vectors.
+    t0 = time.perf_counter()
+    kept_hash = fingerprint(model, [(p.pos.id, p.pos.answer, p.neg.id, p.neg.answer) for p in kept],
+                            list(layers) if layers is not None else None)
+    notes = {
+        "judge": judge_name,
+        "filter": ("paired judge filter: " + thresholds.describe()) if judge is not None
+        else "none: every pair kept (plain contrastive mean difference, no judge)",
+        "thresholds": asdict(thresholds) if judge is not None else None,
+        "pairs": stats.pairs,
+        "kept_pairs": stats.kept,
+        "samples": samples,
+        "questions": q_idx,
+        "instructions": i_idx,
+        "generation": settings,
+        "kept_hash": kept_hash,
+    }
+    vec_dir = out / "vectors"
+    vector_paths = {r: vec_dir / f"{slug(trait.name)}_{r}.safetensors" for r in REDUCTIONS}
+    vectors = _load_cached_vectors(vector_paths, kept_hash, probe)
+    if vectors is not None:
+        stats.vectors_reused = True
+    else:
+        vectors = _compute_vectors(probe, kept, trait.name, model, notes, layers,
+                                   capture_batch_size, progress)
+        for r, v in vectors.items():
+            v.save(vector_paths[r])
+    stats.n_pos = vectors["response_mean"].n_pos or 0
+    stats.n_neg = vectors["response_mean"].n_neg or 0
+    stats.seconds["vectors"] = round(time.perf_counter() - t0, 2)
+    stats.seconds["total"] = round(time.perf_counter() - t_start, 2)
+
+    result = ExtractionResult(
+        trait=trait, judge_name=judge_name, vectors=vectors, kept=kept, stats=stats,
+        thresholds=thresholds, out_dir=out, responses_path=responses_log.path,
+        scores_path=scores_path, pairs_path=pairs_path, summary_path=out / "summary.json",
+        vector_paths=vector_paths,
+    )
+    write_json(result.summary_path, {
+        "model": model, "trait": trait.name, "judge": judge_name, "stats": asdict(stats),
+        "vectors": {r: str(p) for r, p in vector_paths.items()},
+    })
+    if verbose:
+        print(result.summary())
+    return result
+
+
+_FAIL_NAMES = ("pos trait", "neg trait", "pos coherence", "neg coherence")
+
+
+def _filter_pairs(
+    responses: dict[str, Response],
+    tasks: Sequence[_Task],
+    scores: dict[str, dict[str, float | None]],
+    th: Thresholds,
+    judged: bool,
+) -> tuple[list[KeptPair], list[dict[str, Any]], dict[str, int]]:
+    kept: list[KeptPair] = []
+    rows: list[dict[str, Any]] = []
+    failed = {k: 0 for k in _FAIL_NAMES}
+    for t in tasks:
+        if t.polarity != "pos":
+            continue
+        pos = responses[t.id]
+        neg = responses[f"neg-i{t.instruction}-q{t.question_index}-s{t.sample}"]
+        ps, ns = scores.get(pos.id, {}), scores.get(neg.id, {})
+        pair = KeptPair(pos, neg, ps.get("trait"), ns.get("trait"), ps.get("coherence"), ns.get("coherence"))
+        reasons = []
+        if judged:
+            if pair.pos_trait is None or pair.pos_trait < th.pos_trait:
+                reasons.append("pos trait")
+            if pair.neg_trait is None or pair.neg_trait >= th.neg_trait:
+                reasons.append("neg trait")
+            if pair.pos_coherence is None or pair.pos_coherence < th.coherence:
+                reasons.append("pos coherence")
+            if pair.neg_coherence is None or pair.neg_coherence < th.coherence:
+                reasons.append("neg coherence")
+        for r in reasons:
+            failed[r] += 1
+        if not reasons:
+            kept.append(pair)
+        rows.append({
+            "instruction": t.instruction, "question_index": t.question_index, "sample": t.sample,
+            "pos_trait": pair.pos_trait, "neg_trait": pair.neg_trait,
+            "pos_coherence": pair.pos_coherence, "neg_coherence": pair.neg_coherence,
+            "kept": not reasons, "failed": ";".join(reasons),
+        })
+    return kept, rows, failed
+
+
+def _pairs_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    fields = ["instruction", "question_index", "sample", "pos_trait", "neg_trait",
+              "pos_coherence", "neg_coherence", "kept", "failed"]
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
+    return buf.getvalue()
+
+
+def _no_pairs_message(stats: ExtractionStats, th: Thresholds, judge_name: str | None, out: Path) -> str:
+    f = stats.failed
+    parts = [
+        f"pos trait >= {th.pos_trait:g} failed {f.get('pos trait', 0)}",
+        f"neg trait < {th.neg_trait:g} failed {f.get('neg trait', 0)}",
+        f"pos coherence >= {th.coherence:g} failed {f.get('pos coherence', 0)}",
+        f"neg coherence >= {th.coherence:g} failed {f.get('neg coherence', 0)}",
+    ]
+    unscored = f" ({stats.unscored} responses had no trait score)" if stats.unscored else ""
+    return (
+        f"no (pos, neg) pair passed the filter: {stats.responses} responses generated, "
+        f"{stats.pairs} pairs judged by {judge_name}; {'; '.join(parts)}{unscored}. "
+        f"Scores per pair are in {out / 'pairs.csv'}; try more samples, lower thresholds or "
+        "another judge (a rerun reuses every generation and score)"
+    )
+
+
+def _load_cached_vectors(paths: dict[str, Path], kept_hash: str, probe: "PersonaProbe") -> dict[str, PersonaVector] | None:
+    if not all(p.exists() for p in paths.values()):
+        return None
+    out = {}
+    for r, p in paths.items():
+        try:
+            v = PersonaVector.load(p)
+        except (ValueError, FileNotFoundError):
+            return None
+        if (v.notes.get("kept_hash") != kept_hash or v.n_layers != probe.n_layers
+                or v.d_model != probe.d_model or v.position != r):
+            return None
+        out[r] = v
+    return out
+
+
+def _compute_vectors(
+    probe: "PersonaProbe",
+    kept: Sequence[KeptPair],
+    trait_name: str,
+    model: str,
+    notes: dict[str, Any],
+    layers: Sequence[int] | None,
+    batch_size: int,
+    progress: bool | None,
+) -> dict[str, PersonaVector]:
+    means = {}
+    for pol in POLARITIES:
+        convs = [(p.pos if pol == "pos" else p.neg).conversation() for p in kept]
+        if progress is not False:
+            tqdm.write(f"capturing activations of {len(convs)} {pol} responses")
+        means[pol] = probe.capture_mean(convs, layers=layers, reductions=REDUCTIONS,
+                                        batch_size=batch_size, progress=progress)
+    vectors = {}
+    for r in REDUCTIONS:
+        n_pos, n_neg = means["pos"].counts.get(r, 0), means["neg"].counts.get(r, 0)
+        if n_pos == 0 or n_neg == 0:
+            raise ExtractionError(
+                f"no {'positive' if n_pos == 0 else 'negative'} sample contributed to the {r} mean "
+                "(every kept response is empty); raise max_new_tokens or check the generations")
+        vectors[r] = PersonaVector.from_means(
+            means["pos"].full(r, probe.n_layers), means["neg"].full(r, probe.n_layers),
+            model_name=model, trait=trait_name, position=r, n_pos=n_pos, n_neg=n_neg,
+            notes=dict(notes, skipped_empty={"pos": means["pos"].skipped.get(r, 0),
+                                             "neg": means["neg"].skipped.get(r, 0)}),
+        )
+    return vectors
+
+
+def iter_responses(path: str | Path) -> Iterable[Response]:
+    """Read ``responses.jsonl`` back as :class:`Response` records (latest line per id)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for rec in JsonlLog(path).read():
+        if "id" in rec:
+            latest[rec["id"]] = rec
+    return [Response.from_record(r) for r in latest.values()]
+
+
+def load_run(out_dir: str | Path) -> dict[str, Any]:
+    """The ``run.json`` of an extraction run."""
+    return read_json(Path(out_dir) / "run.json")

@@ -1,0 +1,350 @@
+"""The extraction pipeline and the layer sweep on a tiny random model (fast, CPU).
+
+A tiny random model writes gibberish, so the judges here score by a rule: a deterministic
+hash of the answer. That is enough to exercise the mechanics: generation, judging, the
+paired filter, vectors, resuming, and error handling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import persona_lens as pl
+from conftest import load_tiny
+from openai_server import Sleep, Text, keyword_rule, openai_server, peaked  # noqa: F401 (fixture)
+from persona_lens.extract import REDUCTIONS, ExtractionError, Thresholds, extract
+from persona_lens.judge import JudgeError, OpenAIJudge
+from persona_lens.pipeline_io import JsonlLog
+from persona_lens.sweep import SweepCell, SweepResult, sweep
+from persona_lens.traits import InstructionPair, Trait
+
+FAST = dict(samples=2, max_new_tokens=6, batch_size=4, progress=False, verbose=False)
+
+
+def hash_score(text: str) -> float:
+    return float(int(hashlib.sha256(text.encode()).hexdigest(), 16) % 101)
+
+
+class RuleJudge:
+    """Trait score = a hash of the answer; coherence = a constant. Counts what it is asked."""
+
+    name = "rule-judge"
+
+    def __init__(self, coherence: float = 90.0, trait_score=hash_score):
+        self.coherence = coherence
+        self.trait_score = trait_score
+        self.asked: list[tuple[str, str, str]] = []
+
+    def score_trait(self, trait, pairs):
+        self.asked += [("trait", q, a) for q, a in pairs]
+        return [self.trait_score(a) for _, a in pairs]
+
+    def score_coherence(self, pairs):
+        self.asked += [("coherence", q, a) for q, a in pairs]
+        return [self.coherence for _ in pairs]
+
+
+def make_trait(name: str = "zesty", n_pairs: int = 2, n_questions: int = 3) -> Trait:
+    return Trait(
+        name=name,
+        description="A zesty assistant answers with lively, exaggerated enthusiasm.",
+        instructions=[InstructionPair(f"Be very zesty, style {i}.", f"Be flat and dull, style {i}.")
+                      for i in range(n_pairs)],
+        questions=[f"Question number {i}: what do you think of apples?" for i in range(n_questions)],
+        eval_questions=["How was your day?", "Describe a chair."],
+        eval_prompt="Rate the zest of this reply 0-100.\nQ: {question}\nA: {answer}\nNumber only:",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(tiny_dirs):
+    return pl.PersonaProbe(load_tiny(tiny_dirs["llama"])), tiny_dirs["llama"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------ the vector itself
+
+
+def test_vector_equals_independent_hf_mean_difference(tiny_probe, tmp_path):
+    """Pipeline vectors == mean differences computed here from HF output_hidden_states of the
+    kept responses (kept set recomputed here from the judge's rule)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    probe, path = tiny_probe
+    trait = make_trait()
+    th = Thresholds(pos_trait=40, neg_trait=60, coherence=50)
+    res = extract(probe, trait, RuleJudge(), out_dir=tmp_path, thresholds=th, **FAST)
+
+    # Independent filter from the files and the rule.
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "responses.jsonl")}
+    assert len(recs) == 2 * 2 * 3 * 2
+    kept = []
+    for rid, r in recs.items():
+        if r["polarity"] != "pos":
+            continue
+        neg = recs[rid.replace("pos-", "neg-", 1)]
+        assert (neg["instruction"], neg["question_index"], neg["sample"]) == (
+            r["instruction"], r["question_index"], r["sample"])
+        if hash_score(r["answer"]) >= 40 and hash_score(neg["answer"]) < 60:
+            kept.append((r, neg))
+    assert 0 < len(kept) < 12, "the rule should keep some pairs and drop others"
+    assert sorted(p.pos.id for p in res.kept) == sorted(r["id"] for r, _ in kept)
+    assert res.stats.kept == len(kept) and res.stats.pairs == 12
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    n_layers = hf.config.num_hidden_layers
+    last_block: dict[str, torch.Tensor] = {}
+    handle = hf.model.layers[-1].register_forward_hook(
+        lambda m, a, out: last_block.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+
+    def reductions(rec):
+        conv = [{"role": "system", "content": rec["system"]}, {"role": "user", "content": rec["question"]}]
+        text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        p = tok(text, add_special_tokens=False)["input_ids"]
+        r = tok(rec["answer"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hs = hf(torch.tensor([p + r]), output_hidden_states=True).hidden_states
+        # hidden_states[n_layers] is after the final norm; layer n_layers is before it.
+        layers = [hs[l][0] for l in range(n_layers)] + [last_block["h"][0]]
+        h = torch.stack(layers)  # [n_layers + 1, seq, d]
+        return {
+            "response_mean": h[:, len(p):].mean(1) if r else None,
+            "prompt_mean": h[:, : len(p)].mean(1),
+            "last_prompt": h[:, len(p) - 1],
+        }
+
+    try:
+        per = {pol: [reductions(pair[j]) for pair in kept] for j, pol in enumerate(("pos", "neg"))}
+    finally:
+        handle.remove()
+    for red in REDUCTIONS:
+        means = {}
+        for pol in ("pos", "neg"):
+            xs = [x[red] for x in per[pol] if x[red] is not None]
+            means[pol] = torch.stack(xs).mean(0)
+        expected = means["pos"] - means["neg"]
+        v = res.vectors[red]
+        assert v.directions.shape == (n_layers + 1, probe.d_model)
+        torch.testing.assert_close(v.directions, expected, atol=2e-4, rtol=1e-4)
+        assert v.position == red and v.trait == "zesty"
+        loaded = pl.PersonaVector.load(res.vector_paths[red])
+        torch.testing.assert_close(loaded.directions, v.directions)
+    v = res.vector
+    assert v is res.vectors["response_mean"]
+    assert v.notes["judge"] == "rule-judge"
+    assert v.notes["thresholds"] == {"pos_trait": 40, "neg_trait": 60, "coherence": 50}
+    assert v.notes["kept_pairs"] == len(kept)
+    assert v.n_neg == sum(x["response_mean"] is not None for x in per["neg"])
+
+
+def test_outputs_and_rerun_reuse_everything(tiny_probe, tmp_path):
+    probe, _ = tiny_probe
+    trait = make_trait()
+    judge = RuleJudge()
+    res = extract(probe, trait, judge, out_dir=tmp_path, thresholds={"pos_trait": 40, "neg_trait": 60}, **FAST)
+    n = 2 * 3 * 2 * 2
+    assert (res.stats.generated, res.stats.reused, res.stats.judged) == (n, 0, 2 * n)
+    assert len(judge.asked) == 2 * n
+    for name in ("responses.jsonl", "scores.jsonl", "pairs.csv", "run.json", "summary.json"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "trait" / "extract" / "zesty.json").exists()
+    rec = read_jsonl(tmp_path / "responses.jsonl")[0]
+    for key in ("id", "polarity", "instruction", "question_index", "sample", "system", "question",
+                "answer", "model", "settings"):
+        assert key in rec
+    assert rec["settings"] == {"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+    assert rec["system"] == trait.system_prompts(rec["instruction"])[0 if rec["polarity"] == "pos" else 1]
+    assert "zesty" in res.summary() and "kept" in res.summary()
+
+    judge2 = RuleJudge()
+    res2 = extract(probe, trait, judge2, out_dir=tmp_path, thresholds={"pos_trait": 40, "neg_trait": 60}, **FAST)
+    assert (res2.stats.generated, res2.stats.reused, res2.stats.judged, res2.stats.judge_reused) == (0, n, 0, 2 * n)
+    assert judge2.asked == []
+    assert res2.stats.vectors_reused
+    torch.testing.assert_close(res2.vector.directions, res.vector.directions)
+
+    # More samples: the old ones are reused, only the new ones generated and judged.
+    res3 = extract(probe, trait, judge2, out_dir=tmp_path, thresholds={"pos_trait": 40, "neg_trait": 60},
+                   **dict(FAST, samples=3))
+    assert (res3.stats.generated, res3.stats.reused) == (n // 2, n)
+    assert len(judge2.asked) == n  # 12 new responses x (trait, coherence)
+    assert not res3.stats.vectors_reused
+
+    # A changed setting makes old records stale: they are regenerated, not silently reused.
+    res4 = extract(probe, trait, None, out_dir=tmp_path, **dict(FAST, max_new_tokens=5, samples=1))
+    assert res4.stats.generated == res4.stats.responses == 2 * 3 * 2
+    assert res4.stats.stale == res4.stats.responses
+
+
+def test_killed_run_resumes_without_redoing_work(tiny_probe, tmp_path, monkeypatch):
+    probe, _ = tiny_probe
+    trait = make_trait()
+    calls = {"n": 0}
+    real = probe.generate
+
+    def dies_after_first_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "generate", dies_after_first_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        extract(probe, trait, None, out_dir=tmp_path / "a", **FAST)
+    assert len(read_jsonl(tmp_path / "a" / "responses.jsonl")) == 4  # one batch
+    monkeypatch.setattr(probe, "generate", real)
+
+    res = extract(probe, trait, None, out_dir=tmp_path / "a", **FAST)
+    assert (res.stats.generated, res.stats.reused) == (24 - 4, 4)
+    assert len(read_jsonl(tmp_path / "a" / "responses.jsonl")) == 24  # nothing generated twice
+
+    # Same texts as an uninterrupted run: batch seeds do not depend on where a run stopped.
+    whole = extract(probe, trait, None, out_dir=tmp_path / "b", **FAST)
+    a = {r["id"]: r["answer"] for r in read_jsonl(tmp_path / "a" / "responses.jsonl")}
+    b = {r["id"]: r["answer"] for r in read_jsonl(tmp_path / "b" / "responses.jsonl")}
+    assert a == b
+    torch.testing.assert_close(res.vector.directions, whole.vector.directions)
+    # judge=None keeps every pair and says so.
+    assert res.stats.kept == res.stats.pairs == 12
+    assert res.vector.notes["judge"] is None
+    assert "plain contrastive mean difference" in res.vector.notes["filter"]
+
+
+def test_truncated_line_from_a_kill_is_redone(tiny_probe, tmp_path):
+    probe, _ = tiny_probe
+    trait = make_trait(n_pairs=1, n_questions=2)
+    extract(probe, trait, None, out_dir=tmp_path, **FAST)
+    path = tmp_path / "responses.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # cut mid-write
+    with pytest.warns(UserWarning, match="unreadable"):
+        res = extract(probe, trait, None, out_dir=tmp_path, **FAST)
+    assert res.stats.generated == 1
+    with pytest.warns(UserWarning, match="unreadable"):  # the broken line stays, harmlessly
+        assert len(JsonlLog(path).read()) == len(lines)
+
+
+def test_no_pair_survives_says_why_and_keeps_work(tiny_probe, tmp_path):
+    probe, _ = tiny_probe
+    trait = make_trait(n_pairs=1, n_questions=2)
+    judge = RuleJudge(coherence=30.0)
+    with pytest.raises(ExtractionError) as e:
+        extract(probe, trait, judge, out_dir=tmp_path, **FAST)
+    msg = str(e.value)
+    assert "8 responses generated" in msg and "4 pairs" in msg
+    assert "pos coherence >= 50 failed 4" in msg and "neg coherence >= 50 failed 4" in msg
+    assert (tmp_path / "pairs.csv").exists()
+    judge2 = RuleJudge(coherence=90.0)
+    # Scores are keyed by judge name: the same name means the stored coherence is reused.
+    with pytest.raises(ExtractionError):
+        extract(probe, trait, judge2, out_dir=tmp_path, **FAST)
+    assert judge2.asked == []
+
+
+# ------------------------------------------------------------------------ an HTTP judge
+
+
+def test_judge_timeout_then_resume(tiny_probe, tmp_path, openai_server):
+    probe, _ = tiny_probe
+    trait = make_trait(n_pairs=1, n_questions=2)
+    state = {"answered": 0, "healthy": False}
+    ok = keyword_rule({}, default=70, coherence=90)
+
+    def rule(messages):
+        if not state["healthy"] and state["answered"] >= 6:
+            return Sleep(3, then=peaked(70))
+        state["answered"] += 1
+        return ok(messages)
+
+    server = openai_server(rule)
+    judge = OpenAIJudge("fake", base_url=server.base_url, api_key="x", cache_dir=False, timeout=0.5,
+                        max_retries=1, max_concurrency=2, progress=False)
+    with pytest.raises(JudgeError, match="timed out"):
+        extract(probe, trait, judge, out_dir=tmp_path, judge_batch_size=2, **FAST)
+    saved = len(read_jsonl(tmp_path / "scores.jsonl"))
+    assert 0 < saved < 16
+    assert len(read_jsonl(tmp_path / "responses.jsonl")) == 8
+
+    state["healthy"] = True
+    before = server.request_count
+    # A fresh judge object without a cache: only scores.jsonl remembers what was done.
+    judge = OpenAIJudge("fake", base_url=server.base_url, api_key="x", cache_dir=False, progress=False)
+    res = extract(probe, trait, judge, out_dir=tmp_path, judge_batch_size=2,
+                  thresholds={"neg_trait": 80}, **FAST)
+    assert res.stats.generated == 0
+    assert res.stats.judged == 16 - saved == server.request_count - before
+    assert res.stats.kept == 4
+
+
+def test_judge_answering_text_is_a_clear_error(tiny_probe, tmp_path, openai_server):
+    probe, _ = tiny_probe
+    trait = make_trait(n_pairs=1, n_questions=1)
+    server = openai_server(lambda messages: Text("This reply seems quite zesty to me."))
+    judge = OpenAIJudge("fake", base_url=server.base_url, api_key="x", cache_dir=False, progress=False)
+    with pytest.raises(JudgeError, match="gave no number"):
+        extract(probe, trait, judge, out_dir=tmp_path, **FAST)
+    assert len(read_jsonl(tmp_path / "responses.jsonl")) == 4
+    assert not (tmp_path / "scores.jsonl").exists()  # nothing wrong was stored
+
+
+# ------------------------------------------------------------------------ the sweep
+
+
+def test_sweep_table_best_layer_files_and_cache(tiny_probe, tmp_path):
+    probe, _ = tiny_probe
+    trait = make_trait()
+    res = extract(probe, trait, None, out_dir=tmp_path / "x", **dict(FAST, samples=1))
+    judge = RuleJudge()
+    kw = dict(layers=[1, 2], coefs=[0, 2.0, 4.0], judge=judge, max_new_tokens=5, samples=2,
+              out_dir=tmp_path / "sweep", progress=False)
+    sw = sweep(probe, res.vector, trait, **kw)
+    assert [(c.layer, c.coef) for c in sw.cells] == [(1, 0.0), (1, 2.0), (1, 4.0), (2, 0.0), (2, 2.0), (2, 4.0)]
+    # The coef-0 baseline is generated once and shared by both layers.
+    assert sw.cell(1, 0).trait == sw.cell(2, 0).trait
+    assert sw.stats["generated"] == 2 * 2 * (1 + 2 * 2)
+    for c in sw.cells:
+        assert c.n == 4 and c.n_trait == 4 and c.coherence == 90.0
+    steered = [c for c in sw.cells if c.coef != 0]
+    assert sw.best_layer == max(steered, key=lambda c: c.trait).layer
+    csv_text = (tmp_path / "sweep" / "sweep.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("layer,coef,trait,coherence")
+    assert len(csv_text.splitlines()) == 7
+    assert "plotly" in (tmp_path / "sweep" / "sweep.html").read_text()
+    fig = sw.figure()
+    assert len(fig.data) == 4  # (trait, coherence) x 2 layers
+    assert list(fig.data[0].x) == [0.0, 2.0, 4.0]
+
+    judge.asked.clear()
+    sw2 = sweep(probe, res.vector, trait, **kw)
+    assert sw2.stats["generated"] == 0 and judge.asked == []
+    assert sw2.rows() == sw.rows()
+
+    # Steering changes the answers (a different vector or coef is not served from the cache).
+    sw3 = sweep(probe, 3.0 * res.vector, trait, **dict(kw, coefs=[0, 2.0]))
+    assert sw3.stats["generated"] == 2 * 2 * 2  # baseline reused; two steered cells new
+
+
+def test_best_layer_respects_coherence_floor():
+    cells = [
+        SweepCell(10, 0.0, 5.0, 95.0, 4, 4, 4),
+        SweepCell(10, 2.0, 90.0, 30.0, 4, 4, 4),  # strongest but incoherent
+        SweepCell(20, 0.0, 5.0, 95.0, 4, 4, 4),
+        SweepCell(20, 2.0, 70.0, 80.0, 4, 4, 4),
+        SweepCell(30, 2.0, math.nan, math.nan, 4, 0, 0),
+    ]
+    res = SweepResult(cells, coherence_floor=50.0)
+    assert res.best_layer == 20
+    assert SweepResult(cells, coherence_floor=20.0).best_layer == 10
+    assert SweepResult(cells, coherence_floor=99.0).best_layer is None
+    assert "best: layer 20" in res.table()
+    assert "none" in SweepResult(cells, coherence_floor=99.0).table()
