@@ -11,9 +11,11 @@ Example:
 from persona_lens import plot
 from persona_lens.chat import ChatBatch, encode_chat
 from persona_lens.extract import extract
+from persona_lens.judge import Judge, JudgeError, OpenAIJudge
 from persona_lens.models import load_model
 from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading
 from persona_lens.sweep import sweep
+from persona_lens.traits import Trait, TraitError, generate_trait
 from persona_lens.vectors import PersonaVector, VectorMismatchError
 
 __all__ = [
@@ -25,7 +27,13 @@ __all__ = [
     "PersonaVector",
     "Reading",
     "VectorMismatchError",
+    "Judge",
+    "JudgeError",
+    "OpenAIJudge",
+    "Trait",
+    "TraitError",
     "encode_chat",
+    "generate_trait",
     "extract",
     "load_model",
     "plot",

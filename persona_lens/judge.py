@@ -592,6 +592,11 @@ class OpenAIJudge:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+            # Mark every failure as retrieved: only the first one is raised, and asyncio would
+            # print the others' tracebacks to stderr when the tasks are collected.
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()
         return results
 
     async def _request(self, client: Any, prompt: str) -> _Verdict:
