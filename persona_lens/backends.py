@@ -11,6 +11,7 @@ last block, before the final norm (shared/paper.md, section 2).
 
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Any
 
@@ -91,6 +92,19 @@ def _hf_position_ids(attention_mask: Tensor, new: int) -> Tensor:
     return pos.clamp(min=0)[:, -new:]
 
 
+def _hf_logits(hf: nn.Module, input_ids: Tensor, attention_mask: Tensor, cache: Any, last_only: bool) -> Tensor:
+    """One forward step of an HF causal LM, as HF ``generate`` runs it."""
+    out = hf(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_hf_position_ids(attention_mask, input_ids.shape[1]),
+        past_key_values=cache,
+        use_cache=cache is not None,
+        logits_to_keep=1 if last_only else 0,
+    )
+    return out.logits
+
+
 class BridgeBackend(Backend):
     """TransformerLens 4.x ``TransformerBridge`` (raw weights).
 
@@ -132,15 +146,192 @@ class BridgeBackend(Backend):
         return DynamicCache(config=self.hf.config)
 
     def logits(self, input_ids, attention_mask, cache, last_only):
-        out = self.hf(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=_hf_position_ids(attention_mask, input_ids.shape[1]),
-            past_key_values=cache,
-            use_cache=cache is not None,
-            logits_to_keep=1 if last_only else 0,
+        return _hf_logits(self.hf, input_ids, attention_mask, cache, last_only)
+
+
+class FastPathUnavailable(RuntimeError):
+    """The bridge's HF model cannot be unwrapped into a plain HF model."""
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# Hooks that the frameworks add to their own modules (transformers' output recording,
+# TransformerLens's internal wiring) are not a user's; hooks on TransformerLens hook points
+# always are.
+_FRAMEWORK_PACKAGES = ("transformers", "transformer_lens")
+
+
+def _defined_in_framework(fn: Any) -> bool:
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    module = getattr(fn, "__module__", None) or ""
+    return module.split(".")[0] in _FRAMEWORK_PACKAGES
+
+
+class HFBackend(Backend):
+    """The HF model inside a ``TransformerBridge``, without the bridge, with SDPA attention.
+
+    ``TransformerBridge`` replaces HF submodules in place by bridge components that wrap
+    them (``component.original_component``) and forces eager attention. This backend builds
+    an unwrapped view of ``bridge.original_model``: every module that has a bridge component
+    below it is shallow-cloned with a fresh ``_modules`` dict and empty hook dicts, and
+    every bridge component is replaced by its (unwrapped) original HF module. Modules with
+    no bridge component below them (linear layers, norms, embeddings) are the very same
+    objects, and cloned modules share their parameter and buffer dicts with the originals,
+    so the view costs no memory and always sees the bridge's current weights. Modules that
+    hold a config get a copy with ``_attn_implementation = "sdpa"`` (when the model class
+    supports it); the bridge's own config is not touched.
+
+    Only residual-stream sites exist here: layer ``L < n_layers`` is a forward pre-hook on
+    decoder layer ``L`` (its input), layer ``n_layers`` a forward hook on the last decoder
+    layer (its output). TransformerLens hook points do not fire on this path.
+
+    The view is a snapshot of the bridge's module tree: :meth:`scan` reports when the tree
+    (or a module's training mode or gradient checkpointing flag) has changed since, and
+    :meth:`rebuild` makes a fresh view.
+    """
+
+    kind = "hf"
+
+    def __init__(self, bridge: nn.Module, tokenizer: Any = None):
+        cfg = bridge.cfg
+        name = getattr(bridge, "persona_lens_name", None) or getattr(cfg, "model_name", None)
+        super().__init__(bridge, tokenizer or bridge.tokenizer, cfg.n_layers, cfg.d_model, name)
+        self.bridge = bridge
+        self.rebuild()
+
+    # -- the unwrapped view ---------------------------------------------------------------
+    def rebuild(self) -> None:
+        """(Re)build the unwrapped view from the bridge's current module tree."""
+        from transformer_lens.hook_points import HookPoint
+        from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+        self._hook_point_type = HookPoint
+
+        root = self.bridge.original_model
+        config = root.config
+        fast_config = copy.deepcopy(config)
+        if getattr(type(root), "_supports_sdpa", False):
+            fast_config._attn_implementation = "sdpa"
+        configs = {id(config): fast_config}
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None:
+                configs[id(sub)] = getattr(fast_config, key)
+        memo: dict[int, nn.Module] = {}
+        shared: dict[int, nn.Module] = {}
+
+        def unwrap(module: nn.Module) -> nn.Module:
+            while isinstance(module, GeneralizedComponent):
+                inner = module._modules.get("_original_component")
+                if inner is None:
+                    raise FastPathUnavailable(f"{type(module).__name__} wraps no HF module")
+                module = inner
+            if id(module) in memo:
+                return memo[id(module)]
+            children = {n: None if c is None else unwrap(c) for n, c in module._modules.items()}
+            holds_config = id(module.__dict__.get("config")) in configs
+            if not holds_config and all(children[n] is c for n, c in module._modules.items()):
+                memo[id(module)] = shared[id(module)] = module
+                return module
+            if "forward" in module.__dict__:
+                # An instance-level forward (e.g. an accelerate hook) is bound to the
+                # original module and would run the bridge's children.
+                raise FastPathUnavailable(f"{type(module).__name__} has an instance-level forward")
+            clone = type(module).__new__(type(module))
+            clone.__dict__.update(module.__dict__)
+            for key, value in module.__dict__.items():
+                if "hooks" in key and isinstance(value, dict):
+                    clone.__dict__[key] = type(value)()
+            clone.__dict__["_modules"] = children
+            # transformers installs its output-recording hooks lazily, per module: let it
+            # install them on the clones too.
+            clone.__dict__.pop("_output_capturing_hooks_installed", None)
+            if holds_config:
+                clone.__dict__["config"] = configs[id(module.__dict__["config"])]
+            memo[id(module)] = clone
+            return clone
+
+        hf = unwrap(root)
+        layers = [unwrap(self.bridge.blocks[i]) for i in range(self.n_layers)]
+        self.hf = hf
+        self.layers = layers
+        self._shared = shared
+        self._signature = self._tree_signature()
+
+    def _tree_signature(self) -> tuple:
+        return tuple(
+            (id(m), m.training, m.__dict__.get("gradient_checkpointing"))
+            for m in self.bridge.original_model.modules()
         )
-        return out.logits
+
+    def scan(self, own_hook_ids: set[int] = frozenset()) -> tuple[bool, bool]:
+        """``(stale, foreign_hooks)`` in one walk over the bridge's modules.
+
+        ``stale``: the bridge's module tree, a module's training mode or its gradient
+        checkpointing flag changed since the view was built. ``foreign_hooks``: a module the
+        view does not run (a bridge component or hook point, or an HF module the view
+        replaced by a clone) has a hook that would fire only on the bridge: any hook on a
+        TransformerLens hook point whose id is not in ``own_hook_ids``, or a hook defined
+        outside transformers and TransformerLens on another such module.
+        """
+        stale = foreign = False
+        modules = list(self.bridge.original_model.modules())
+        sig = self._signature
+        if len(sig) != len(modules):
+            stale = True
+        for i, m in enumerate(modules):
+            if not stale and sig[i] != (id(m), m.training, m.__dict__.get("gradient_checkpointing")):
+                stale = True
+            if not foreign and id(m) not in self._shared:
+                point = isinstance(m, self._hook_point_type)
+                for key in _HOOK_DICTS:
+                    hooks = m.__dict__.get(key)
+                    if hooks and any(
+                        k not in own_hook_ids and (point or not _defined_in_framework(fn))
+                        for k, fn in hooks.items()
+                    ):
+                        foreign = True
+                        break
+            if stale and foreign:
+                break
+        return stale, foreign
+
+    # -- Backend --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.hf.config._attn_implementation
+
+    def resid_site(self, layer: int) -> tuple[nn.Module, str]:
+        if layer < self.n_layers:
+            return self.layers[layer], "input"
+        return self.layers[self.n_layers - 1], "output"
+
+    def hook_dict(self) -> dict[str, nn.Module]:
+        """None: TransformerLens hook points live on the bridge (``BridgeBackend``)."""
+        return {}
+
+    def eos_token_ids(self) -> set[int]:
+        ids = super().eos_token_ids()
+        gen_eos = getattr(getattr(self.hf, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+        return ids
+
+    def new_cache(self, batch_size: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
+
+    def logits(self, input_ids, attention_mask, cache, last_only):
+        return _hf_logits(self.hf, input_ids, attention_mask, cache, last_only)
 
 
 class HookedTransformerBackend(Backend):

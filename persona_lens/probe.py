@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from persona_lens import hooks as H
-from persona_lens.backends import Backend, make_backend
+from persona_lens.backends import Backend, BridgeBackend, FastPathUnavailable, HFBackend, make_backend
 from persona_lens.chat import (
     ChatBatch,
     ConversationLike,
@@ -40,6 +40,30 @@ HookFn = Callable[[Tensor], "Tensor | None"]
 
 class _StopForward(Exception):
     """Raised by a capture hook once the deepest requested layer is recorded."""
+
+
+PATHS = ("auto", "hf", "bridge")
+
+
+class _ResidualHook:
+    """One probe hook on the residual stream, attached at the same layer on every backend
+    that may run a forward (the bridge and, when there is one, its fast HF view), and
+    removed from all of them together."""
+
+    def __init__(self, layer: int, fn: HookFn):
+        self.layer = layer
+        self.fn = fn
+        self.handles: dict[str, Any] = {}
+
+    @property
+    def bridge_id(self) -> int | None:
+        h = self.handles.get("main")
+        return None if h is None else h.id
+
+    def remove(self) -> None:
+        for h in self.handles.values():
+            h.remove()
+        self.handles.clear()
 
 
 @dataclass
@@ -187,6 +211,20 @@ class PersonaProbe:
         model: a TransformerLens 4.x ``TransformerBridge`` (``persona_lens.load_model``) or a
             TransformerLens 3.x ``HookedTransformer``.
         tokenizer: overrides the model's own tokenizer (must have a chat template).
+        path: which model runs the probe's forwards on a ``TransformerBridge``:
+
+            - ``"auto"`` (default): the bridge's HF model without the bridge, with SDPA
+              attention (``"hf"``, as fast as plain HF), whenever every active hook is one
+              of the probe's residual-stream hooks; the full bridge (``"bridge"``) when
+              TransformerLens hook points are in use, through :meth:`add_hooks` or hooks
+              of your own on the bridge's modules.
+            - ``"hf"``: always the fast path (hooks on TransformerLens hook points do not
+              fire).
+            - ``"bridge"``: always the bridge.
+
+            Both paths share the same weights and give the same results (up to float
+            rounding between eager and SDPA attention). ``probe.last_path`` tells which ran
+            last. A ``HookedTransformer`` always runs itself.
 
     Example:
         >>> import persona_lens as pl
@@ -195,10 +233,25 @@ class PersonaProbe:
         ['The capital of France is Paris.']
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, path: str = "auto"):
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.backend: Backend = make_backend(model, tokenizer)
         self._positions: _Positions | None = None
         self._handles: list[Any] = []
+        self._fast: HFBackend | None = None
+        self._fast_error: str | None = None
+        if isinstance(self.backend, BridgeBackend):
+            try:
+                self._fast = HFBackend(self.backend.model, self.backend.tokenizer)
+            except FastPathUnavailable as e:
+                self._fast_error = str(e)
+        else:
+            self._fast_error = f"a {self.backend.kind} model has no fast path"
+        if path == "hf" and self._fast is None:
+            raise ValueError(f"path='hf' is not available: {self._fast_error}")
+        self.path = path
+        self.last_path: str | None = None
 
     # -- basic facts ----------------------------------------------------------------------
     @property
@@ -268,10 +321,63 @@ class PersonaProbe:
 
     # -- the hook owner -------------------------------------------------------------------
     def _register(self, layer: int, fn: HookFn) -> Any:
-        module, how = self.backend.resid_site(layer)
-        return self._attach(module, how, fn)
+        hook = _ResidualHook(layer, fn)
+        try:
+            module, how = self.backend.resid_site(layer)
+            hook.handles["main"] = self._hook_module(module, how, fn)
+            if self._fast is not None:
+                module, how = self._fast.resid_site(layer)
+                hook.handles["hf"] = self._hook_module(module, how, fn)
+        except BaseException:
+            hook.remove()
+            raise
+        self._handles.append(hook)
+        return hook
 
     def _attach(self, module: nn.Module, how: str, fn: HookFn) -> Any:
+        handle = self._hook_module(module, how, fn)
+        self._handles.append(handle)
+        return handle
+
+    def _runner(self) -> Backend:
+        """The backend for the next forward(s), chosen from what hooks are active."""
+        fast = self._fast
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.path == "hf" and fast is None:
+            raise ValueError(f"path='hf' is not available: {self._fast_error}")
+        run = self.backend
+        if fast is not None and self.path != "bridge":
+            own = {h.bridge_id for h in self._handles if isinstance(h, _ResidualHook)}
+            stale, foreign = fast.scan(own)
+            if stale:
+                self._rebuild_fast()
+                fast = self._fast
+                if fast is None and self.path == "hf":
+                    raise ValueError(f"path='hf' is no longer available: {self._fast_error}")
+            if fast is not None and (self.path == "hf" or not foreign):
+                run = fast
+        self.last_path = run.kind
+        return run
+
+    def _rebuild_fast(self) -> None:
+        """The bridge's module tree changed (new modules, train/eval): rebuild the fast view
+        and move the probe's residual hooks onto it, in their order."""
+        ours = [h for h in self._handles if isinstance(h, _ResidualHook)]
+        for h in ours:
+            old = h.handles.pop("hf", None)
+            if old is not None:
+                old.remove()
+        try:
+            self._fast.rebuild()
+        except FastPathUnavailable as e:
+            self._fast, self._fast_error = None, str(e)
+            return
+        for h in ours:
+            module, how = self._fast.resid_site(h.layer)
+            h.handles["hf"] = self._hook_module(module, how, h.fn)
+
+    def _hook_module(self, module: nn.Module, how: str, fn: HookFn) -> Any:
         if how == "output":
 
             def hook(mod, args, output):
@@ -293,7 +399,6 @@ class PersonaProbe:
             handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         else:  # pragma: no cover - backends only return the two kinds above
             raise ValueError(how)
-        self._handles.append(handle)
         return handle
 
     @contextlib.contextmanager
@@ -421,6 +526,8 @@ class PersonaProbe:
 
         Hook functions follow TransformerLens's convention ``fn(activation, hook)`` and may
         return a replacement activation. Names are checked before anything is attached.
+        While such hooks are active, ``path="auto"`` runs the full bridge (TransformerLens
+        hook points do not exist on the fast path).
 
         Example:
             >>> seen = []
@@ -465,8 +572,9 @@ class PersonaProbe:
         """
         batch = batch.to(self.device)
         positions = _Positions(_position_masks(batch))
+        run = self._runner()
         with self._at(positions, 0, batch.input_ids.shape[1]):
-            return self.backend.logits(batch.input_ids, batch.attention_mask, None, last_only=False)
+            return run.logits(batch.input_ids, batch.attention_mask, None, last_only=False)
 
     def _capture_rows(self, conversations: Sequence[ConversationLike]) -> list[tuple[list[int], list[int]]]:
         rows = []
@@ -521,6 +629,7 @@ class PersonaProbe:
             return fn
 
         with self._hooked([(l, make(l)) for l in layers]):
+            run = self._runner()
             for idx in groups:
                 batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
                 positions = _Positions(_position_masks(batch))
@@ -528,7 +637,7 @@ class PersonaProbe:
                     current[r] = torch.zeros(len(idx), len(layers), self.d_model, device=self.device)
                 with self._at(positions, 0, batch.input_ids.shape[1]):
                     try:
-                        self.backend.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
+                        run.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
                     except _StopForward:
                         pass
                 counts = {r: positions.masks[kind[r]].sum(1) for r in reductions}
@@ -663,12 +772,13 @@ class PersonaProbe:
 
         groups = self._batches(rows, batch_size)
         with self._hooked([(layer, fn)]):
+            run = self._runner()
             for idx in tqdm(groups, desc="project", disable=_quiet(progress, len(groups))):
                 batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
                 positions = _Positions(_position_masks(batch))
                 with self._at(positions, 0, batch.input_ids.shape[1]):
                     try:
-                        self.backend.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
+                        run.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
                     except _StopForward:
                         pass
                 for j, i in enumerate(idx):
@@ -785,13 +895,14 @@ class PersonaProbe:
         pad = batch.input_ids.new_tensor(pad_id)
         tokens = batch.input_ids
         attn = batch.attention_mask
-        cache = self.backend.new_cache(b) if use_cache else None
+        run = self._runner()
+        cache = run.new_cache(b) if use_cache else None
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
         new_tokens = []
         step_input, start = tokens, 0
         for _ in range(max_new_tokens):
             with self._at(positions, start, tokens.shape[1]):
-                logits = self.backend.logits(step_input, attn, cache, last_only=True)[:, -1].float()
+                logits = run.logits(step_input, attn, cache, last_only=True)[:, -1].float()
             nxt = _sample(logits, temperature, top_p, generator)
             nxt = torch.where(finished, pad, nxt)
             new_tokens.append(nxt)
