@@ -244,6 +244,16 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from persona_lens.demo import run_demo
+
+    run_demo(
+        args.out, trait=args.trait, samples=args.samples, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, progress=not args.quiet,
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -304,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default=None, help="folder for extract/NAME.json and eval/NAME.json (traits)")
     p.set_defaults(func=cmd_generate_trait)
+
+    p = sub.add_parser("demo", help="the whole method on the built-in persona organism (offline, CPU, minutes)")
+    p.add_argument("--trait", default="evil", choices=["evil", "sycophantic", "hallucinating"])
+    p.add_argument("--out", default="persona_demo", help="output directory (report.html, figures.json)")
+    p.add_argument("--samples", type=int, default=2, help="samples per question (2)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("organism", help="the persona organism")
     osub = p.add_subparsers(dest="organism_command", required=True, metavar="ACTION")
