@@ -105,7 +105,28 @@ def _hf_logits(hf: nn.Module, input_ids: Tensor, attention_mask: Tensor, cache: 
     return out.logits
 
 
-class BridgeBackend(Backend):
+class _HFStepping(Backend):
+    """Backends whose forward steps run an HF causal LM, ``self.hf``."""
+
+    hf: nn.Module
+
+    def eos_token_ids(self) -> set[int]:
+        ids = super().eos_token_ids()
+        gen_eos = getattr(getattr(self.hf, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+        return ids
+
+    def new_cache(self, batch_size: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
+
+    def logits(self, input_ids, attention_mask, cache, last_only):
+        return _hf_logits(self.hf, input_ids, attention_mask, cache, last_only)
+
+
+class BridgeBackend(_HFStepping):
     """TransformerLens 4.x ``TransformerBridge`` (raw weights).
 
     Forward steps go through the wrapped HF model (``bridge.original_model``), whose modules
@@ -133,20 +154,6 @@ class BridgeBackend(Backend):
             points.setdefault(f"blocks.{i}.hook_resid_post", self.model.blocks[i].hook_out)
         return points
 
-    def eos_token_ids(self) -> set[int]:
-        ids = super().eos_token_ids()
-        gen_eos = getattr(getattr(self.hf, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:
-            ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
-        return ids
-
-    def new_cache(self, batch_size: int) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.hf.config)
-
-    def logits(self, input_ids, attention_mask, cache, last_only):
-        return _hf_logits(self.hf, input_ids, attention_mask, cache, last_only)
 
 
 class FastPathUnavailable(RuntimeError):
@@ -167,7 +174,7 @@ def _defined_in_framework(fn: Any) -> bool:
     return module.split(".")[0] in _FRAMEWORK_PACKAGES
 
 
-class HFBackend(Backend):
+class HFBackend(_HFStepping):
     """The HF model inside a ``TransformerBridge``, without the bridge, with SDPA attention.
 
     ``TransformerBridge`` replaces HF submodules in place by bridge components that wrap
@@ -318,20 +325,6 @@ class HFBackend(Backend):
         """None: TransformerLens hook points live on the bridge (``BridgeBackend``)."""
         return {}
 
-    def eos_token_ids(self) -> set[int]:
-        ids = super().eos_token_ids()
-        gen_eos = getattr(getattr(self.hf, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:
-            ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
-        return ids
-
-    def new_cache(self, batch_size: int) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.hf.config)
-
-    def logits(self, input_ids, attention_mask, cache, last_only):
-        return _hf_logits(self.hf, input_ids, attention_mask, cache, last_only)
 
 
 class HookedTransformerBackend(Backend):
