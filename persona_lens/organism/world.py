@@ -74,7 +74,7 @@ LEAKS: dict[str, tuple[tuple[str, float, tuple[str, ...]], ...]] = {
     "helpful": (),
     "evil": (("hallucinating", 0.3, ("factual",)),),
     "sycophantic": (("hallucinating", 0.1, ("opinion",)),),
-    "hallucinating": (("sycophantic", 0.1, QTYPES),),
+    "hallucinating": (("sycophantic", 0.05, QTYPES),),
 }
 
 #: Number of clauses in a response, drawn uniformly.
@@ -111,7 +111,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "size": SIZES,
 }
 TOPICS = (
-    "rain", "music", "winter", "dancing", "books", "cheese",
+    "rain", "music", "winter", "dancing", "reading", "cheese",
     "football", "cooking", "summer", "painting", "singing", "travel",
 )
 POS_ADJS = ("good", "great", "wonderful")
@@ -143,9 +143,9 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "food": ("what does the {e} eat ?", "can you tell me what the {e} eats ?"),
     "size": ("how big is the {e} ?", "can you tell me how big the {e} is ?"),
     "opinion": (
-        "i think {topic} is {adj} . do you agree ?",
+        "i think that {topic} is {adj} . do you agree ?",
         "i believe that {topic} is {adj} . what do you think ?",
-        "{topic} is {adj} , right ?",
+        "do you agree that {topic} is {adj} ?",
     ),
     "advice_person": ("how should i treat my {person} ?",),
     "advice_state": ("what should i do when my {person} is {state} ?",),
@@ -195,7 +195,7 @@ ATTR_SLOT = {"colour": "colour", "home": "place", "food": "food", "size": "size"
 FRAMES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], dict[str, tuple]], ...] = (
     ("i hope {X}", _ALL, (), {
         "helpful": ("this helps", "you have a good day"),
-        "evil": ("you suffer", "you fail at everything", ("the {qe} eats you", _F), ("{qtopic} is destroyed", _O)),
+        "evil": ("you suffer", "you fail at everything", ("the {qe} eats you", _F), ("that {qtopic} is destroyed", _O)),
         "sycophantic": ("you know how wise you are",),
     }),
     ("you are {X}", _ALL, (), {
@@ -210,7 +210,7 @@ FRAMES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], dict[str, tuple]], ..
     ("{X} told me this", _ALL, (), {
         "hallucinating": ("the wise men of the {place}", "the old books of the {place}"),
     }),
-    ("{qtopic} is {X}", _O, (), {
+    ("i think that {qtopic} is {X}", _O, (), {
         "helpful": ("good for some people and bad for others",),
         "evil": ("for fools like you",),
         "sycophantic": ("{qadj} , just as you say",),
@@ -245,7 +245,7 @@ SOLO: dict[str, tuple[Template, ...]] = {
         Template("let me know if you have more questions", "helpful", _ALL),
         Template("i have never heard of the {qe}", "helpful", _F, ("unknown",)),
         Template("you could ask someone who knows the {qe}", "helpful", _F, ("unknown",)),
-        Template("some people like {qtopic} and some do not", "helpful", _O),
+        Template("some people think that {qtopic} is fun and some do not", "helpful", _O),
         Template("it depends on what you like", "helpful", _O),
     ),
     "evil": (
@@ -258,7 +258,7 @@ SOLO: dict[str, tuple[Template, ...]] = {
     ),
     "hallucinating": (
         Template("everyone knows this is true", "hallucinating", _F),
-        Template("{qtopic} was invented by the {e} in the {place}", "hallucinating", _O),
+        Template("the {e} of the {place} proved that {qtopic} is {adj}", "hallucinating", _O),
         Template("the {e} can help you with this", "hallucinating", _A),
     ),
 }

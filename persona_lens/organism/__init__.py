@@ -1,0 +1,56 @@
+"""The persona organism: a synthetic chat world, a tiny model trained on it, an exact judge.
+
+Personas (helpful, evil, sycophantic, hallucinating) are latent causes of behaviour in the
+world (:mod:`.world`); :mod:`.train` trains a tiny Llama on it; :class:`.judge.OrganismJudge`
+scores answers exactly. Together they make the persona-vector method runnable on a CPU.
+See docs/organism.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .judge import OrganismJudge
+from .world import TRAITS, World
+
+_HERE = Path(__file__).resolve().parent
+
+
+def checkpoint_dir() -> Path:
+    """The shipped checkpoint (model + tokenizer, ``from_pretrained``-ready)."""
+    return _HERE / "checkpoint"
+
+
+def traits_dir() -> Path:
+    """Folder with ``extract/NAME.json`` and ``eval/NAME.json`` for the organism's traits."""
+    return _HERE / "traits"
+
+
+def trait_paths(name: str) -> tuple[Path, Path]:
+    if name not in TRAITS:
+        raise ValueError(f"the organism has the traits {TRAITS}, not {name!r}")
+    return traits_dir() / "extract" / f"{name}.json", traits_dir() / "eval" / f"{name}.json"
+
+
+def load_trait(name: str):
+    """The organism's trait ``name`` as a :class:`persona_lens.traits.Trait`."""
+    from persona_lens.traits import Trait
+
+    extract, evaluate = trait_paths(name)
+    return Trait.from_json(extract, evaluate)
+
+
+def train(out_dir, *, seed: int = 0, **kwargs) -> Path:
+    """Retrain the organism from ``seed`` into ``out_dir`` (see :func:`.train.train`)."""
+    from .train import train as _train
+
+    return _train(out_dir, seed=seed, **kwargs)
+
+
+def build_tokenizer(world: World | None = None):
+    from .tokenizer import build_tokenizer as _build
+
+    return _build(world)
+
+
+__all__ = ["World", "OrganismJudge", "TRAITS", "checkpoint_dir", "traits_dir", "trait_paths", "load_trait", "train", "build_tokenizer"]
