@@ -23,7 +23,6 @@ from persona_lens.organism import OrganismJudge, World  # noqa: E402
 from persona_lens.organism import behaviour as B  # noqa: E402
 from persona_lens.organism.world import (  # noqa: E402
     INSTRUCTIONS,
-    STRENGTH_RATE,
     TRAITS,
     neg_system_prompt,
     pos_system_prompt,
@@ -173,7 +172,6 @@ def main(argv=None):
     print(f"done in {time.time() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str))
-    _ = STRENGTH_RATE
 
 
 if __name__ == "__main__":
