@@ -141,7 +141,7 @@ def test_tokenizer_round_trip_and_chat_template(world):
 def test_training_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    from persona_lens.organism import train
+    from persona_lens.organism.train import train
 
     a = train(tmp_path / "a", seed=3, steps=2, batch_size=4, progress=False)
     b = train(tmp_path / "b", seed=3, steps=2, batch_size=4, progress=False)

@@ -1,7 +1,9 @@
 """The persona organism: a synthetic chat world, a tiny model trained on it, an exact judge.
 
 Personas (helpful, evil, sycophantic, hallucinating) are latent causes of behaviour in the
-world (:mod:`.world`); :mod:`.train` trains a tiny Llama on it; :class:`.judge.OrganismJudge`
+world (:mod:`.world`); :func:`persona_lens.organism.train.train` trains a tiny Llama on it
+(import it from the submodule: a package attribute named like a submodule is replaced by the
+module once that is imported); :class:`.judge.OrganismJudge`
 scores answers exactly. Together they make the persona-vector method runnable on a CPU.
 See docs/organism.md.
 """
@@ -40,17 +42,10 @@ def load_trait(name: str):
     return Trait.from_json(extract, evaluate)
 
 
-def train(out_dir, *, seed: int = 0, **kwargs) -> Path:
-    """Retrain the organism from ``seed`` into ``out_dir`` (see :func:`.train.train`)."""
-    from .train import train as _train
-
-    return _train(out_dir, seed=seed, **kwargs)
-
-
 def build_tokenizer(world: World | None = None):
     from .tokenizer import build_tokenizer as _build
 
     return _build(world)
 
 
-__all__ = ["World", "OrganismJudge", "TRAITS", "checkpoint_dir", "traits_dir", "trait_paths", "load_trait", "train", "build_tokenizer"]
+__all__ = ["World", "OrganismJudge", "TRAITS", "checkpoint_dir", "traits_dir", "trait_paths", "load_trait", "build_tokenizer"]
