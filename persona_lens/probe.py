@@ -614,8 +614,6 @@ class PersonaProbe:
         deepest = max(layers)
         slot = {l: i for i, l in enumerate(layers)}
         kind = {"response_mean": "response", "prompt_mean": "prompt", "last_prompt": "last_prompt"}
-        groups = self._batches(rows, batch_size)
-        bar = tqdm(total=len(rows), desc="capture", unit="conv", disable=_quiet(progress, len(groups)))
         current: dict[str, Tensor] = {}
 
         def make(layer: int) -> HookFn:
@@ -628,26 +626,47 @@ class PersonaProbe:
 
             return fn
 
+        def fresh(n: int) -> None:
+            for r in reductions:
+                current[r] = torch.zeros(n, len(layers), self.d_model, device=self.device)
+
         with self._hooked([(l, make(l)) for l in layers]):
-            run = self._runner()
-            for idx in groups:
-                batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
-                positions = _Positions(_position_masks(batch))
-                for r in reductions:
-                    current[r] = torch.zeros(len(idx), len(layers), self.d_model, device=self.device)
-                with self._at(positions, 0, batch.input_ids.shape[1]):
-                    try:
-                        run.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
-                    except _StopForward:
-                        pass
+            for batch, positions in self._stream(rows, batch_size, progress, "capture", fresh):
                 counts = {r: positions.masks[kind[r]].sum(1) for r in reductions}
                 reduced = {
                     r: current[r] / counts[r].clamp(min=1).to(torch.float32)[:, None, None]
                     for r in reductions
                 }
                 sink(batch, reduced, counts)
+
+    def _stream(
+        self,
+        rows: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        progress: bool | None,
+        desc: str,
+        before: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[ChatBatch, _Positions]]:
+        """Run a forward over each length-sorted batch of ``rows`` and yield it afterwards.
+
+        Hooks read what they need during the forward and may end it early with
+        ``_StopForward``; ``before(batch_len)`` runs ahead of each forward.
+        """
+        groups = self._batches(rows, batch_size)
+        run = self._runner()
+        with tqdm(total=len(rows), desc=desc, unit="conv", disable=_quiet(progress, len(groups))) as bar:
+            for idx in groups:
+                batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
+                positions = _Positions(_position_masks(batch))
+                if before is not None:
+                    before(len(idx))
+                with self._at(positions, 0, batch.input_ids.shape[1]):
+                    try:
+                        run.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
+                    except _StopForward:
+                        pass
+                yield batch, positions
                 bar.update(len(idx))
-        bar.close()
 
     @torch.no_grad()
     def capture(
@@ -770,18 +789,9 @@ class PersonaProbe:
             current["p"] = H.project(h, unit)
             raise _StopForward
 
-        groups = self._batches(rows, batch_size)
         with self._hooked([(layer, fn)]):
-            run = self._runner()
-            for idx in tqdm(groups, desc="project", disable=_quiet(progress, len(groups))):
-                batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
-                positions = _Positions(_position_masks(batch))
-                with self._at(positions, 0, batch.input_ids.shape[1]):
-                    try:
-                        run.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
-                    except _StopForward:
-                        pass
-                for j, i in enumerate(idx):
+            for batch, _ in self._stream(rows, batch_size, progress, "project"):
+                for j, i in enumerate(batch.index):
                     out[i] = current["p"][j][batch.response_mask[j]].cpu()
         return out
 
