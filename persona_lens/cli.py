@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole method on the built-in persona organism (offline, CPU, minutes)")
     p.add_argument("--trait", default="evil", choices=["evil", "sycophantic", "hallucinating"])
     p.add_argument("--out", default="persona_demo", help="output directory (report.html, figures.json)")
-    p.add_argument("--samples", type=int, default=2, help="samples per question (2)")
+    p.add_argument("--samples", type=int, default=4, help="samples per question (4)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -95,7 +95,7 @@ def run_demo(
     out_dir: str | Path = "persona_demo",
     *,
     trait: str = "evil",
-    samples: int = 2,
+    samples: int = 4,
     questions: int | None = None,
     layers: Sequence[int] | None = None,
     coefs: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
@@ -103,6 +103,7 @@ def run_demo(
     monitor_questions: int = 10,
     monitor_samples: int = 4,
     coherence_floor: float = 80.0,
+    positions: str = "all",
     seed: int = 0,
     progress: bool | None = True,
     verbose: bool = True,
@@ -122,6 +123,8 @@ def run_demo(
         monitor_questions / monitor_samples: evaluation questions per graded system prompt,
             and samples per question, for the monitoring correlation.
         coherence_floor: the sweep chooses among cells at least this coherent.
+        positions: where steering adds the vector (``"all"``, or ``"response"`` as in the
+            paper's sweeps); on the organism's short prompts ``"all"`` elicits more.
 
     Returns:
         :class:`DemoResult` (``result.table()`` prints the headline figures).
@@ -157,7 +160,7 @@ def run_demo(
     sw = sweep(
         probe, vec, t, layers=sweep_layers, coefs=coefs, judge=judge, samples=samples,
         max_new_tokens=max_new_tokens, coherence_floor=coherence_floor, seed=seed,
-        out_dir=out / "sweep", progress=progress,
+        positions=positions, out_dir=out / "sweep", progress=progress,
     )
     best = sw.best
     if best is None:
@@ -178,7 +181,7 @@ def run_demo(
     suppression = []
     for sup_layer in sweep_layers:
         for c in sorted(c for c in coefs if c > 0):
-            with probe.steer(vec, layer=sup_layer, coef=-c, positions="all"):
+            with probe.steer(vec, layer=sup_layer, coef=-c, positions=positions):
                 texts = probe.generate(qs, system=encouraging, seed=seed + 1, **gen)
             suppression.append((sup_layer, c, *_judged(judge, t, qs, texts)))
     coherent = [s for s in suppression if s[3] >= coherence_floor] or suppression
