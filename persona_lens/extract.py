@@ -49,6 +49,7 @@ from persona_lens.pipeline_io import (
     write_json,
     write_text,
 )
+from persona_lens.probe import _quiet
 from persona_lens.vectors import PersonaVector
 
 if TYPE_CHECKING:
@@ -341,11 +342,6 @@ class ScoreLog:
             bar.close()
         out = {kind: [self.scores[k] for k in keys[kind]] for kind in self.KINDS}
         return out, len(todo), reused
-
-
-def _quiet(progress: bool | None, n: int) -> bool:
-    """Bars show for non-trivial jobs unless turned off."""
-    return not progress if progress is not None else n <= 1
 
 
 @dataclass

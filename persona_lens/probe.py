@@ -33,7 +33,7 @@ from persona_lens.chat import (
     prompt_ids,
     split_conversation,
 )
-from persona_lens.vectors import PersonaVector
+from persona_lens.vectors import PersonaVector, check_layer
 
 HookFn = Callable[[Tensor], "Tensor | None"]
 
@@ -287,15 +287,11 @@ class PersonaProbe:
 
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` if valid for this model (``0..n_layers``), else raise."""
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        if not 0 <= layer <= self.n_layers:
-            raise ValueError(
-                f"layer {layer} is out of range: this model has layers 0..{self.n_layers} "
-                f"(layer L is the residual stream entering block L; {self.n_layers} is the "
-                "last block's output)"
-            )
-        return layer
+        return check_layer(
+            layer, self.n_layers, "this model",
+            f" (layer L is the residual stream entering block L; {self.n_layers} is the last "
+            "block's output)",
+        )
 
     def _layers(self, layers: Sequence[int] | None) -> list[int]:
         if layers is None:

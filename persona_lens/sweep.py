@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm.auto import tqdm
 
-from persona_lens.extract import ScoreLog, _quiet, resolve_trait
+from persona_lens.extract import ScoreLog, resolve_trait
+from persona_lens.probe import _quiet
 from persona_lens.pipeline_io import JsonlLog, derived_seed, fingerprint, write_text
 from persona_lens.vectors import PersonaVector
 

@@ -22,6 +22,15 @@ from torch import Tensor
 _FORMAT = "persona_lens.PersonaVector/1"
 
 
+def check_layer(layer: int, n_layers: int, owner: str, hint: str = "") -> int:
+    """Return ``layer`` if it is an int in ``0..n_layers``, else raise naming ``owner``."""
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    if not 0 <= layer <= n_layers:
+        raise ValueError(f"layer {layer} is out of range: {owner} has layers 0..{n_layers}{hint}")
+    return layer
+
+
 class VectorMismatchError(ValueError):
     """A vector does not fit the model it is used with (layer count or d_model)."""
 
@@ -106,13 +115,7 @@ class PersonaVector:
         return self.directions.shape[1]
 
     def _check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        if not 0 <= layer <= self.n_layers:
-            raise ValueError(
-                f"layer {layer} is out of range: this vector has layers 0..{self.n_layers}"
-            )
-        return layer
+        return check_layer(layer, self.n_layers, "this vector")
 
     def __getitem__(self, layer: int) -> Float[Tensor, " d_model"]:
         return self.directions[self._check_layer(layer)]
