@@ -61,11 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-qwen-tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test of --random-qwen7b
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None)
-    p.add_argument("--batch", type=int, default=None, help="prompts per generation / conversations per capture (CPU 8, CUDA 32)")
+    p.add_argument("--batch", default=None,
+                   help="prompts per generation / conversations per capture (CPU 8, CUDA 32); "
+                        "a comma-separated list (32,128) measures each on the same loaded weights")
     p.add_argument("--prompt-tokens", type=int, default=None, help="about this many prompt tokens per row (CPU 32, CUDA 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (CPU 32, CUDA 128)")
     p.add_argument("--response-tokens", type=int, default=None, help="response tokens per captured conversation (default: --new-tokens)")
-    p.add_argument("--mem-samples", type=int, default=None, help="N for the N vs 4N memory check (default: --batch)")
+    p.add_argument("--mem-samples", type=int, default=None, help="N for the N vs 4N memory check (default: the batch)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: gen,monitor,capture,memory")
@@ -73,11 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = str(args.device).startswith("cuda")
     args.dtype = resolve_dtype(args.dtype or ("bfloat16" if cuda or args.random_qwen7b else "float32"))
-    args.batch = args.batch or (32 if cuda else 8)
+    args.batches = [int(b) for b in str(args.batch).split(",")] if args.batch else [32 if cuda else 8]
     args.prompt_tokens = args.prompt_tokens or (64 if cuda else 32)
     args.new_tokens = args.new_tokens or (128 if cuda else 32)
     args.response_tokens = args.response_tokens or args.new_tokens
-    args.mem_samples = args.mem_samples or args.batch
     args.skip = {s for s in args.skip.split(",") if s}
     return args
 
@@ -219,8 +220,7 @@ def main(argv=None) -> None:
     for probe in (fast, slow):
         ignore_eos(probe)
     plain.generation_config.eos_token_id = None
-    n, B, P, N = fast.n_layers, args.batch, args.prompt_tokens, args.new_tokens
-    device = args.device
+    n, device = fast.n_layers, args.device
     name = torch.cuda.get_device_name() if str(device).startswith("cuda") else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"model {fast.model_name}: {n} layers, d_model {fast.d_model}, {args.dtype}, {device} ({name})")
     print(f"torch {torch.__version__}, transformers {version('transformers')}, transformer-lens {version('transformer-lens')}")
@@ -230,6 +230,14 @@ def main(argv=None) -> None:
     directions = torch.randn(n + 1, fast.d_model, generator=g)
     directions = directions / directions.norm(dim=-1, keepdim=True)
     vec = pl.PersonaVector(directions, model_name=fast.model_name)
+    for B in args.batches:
+        print()
+        measure(args, B, fast, slow, plain, vec)
+
+
+def measure(args, B: int, fast, slow, plain, vec) -> None:
+    """Every section for one batch size; prints its table and findings."""
+    n, P, N, device = fast.n_layers, args.prompt_tokens, args.new_tokens, args.device
     one = {n // 2: 4.0}
     several = {l: 2.0 for l in (n // 4, n // 2, (3 * n) // 4, n - 1)}
     rows: list[tuple[str, list[float], str, str]] = []
@@ -328,7 +336,7 @@ def main(argv=None) -> None:
         findings.append(f"capture means fast vs released method (layers < {n}): max abs diff {float((a[:n] - r[:n]).abs().max()):.2e}")
 
     if "memory" not in args.skip:
-        M = args.mem_samples
+        M = args.mem_samples or B
         small = make_conversations(fast, M, P, args.response_tokens)
         big = small * 4
         fast.capture_mean(small[:2], batch_size=B, progress=False)

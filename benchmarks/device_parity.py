@@ -2,7 +2,7 @@
 
 The CPU test suite checks float32 parity; this script checks the same things where tests
 cannot run: on a GPU, in bf16. For each model (tiny random Llama and Qwen2 checkpoints, the
-offline SmolLM2 if installed, or ``--model``) it prints
+persona organism, the offline SmolLM2 if installed, or ``--model``) it prints
 
 - capture: max |probe response-mean - HF ``output_hidden_states`` response-mean| per layer,
   relative to the activations' scale (bf16 tolerance: about 1e-2);
@@ -41,7 +41,7 @@ CONVS = [
 PROMPTS = ["What is the capital of France?", "Name three fruits.", "Why is the sky blue?", "Count to five."]
 
 
-def check(path: str, device: str, dtype: torch.dtype, new_tokens: int, tol: float) -> bool:
+def check(label: str, path: str, device: str, dtype: torch.dtype, new_tokens: int, tol: float) -> bool:
     from transformers import AutoModelForCausalLM
 
     probe = pl.PersonaProbe(pl.load_model(path, device=device, dtype=dtype))
@@ -90,7 +90,7 @@ def check(path: str, device: str, dtype: torch.dtype, new_tokens: int, tol: floa
         uncached = probe.generate(PROMPTS, max_new_tokens=new_tokens, use_cache=False)
     same_hf = sum(a == b for a, b in zip(steered, expected)) / len(PROMPTS)
     same_cache = sum(a == b for a, b in zip(steered, uncached)) / len(PROMPTS)
-    print(f"{Path(path).name:<28} layers {n:>3}  capture max rel err {worst:.2e}  "
+    print(f"{label:<24} layers {n:>3}  capture max rel err {worst:.2e}  "
           f"unsteered == HF {plain_same / len(PROMPTS):.0%}  "
           f"steered == HF hook {same_hf:.0%}  cached == uncached {same_cache:.0%}  "
           f"path {path_used}  device {probe.device}")
@@ -107,18 +107,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
-    models = args.model
+    models = [(Path(m).name, m) for m in args.model or []]
     if not models:
         from tiny import build_tiny
 
         tmp = Path(tempfile.mkdtemp())
-        models = [str(build_tiny(a, tmp / a)) for a in ("llama", "qwen2")]
+        models = [(f"tiny random {a}", str(build_tiny(a, tmp / a))) for a in ("llama", "qwen2")]
+        # Trained weights that ship in the repository: peaked next-token distributions, so
+        # token agreement means something even where SmolLM2 cannot be installed.
+        models.append((pl.models.ORGANISM, str(resolve_model_path(pl.models.ORGANISM))))
         try:
-            models.append(resolve_model_path(pl.models.SMOLLM2))
+            models.append((pl.models.SMOLLM2, str(resolve_model_path(pl.models.SMOLLM2))))
         except FileNotFoundError as e:
             print(f"(SmolLM2 skipped: {e})")
     print(f"device {args.device}, dtype {dtype}, torch {torch.__version__}")
-    ok = all([check(m, args.device, dtype, args.new_tokens, tol) for m in models])
+    ok = all([check(label, m, args.device, dtype, args.new_tokens, tol) for label, m in models])
     print("capture parity", "OK" if ok else f"FAILED (tolerance {tol})")
     return 0 if ok else 1
 

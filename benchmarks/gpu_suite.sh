@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/performance.md in one command, logs kept in one folder.
+#
+#   benchmarks/gpu_suite.sh [LOG_DIR] [REPEATS]
+#
+# 1. device_parity.py: bf16 capture / steering / cached-generation parity against plain HF
+#    on the tiny random Llama and Qwen2, the persona organism (and SmolLM2 where installed);
+# 2. bench_probe.py --random-qwen7b: fast path vs bridge vs plain HF generate / forward on a
+#    random-weight Qwen2.5-7B shape in bf16, batch 32 and 128 on the same loaded weights,
+#    64-token prompts, 128 new tokens, interleaved repeats.
+#
+# Budget: about 6-8 minutes on one H100 (the 7B model is built once, about 31 GB for the
+# plain copy and the bridge's copy). Pass REPEATS=2 to shorten it; BENCH_MODEL=--random-qwen-tiny
+# runs the same steps on a toy model (a smoke test that needs no GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log=${1:-gpu-logs}
+repeats=${2:-3}
+mkdir -p "$log"
+export PYTHONUNBUFFERED=1
+status=0
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$log/gpu.txt"
+start=$(date +%s)
+python benchmarks/device_parity.py 2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$log/parity.txt" || status=1
+echo "parity: $(( $(date +%s) - start )) s" | tee -a "$log/parity.txt"
+start=$(date +%s)
+python benchmarks/bench_probe.py ${BENCH_MODEL:---random-qwen7b} --batch 32,128 --repeats "$repeats" 2>&1 | tee "$log/bench_qwen7b.txt" || status=1
+echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$log/bench_qwen7b.txt"
+exit $status
