@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from persona_lens.judge import mean_score
 from persona_lens.pipeline_io import write_json, write_text
 
 
@@ -81,14 +82,9 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
 
 
-def _mean(xs: Sequence[float | None]) -> float:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
 def _judged(judge, trait, questions: Sequence[str], texts: Sequence[str]) -> tuple[float, float]:
     pairs = list(zip(questions, texts))
-    return _mean(judge.score_trait(trait, pairs)), _mean(judge.score_coherence(pairs))
+    return mean_score(judge.score_trait(trait, pairs))[0], mean_score(judge.score_coherence(pairs))[0]
 
 
 def run_demo(
@@ -208,7 +204,7 @@ def run_demo(
         c["score"].append(s)
     cell_rows = [
         {"strength": prompts[si][0], "system": prompts[si][1], "question": q,
-         "projection": _mean(c["proj"]), "trait": _mean(c["score"])}
+         "projection": sum(c["proj"]) / len(c["proj"]), "trait": mean_score(c["score"])[0]}
         for (si, q), c in cells.items()
     ]
     ok = [c for c in cell_rows if not math.isnan(c["trait"])]

@@ -61,6 +61,7 @@ __all__ = [
     "REDUCTIONS",
     "Thresholds",
     "ExtractionError",
+    "Task",
     "Response",
     "KeptPair",
     "ExtractionStats",
@@ -97,8 +98,8 @@ class Thresholds:
 
 
 @dataclass
-class Response:
-    """One generated response of the contrastive set (one line of ``responses.jsonl``)."""
+class Task:
+    """One response to generate: a (system prompt, question, sample) of one polarity."""
 
     id: str
     polarity: str
@@ -107,6 +108,16 @@ class Response:
     sample: int
     system: str
     question: str
+
+    def prompt(self) -> list[dict[str, str]]:
+        """System and user messages: what the model is asked."""
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.question}]
+
+
+@dataclass
+class Response(Task):
+    """One generated response of the contrastive set (one line of ``responses.jsonl``)."""
+
     answer: str
     model: str
     settings: dict[str, Any]
@@ -116,11 +127,7 @@ class Response:
 
     def conversation(self) -> list[dict[str, str]]:
         """System, user and assistant messages: what the activations are captured on."""
-        return [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": self.question},
-            {"role": "assistant", "content": self.answer},
-        ]
+        return self.prompt() + [{"role": "assistant", "content": self.answer}]
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> "Response":
@@ -344,18 +351,7 @@ class ScoreLog:
         return out, len(todo), reused
 
 
-@dataclass
-class _Task:
-    id: str
-    polarity: str
-    instruction: int
-    question_index: int
-    sample: int
-    system: str
-    question: str
-
-
-def _matches(rec: dict[str, Any], task: _Task, model: str, settings: dict[str, Any]) -> bool:
+def _matches(rec: dict[str, Any], task: Task, model: str, settings: dict[str, Any]) -> bool:
     return (
         rec.get("system") == task.system
         and rec.get("question") == task.question
@@ -367,7 +363,7 @@ def _matches(rec: dict[str, Any], task: _Task, model: str, settings: dict[str, A
 
 def generate_responses(
     probe: "PersonaProbe",
-    tasks: Sequence[_Task],
+    tasks: Sequence[Task],
     log: JsonlLog,
     *,
     model: str,
@@ -388,7 +384,7 @@ def generate_responses(
         if "id" in rec:
             existing[rec["id"]] = rec  # the latest line wins
     done: dict[str, Response] = {}
-    todo: list[_Task] = []
+    todo: list[Task] = []
     stale = 0
     for t in tasks:
         rec = existing.get(t.id)
@@ -405,10 +401,8 @@ def generate_responses(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             seed = derived_seed(settings.get("seed"), chunk[0].id)
-            convs = [[{"role": "system", "content": t.system}, {"role": "user", "content": t.question}]
-                     for t in chunk]
             gens = probe.generate(
-                convs,
+                [t.prompt() for t in chunk],
                 max_new_tokens=settings["max_new_tokens"],
                 temperature=settings["temperature"],
                 top_p=settings.get("top_p", 1.0),
@@ -420,9 +414,7 @@ def generate_responses(
             recs = []
             for t, g in zip(chunk, gens):
                 r = Response(
-                    id=t.id, polarity=t.polarity, instruction=t.instruction,
-                    question_index=t.question_index, sample=t.sample, system=t.system,
-                    question=t.question, answer=g.text, model=model, settings=dict(settings),
+                    **asdict(t), answer=g.text, model=model, settings=dict(settings),
                     batch_seed=seed, n_tokens=len(g.response_ids), finished=bool(g.finished),
                 )
                 done[t.id] = r
@@ -528,13 +520,13 @@ def extract(
     })
 
     # 1. Contrastive generation.
-    tasks: list[_Task] = []
+    tasks: list[Task] = []
     for i in i_idx:
         pos_sys, neg_sys = trait.system_prompts(i)
         for q in q_idx:
             for s in range(samples):
                 for pol, system in (("pos", pos_sys), ("neg", neg_sys)):
-                    tasks.append(_Task(f"{pol}-i{i}-q{q}-s{s}", pol, i, q, s, system, trait.questions[q]))
+                    tasks.append(Task(f"{pol}-i{i}-q{q}-s{s}", pol, i, q, s, system, trait.questions[q]))
     stats.responses = len(tasks)
     responses_log = JsonlLog(out / "responses.jsonl")
     t0 = time.perf_counter()
@@ -621,7 +613,7 @@ _FAIL_NAMES = ("pos trait", "neg trait", "pos coherence", "neg coherence")
 
 def _filter_pairs(
     responses: dict[str, Response],
-    tasks: Sequence[_Task],
+    tasks: Sequence[Task],
     scores: dict[str, dict[str, float | None]],
     th: Thresholds,
     judged: bool,

@@ -97,6 +97,17 @@ class Judge(Protocol):
     def score_coherence(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]: ...
 
 
+def mean_score(scores: Sequence[float | None]) -> tuple[float, int]:
+    """Mean of the scores a judge gave, skipping refusals (``None``), and how many counted.
+
+    Example:
+        >>> mean_score([80.0, None, 60.0])
+        (70.0, 2)
+    """
+    vals = [x for x in scores if x is not None]
+    return (sum(vals) / len(vals) if vals else math.nan), len(vals)
+
+
 def _as_score_token(token: str) -> int | None:
     s = token.strip()
     if _INT_TOKEN.fullmatch(s):

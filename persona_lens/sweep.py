@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from tqdm.auto import tqdm
 
 from persona_lens.extract import ScoreLog, resolve_trait
+from persona_lens.judge import mean_score
 from persona_lens.probe import _quiet
 from persona_lens.pipeline_io import JsonlLog, derived_seed, fingerprint, write_text
 from persona_lens.vectors import PersonaVector
@@ -203,11 +204,6 @@ def _fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.1f}"
 
 
-def _mean(xs: list[float | None]) -> tuple[float, int]:
-    vals = [x for x in xs if x is not None]
-    return (sum(vals) / len(vals) if vals else math.nan), len(vals)
-
-
 def sweep(
     probe: "PersonaProbe",
     vector: PersonaVector | str | Path,
@@ -349,8 +345,8 @@ def sweep(
 
     cells = []
     for layer, coef, items in work:
-        t_mean, n_t = _mean([by_key[k][0] for k, *_ in items])
-        c_mean, n_c = _mean([by_key[k][1] for k, *_ in items])
+        t_mean, n_t = mean_score([by_key[k][0] for k, *_ in items])
+        c_mean, n_c = mean_score([by_key[k][1] for k, *_ in items])
         cells.append(SweepCell(layer, coef, t_mean, c_mean, len(items), n_t, n_c))
     result = SweepResult(
         cells=cells, coherence_floor=coherence_floor, trait_name=trait.name, model_name=model,
