@@ -167,6 +167,23 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _FRAMEWORK_PACKAGES = ("transformers", "transformer_lens")
 
 
+def _walk(root: nn.Module) -> list[nn.Module]:
+    """``list(root.modules())`` without building every module's dotted name: the probe walks
+    the bridge's tree (thousands of modules) before each operation, and the names were most
+    of that walk's cost."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
+
+
 def _defined_in_framework(fn: Any) -> bool:
     while hasattr(fn, "func"):  # functools.partial
         fn = fn.func
@@ -268,7 +285,7 @@ class HFBackend(_HFStepping):
     def _tree_signature(self) -> tuple:
         return tuple(
             (id(m), m.training, m.__dict__.get("gradient_checkpointing"))
-            for m in self.bridge.original_model.modules()
+            for m in _walk(self.bridge.original_model)
         )
 
     def scan(self, own_hook_ids: set[int] = frozenset()) -> tuple[bool, bool]:
@@ -282,7 +299,7 @@ class HFBackend(_HFStepping):
         outside transformers and TransformerLens on another such module.
         """
         stale = foreign = False
-        modules = list(self.bridge.original_model.modules())
+        modules = _walk(self.bridge.original_model)
         sig = self._signature
         if len(sig) != len(modules):
             stale = True

@@ -96,15 +96,59 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def prompt_ids(tokenizer: Any, messages: Conversation) -> list[int]:
-    """Token ids of a prompt: the chat template with the assistant generation prompt."""
+def _check_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the tokenizer has no chat template; set tokenizer.chat_template "
             "(persona_lens works on chat conversations)"
         )
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer: Any, messages: Conversation) -> list[int]:
+    """Token ids of a prompt: the chat template with the assistant generation prompt."""
+    return chat_rows(tokenizer, [messages], with_response=False)[0][0]
+
+
+def chat_rows(
+    tokenizer: Any, conversations: Sequence[ConversationLike], *, with_response: bool
+) -> list[tuple[list[int], list[int]]]:
+    """``(prompt_ids, response_ids)`` per conversation, unpadded: what a model sees.
+
+    The prompt is the chat template rendered as text (with the assistant generation prompt)
+    and tokenized without special tokens, so a template that writes its own BOS gets exactly
+    one; the response is tokenized on its own and appended, which is what generation
+    produces. With ``with_response=False`` every conversation is a prompt (response ids
+    empty) and must not end with an assistant message. Texts go to the tokenizer in one
+    call per kind, not one per conversation (a fast tokenizer batches them).
+
+    Example:
+        >>> rows = chat_rows(tok, [[{"role": "user", "content": "Hi"},
+        ...                         {"role": "assistant", "content": "Hello!"}]], with_response=True)
+        >>> prompt, response = rows[0]
+    """
+    _check_template(tokenizer)
+    prompts, responses = [], []
+    for conv in conversations:
+        messages = as_conversation(conv)
+        if with_response:
+            prompt, response = split_conversation(messages)
+        else:
+            if messages[-1]["role"] == "assistant":
+                raise ValueError(
+                    "a prompt for generation must not end with an assistant message "
+                    "(to capture a given response, use capture/project)"
+                )
+            prompt, response = messages, ""
+        prompts.append(list(prompt))
+        responses.append(response)
+    if not prompts:
+        return []
+    texts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+    prompt_tokens = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if not with_response:
+        return [(list(p), []) for p in prompt_tokens]
+    response_tokens = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    return [(list(p), list(r)) for p, r in zip(prompt_tokens, response_tokens)]
 
 
 def split_conversation(conv: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
@@ -164,19 +208,4 @@ def encode_chat(
     """
     if len(conversations) == 0:
         raise ValueError("empty batch: no conversations given")
-    rows = []
-    for conv in conversations:
-        messages = as_conversation(conv)
-        if with_response:
-            prompt, response = split_conversation(messages)
-            rows.append(
-                (prompt_ids(tokenizer, prompt), tokenizer(response, add_special_tokens=False)["input_ids"])
-            )
-        else:
-            if messages[-1]["role"] == "assistant":
-                raise ValueError(
-                    "a prompt for generation must not end with an assistant message "
-                    "(to capture a given response, use capture/project)"
-                )
-            rows.append((prompt_ids(tokenizer, messages), []))
-    return encode_rows(tokenizer, rows)
+    return encode_rows(tokenizer, chat_rows(tokenizer, conversations, with_response=with_response))

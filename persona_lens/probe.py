@@ -29,9 +29,8 @@ from persona_lens.chat import (
     ChatBatch,
     ConversationLike,
     as_conversation,
+    chat_rows,
     encode_rows,
-    prompt_ids,
-    split_conversation,
 )
 from persona_lens.vectors import PersonaVector, check_layer
 
@@ -572,15 +571,6 @@ class PersonaProbe:
         with self._at(positions, 0, batch.input_ids.shape[1]):
             return run.logits(batch.input_ids, batch.attention_mask, None, last_only=False)
 
-    def _capture_rows(self, conversations: Sequence[ConversationLike]) -> list[tuple[list[int], list[int]]]:
-        rows = []
-        for conv in conversations:
-            prompt, response = split_conversation(as_conversation(conv))
-            rows.append(
-                (prompt_ids(self.tokenizer, prompt), self.tokenizer(response, add_special_tokens=False)["input_ids"])
-            )
-        return rows
-
     def _batches(self, rows: list, batch_size: int) -> list[list[int]]:
         """Indices grouped into batches of similar length (less padding, same results)."""
         if batch_size < 1:
@@ -606,7 +596,7 @@ class PersonaProbe:
             raise ValueError("empty batch: no conversations given")
         for r in reductions:
             H.check_reduction(r)
-        rows = self._capture_rows(conversations)
+        rows = chat_rows(self.tokenizer, conversations, with_response=True)
         deepest = max(layers)
         slot = {l: i for i, l in enumerate(layers)}
         kind = {"response_mean": "response", "prompt_mean": "prompt", "last_prompt": "last_prompt"}
@@ -776,7 +766,7 @@ class PersonaProbe:
         return acts.at(at, layer) @ unit
 
     def _project_tokens(self, convs, unit, layer, batch_size, progress) -> list[Tensor]:
-        rows = self._capture_rows(convs)
+        rows = chat_rows(self.tokenizer, convs, with_response=True)
         out: list[Tensor] = [torch.empty(0)] * len(rows)
         unit = unit.to(self.device)
         current: dict[str, Tensor] = {}
@@ -853,7 +843,7 @@ class PersonaProbe:
         for c in convs:
             if c[-1]["role"] == "assistant":
                 raise ValueError("a prompt for generation must not end with an assistant message")
-        rows = [(prompt_ids(self.tokenizer, c), []) for c in convs]
+        rows = chat_rows(self.tokenizer, convs, with_response=False)
         gens: list[Generation | None] = [None] * len(rows)
         generator = None
         if temperature > 0:
@@ -945,7 +935,6 @@ class PersonaProbe:
         self.check_layer(layer)
         unit = self._vector(vector).unit(layer).to(self.device)
         buffers: dict[str, Any] = {}
-        readings: dict[int, Reading] = {}
 
         def fn(h: Tensor) -> None:
             pos = self._positions

@@ -111,6 +111,18 @@ def test_view_follows_a_replaced_module(tiny_dirs):
     torch.testing.assert_close(after_fast, after_slow, atol=1e-5, rtol=1e-5)
 
 
+def test_module_walk_is_modules_order_without_repeats(tiny_dirs):
+    """The change detection walks the tree its own way; it must see what ``modules()`` sees."""
+    from persona_lens.backends import _walk
+
+    model = pl.load_model(tiny_dirs["llama"], device="cpu")
+    shared = torch.nn.Linear(2, 2)
+    model.original_model.extra = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared, torch.nn.ReLU())})
+    model.original_model.model.register_module("gone", None)
+    for root in (model, model.original_model):
+        assert [id(m) for m in _walk(root)] == [id(m) for m in root.modules()]
+
+
 @pytest.mark.parametrize(
     "positions", ["all", "prompt", "response", "response+last"]
 )
