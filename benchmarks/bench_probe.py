@@ -10,11 +10,13 @@ untimed warm-up run of each). Workloads:
   ``PersonaProbe.generate`` steered at one layer and at four layers, on the fast path
   (``path="auto"``, which picks ``"hf"``) and on the bridge (``path="bridge"``);
 - monitoring: ``probe.monitor`` at one layer against the same unsteered generation;
-- capture: ``capture_mean`` of the response mean at every layer over one batch of
-  conversations (fast path, bridge) against a plain HF SDPA forward of the same padded batch
-  (``logits_to_keep=1``: the transformer without the vocabulary projection, which capture
-  does not need either) and against the released code's method (one conversation at a time
-  with ``output_hidden_states=True``, means over response tokens for every layer);
+- capture: ``capture_mean`` at every layer over one batch of conversations (fast path,
+  bridge; the pipeline's three reductions: response mean, prompt mean, last prompt token)
+  against a plain HF SDPA forward of the same padded batch (``logits_to_keep=1``: the
+  transformer without the vocabulary projection, which capture does not need either), the
+  same forward plus the chat encoding that ``capture_mean`` does from conversations, and the
+  released code's ``get_hidden_p_and_r`` (one text at a time, ``output_hidden_states=True``,
+  three reductions per layer each copied to the CPU);
 - memory: peak extra memory of ``capture_mean`` over N and 4N conversations, and of
   ``capture`` (which returns every sample's activations) for contrast (CUDA:
   ``torch.cuda.max_memory_allocated``; CPU: the running sum of torch's allocations and
@@ -301,13 +303,15 @@ def measure(args, B: int, fast, slow, plain, vec) -> None:
         convs = make_conversations(fast, B, P, args.response_tokens)
         cbatch = fast.encode(convs, with_response=True).to(device)
         tokens = int(cbatch.attention_mask.sum())
-        print(f"capture: {B} conversations, {tokens} tokens ({tuple(cbatch.input_ids.shape)} padded), response mean at all {n + 1} layers")
+        print(f"capture: {B} conversations, {tokens} tokens ({tuple(cbatch.input_ids.shape)} padded), 3 reductions at all {n + 1} layers")
 
-        def hf_forward():
+        def hf_forward(b=None):
+            b = b or cbatch
             with torch.no_grad():
-                return plain(input_ids=cbatch.input_ids, attention_mask=cbatch.attention_mask, logits_to_keep=1)
+                return plain(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1)
 
-        def released():
+        def one_at_a_time():
+            """Reference means: HF hidden states of each conversation alone, same token ids."""
             means = []
             with torch.no_grad():
                 for row in range(B):
@@ -318,22 +322,48 @@ def measure(args, B: int, fast, slow, plain, vec) -> None:
                     means.append(torch.stack([h[0][resp].float().mean(0) for h in hs]).cpu())
             return torch.stack(means).mean(0)
 
+        tok = fast.tokenizer
+        prompt_texts = [tok.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False) for c in convs]
+        answers = [c[-1]["content"] for c in convs]
+
+        def released():
+            """The released code's get_hidden_p_and_r: one text at a time, every hidden state,
+            three reductions per layer each copied to the CPU (run under no_grad here, which
+            only helps it)."""
+            out = {k: [[] for _ in range(n + 1)] for k in ("prompt_avg", "response_avg", "prompt_last")}
+            with torch.no_grad():
+                for prompt, answer in zip(prompt_texts, answers):
+                    inputs = tok(prompt + answer, return_tensors="pt", add_special_tokens=False).to(device)
+                    prompt_len = len(tok.encode(prompt, add_special_tokens=False))
+                    hs = plain(**inputs, output_hidden_states=True).hidden_states
+                    for layer in range(n + 1):
+                        out["prompt_avg"][layer].append(hs[layer][:, :prompt_len].mean(dim=1).cpu())
+                        out["response_avg"][layer].append(hs[layer][:, prompt_len:].mean(dim=1).cpu())
+                        out["prompt_last"][layer].append(hs[layer][:, prompt_len - 1].cpu())
+            return out
+
+        three = ("response_mean", "prompt_mean", "last_prompt")  # what the pipeline captures
+        # capture_mean starts from conversations, so its time includes the chat template and
+        # tokenization; the second baseline pays for the same encoding before its forward.
         work = {
             "HF forward (sdpa, same batch)": hf_forward,
-            "capture_mean fast, all layers": lambda: fast.capture_mean(convs, batch_size=B, progress=False),
-            "capture_mean bridge, all layers": lambda: slow.capture_mean(convs, batch_size=B, progress=False),
+            "HF forward + chat encoding": lambda: hf_forward(fast.encode(convs, with_response=True).to(device)),
+            "capture_mean fast, all layers": lambda: fast.capture_mean(convs, reductions=three, batch_size=B, progress=False),
+            "capture_mean bridge, all layers": lambda: slow.capture_mean(convs, reductions=three, batch_size=B, progress=False),
             "released method (1 at a time)": released,
         }
         times = run_interleaved(work, args.repeats, device)
         base = med(times["HF forward (sdpa, same batch)"])
+        base_enc = med(times["HF forward + chat encoding"])
         rel = med(times["released method (1 at a time)"])
         for k, ts in times.items():
-            rows.append((k, ts, f"{tokens / med(ts):.0f} tok/s", f"{base / med(ts):.2f}x HF fwd, {rel / med(ts):.1f}x released"))
+            rows.append((k, ts, f"{tokens / med(ts):.0f} tok/s",
+                         f"{base / med(ts):.2f}x HF fwd, {base_enc / med(ts):.2f}x HF fwd+enc, {rel / med(ts):.1f}x released"))
         a = fast.capture_mean(convs, batch_size=B, progress=False).mean("response_mean")
         b = slow.capture_mean(convs, batch_size=B, progress=False).mean("response_mean")
-        r = released()
+        r = one_at_a_time()
         findings.append(f"capture means fast vs bridge: max abs diff {float((a - b).abs().max()):.2e}")
-        findings.append(f"capture means fast vs released method (layers < {n}): max abs diff {float((a[:n] - r[:n]).abs().max()):.2e}")
+        findings.append(f"capture means fast vs HF hidden states one at a time (layers < {n}): max abs diff {float((a[:n] - r[:n]).abs().max()):.2e}")
 
     if "memory" not in args.skip:
         M = args.mem_samples or B
