@@ -18,12 +18,13 @@ log=${1:-gpu-logs}
 repeats=${2:-3}
 mkdir -p "$log"
 export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
 status=0
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$log/gpu.txt"
 start=$(date +%s)
-python benchmarks/device_parity.py 2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$log/parity.txt" || status=1
+"$py" benchmarks/device_parity.py 2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$log/parity.txt" || status=1
 echo "parity: $(( $(date +%s) - start )) s" | tee -a "$log/parity.txt"
 start=$(date +%s)
-python benchmarks/bench_probe.py ${BENCH_MODEL:---random-qwen7b} --batch 32,128 --repeats "$repeats" 2>&1 | tee "$log/bench_qwen7b.txt" || status=1
+"$py" benchmarks/bench_probe.py ${BENCH_MODEL:---random-qwen7b} --batch 32,128 --repeats "$repeats" 2>&1 | tee "$log/bench_qwen7b.txt" || status=1
 echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$log/bench_qwen7b.txt"
 exit $status
