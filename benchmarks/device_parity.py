@@ -9,6 +9,8 @@ persona organism, the offline SmolLM2 if installed, or ``--model``) it prints
 - steering: the share of rows whose steered greedy tokens equal HF ``generate`` with the same
   vector added by a plain torch hook on decoder layer L-1 (bf16 eager vs SDPA attention can
   split near-ties, so a few differing rows late in long generations are expected);
+- fast path vs bridge: the share of rows whose steered greedy tokens agree (the bridge runs
+  eager attention, so bf16 near-ties may split here too);
 - cached vs uncached: the share of rows whose greedy tokens agree;
 - the path the probe ran and where its tensors live.
 
@@ -88,11 +90,15 @@ def check(label: str, path: str, device: str, dtype: torch.dtype, new_tokens: in
         steered = probe.generate(PROMPTS, max_new_tokens=new_tokens)
         path_used = probe.last_path
         uncached = probe.generate(PROMPTS, max_new_tokens=new_tokens, use_cache=False)
+    bridge = pl.PersonaProbe(probe.model, path="bridge")
+    with bridge.steer(vec, layer=layer, coef=coef):
+        on_bridge = bridge.generate(PROMPTS, max_new_tokens=new_tokens)
+    same_bridge = sum(a == b for a, b in zip(steered, on_bridge)) / len(PROMPTS)
     same_hf = sum(a == b for a, b in zip(steered, expected)) / len(PROMPTS)
     same_cache = sum(a == b for a, b in zip(steered, uncached)) / len(PROMPTS)
     print(f"{label:<24} layers {n:>3}  capture max rel err {worst:.2e}  "
           f"unsteered == HF {plain_same / len(PROMPTS):.0%}  "
-          f"steered == HF hook {same_hf:.0%}  cached == uncached {same_cache:.0%}  "
+          f"steered == HF hook {same_hf:.0%}  fast == bridge {same_bridge:.0%}  cached == uncached {same_cache:.0%}  "
           f"path {path_used}  device {probe.device}")
     return worst <= tol
 
