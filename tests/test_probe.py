@@ -351,6 +351,29 @@ def test_chat_encoding_has_no_double_bos(tiny):
     assert ids.count(tok.bos_token_id) == (1 if "llama" in str(path) else 0)
 
 
+def test_batched_encoding_equals_each_conversation_alone(tiny):
+    """Texts go to the tokenizer in one call per kind; every row must still be what that
+    conversation gives alone (HF's own template tokenization, response tokenized alone)."""
+    probe, _, _ = tiny
+    tok = probe.tokenizer
+    convs = CONVS + [
+        [{"role": "user", "content": "A much longer question, with punctuation; and more words."},
+         {"role": "assistant", "content": ""}],
+    ]
+    rows = pl.chat.chat_rows(tok, convs, with_response=True)
+    assert len(rows) == len(convs)
+    for (prompt, response), conv in zip(rows, convs):
+        ref = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True)
+        ref = ref["input_ids"] if hasattr(ref, "keys") else ref
+        assert prompt == list(ref)
+        assert response == tok(conv[-1]["content"], add_special_tokens=False)["input_ids"]
+    batch = probe.encode(convs, with_response=True)
+    for j, (prompt, response) in enumerate(rows):
+        real = batch.attention_mask[j].bool()
+        assert batch.input_ids[j][real].tolist() == prompt + response
+        assert batch.response_mask[j].sum().item() == len(response)
+
+
 def test_bad_input_errors(tiny):
     probe, _, _ = tiny
     vec = random_vector(probe)

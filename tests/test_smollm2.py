@@ -27,6 +27,20 @@ def test_chat_template_applied_without_double_bos(smollm2):
     assert ids[1] != tok.bos_token_id
 
 
+def test_batched_encoding_equals_each_conversation_alone(smollm2):
+    tok = smollm2.tokenizer
+    convs = [
+        [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": QUESTION},
+         {"role": "assistant", "content": "Paris, of course."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " leading space and\nnewline"}],
+        [{"role": "user", "content": "Name three fruits, please."}, {"role": "assistant", "content": ""}],
+    ]
+    for (prompt, response), conv in zip(pl.chat.chat_rows(tok, convs, with_response=True), convs):
+        ref = tok.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True)
+        assert prompt == list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+        assert response == tok(conv[-1]["content"], add_special_tokens=False)["input_ids"]
+
+
 def test_greedy_answer_mentions_paris_with_and_without_cache(smollm2):
     cached = smollm2.generate([QUESTION], max_new_tokens=16)
     uncached = smollm2.generate([QUESTION], max_new_tokens=16, use_cache=False)
