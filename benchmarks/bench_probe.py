@@ -306,7 +306,7 @@ def measure(args, B: int, fast, slow, plain, vec) -> None:
         print(f"capture: {B} conversations, {tokens} tokens ({tuple(cbatch.input_ids.shape)} padded), 3 reductions at all {n + 1} layers")
 
         def hf_forward(b=None):
-            b = b or cbatch
+            b = cbatch if b is None else b
             with torch.no_grad():
                 return plain(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1)
 

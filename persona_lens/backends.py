@@ -321,14 +321,7 @@ class HFBackend(_HFStepping):
         return stale, foreign
 
     # -- Backend --------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.hf.parameters()).dtype
-
+    # device and dtype come from Backend: the view shares every parameter with the bridge.
     @property
     def attn_implementation(self) -> str:
         return self.hf.config._attn_implementation

@@ -96,14 +96,6 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _check_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template; set tokenizer.chat_template "
-            "(persona_lens works on chat conversations)"
-        )
-
-
 def prompt_ids(tokenizer: Any, messages: Conversation) -> list[int]:
     """Token ids of a prompt: the chat template with the assistant generation prompt."""
     return chat_rows(tokenizer, [messages], with_response=False)[0][0]
@@ -126,7 +118,11 @@ def chat_rows(
         ...                         {"role": "assistant", "content": "Hello!"}]], with_response=True)
         >>> prompt, response = rows[0]
     """
-    _check_template(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template; set tokenizer.chat_template "
+            "(persona_lens works on chat conversations)"
+        )
     prompts, responses = [], []
     for conv in conversations:
         messages = as_conversation(conv)

@@ -840,9 +840,6 @@ class PersonaProbe:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         convs = [as_conversation(p, system=system) for p in prompts]
-        for c in convs:
-            if c[-1]["role"] == "assistant":
-                raise ValueError("a prompt for generation must not end with an assistant message")
         rows = chat_rows(self.tokenizer, convs, with_response=False)
         gens: list[Generation | None] = [None] * len(rows)
         generator = None
