@@ -49,7 +49,7 @@ from persona_lens.pipeline_io import (
     write_json,
     write_text,
 )
-from persona_lens.probe import _quiet
+from persona_lens.progress import quiet as _quiet
 from persona_lens.vectors import PersonaVector
 
 if TYPE_CHECKING:

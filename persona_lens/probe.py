@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from persona_lens import hooks as H
 from persona_lens.backends import Backend, BridgeBackend, FastPathUnavailable, HFBackend, make_backend
+from persona_lens.progress import quiet as _quiet
 from persona_lens.chat import (
     ChatBatch,
     ConversationLike,
@@ -985,11 +986,6 @@ def _generate_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"unexpected generation arguments: {sorted(unknown)}")
     defaults.update(kwargs)
     return defaults
-
-
-def _quiet(progress: bool | None, n_batches: int) -> bool:
-    """Progress bars show for multi-batch jobs unless turned off."""
-    return not progress if progress is not None else n_batches <= 1
 
 
 def _sample(
