@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from persona_lens.hooks import last_true
+from persona_lens.ops import last_true
 
 Message = Mapping[str, str]
 Conversation = Sequence[Message]

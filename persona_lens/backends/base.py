@@ -1,0 +1,134 @@
+"""What ``PersonaProbe`` needs from a model: the backend contract.
+
+A backend answers three questions about a model, and nothing more: where the residual
+stream entering block ``L`` can be hooked, how to run one forward step (with or without a
+KV cache), and which tokenizer and end-of-sequence ids belong to it. Hooks themselves are
+added and removed only by ``PersonaProbe``.
+
+How interventions reach the model is part of the contract (``Backend.takes``): a local
+model takes them as hooks (the probe attaches each intervention's ``apply`` at
+``resid_site(layer)``); an engine that exposes no modules (vLLM) takes them as declarative
+specs (``Intervention.spec()``, see ``persona_lens.interventions``) with each step.
+
+Layer ``L < n_layers`` is the input of block ``L``; layer ``n_layers`` is the output of the
+last block, before the final norm (docs/method.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Backend:
+    """Base: what ``PersonaProbe`` needs from a model."""
+
+    kind: str = "abstract"
+    #: How interventions reach this model: ``"hooks"`` (the probe attaches them at
+    #: ``resid_site``) or ``"specs"`` (an engine with no modules to hook receives the active
+    #: interventions' specs with each step).
+    takes: str = "hooks"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, n_layers: int, d_model: int, name: str | None):
+        if tokenizer is None:
+            raise ValueError("the model has no tokenizer; pass PersonaProbe(model, tokenizer=...)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_layers = int(n_layers)
+        self.d_model = int(d_model)
+        self.model_name = name
+
+    # -- where to hook --------------------------------------------------------------------
+    def resid_site(self, layer: int) -> tuple[nn.Module, str]:
+        """``(module, how)`` for the residual stream at ``layer``.
+
+        ``how`` is ``"output"`` (a forward hook may replace the module's output) or
+        ``"input"`` (a forward pre-hook may replace its first argument).
+        """
+        raise NotImplementedError
+
+    def hook_dict(self) -> dict[str, nn.Module]:
+        """Named hook points a user may hook (TransformerLens names)."""
+        raise NotImplementedError
+
+    def hook_point(self, name: str) -> nn.Module:
+        """The hook point called ``name``, or a ``KeyError`` that suggests close names."""
+        points = self.hook_dict()
+        if name not in points:
+            close = difflib.get_close_matches(name, list(points), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"unknown hook name {name!r} for this {self.kind} model{hint}")
+        return points[name]
+
+    # -- how to run -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def eos_token_ids(self) -> set[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def new_cache(self, batch_size: int) -> Any:
+        raise NotImplementedError
+
+    def logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        cache: Any | None,
+        last_only: bool,
+    ) -> Tensor:
+        """Run one step. ``input_ids`` are the new tokens (all tokens when ``cache`` is None);
+        ``attention_mask`` covers cached and new tokens. Returns ``[batch, pos, vocab]``
+        logits (only the last position if ``last_only``)."""
+        raise NotImplementedError
+
+
+def _hf_position_ids(attention_mask: Tensor, new: int) -> Tensor:
+    # Left padding: a row's first real token is position 0, as in HF generate.
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -new:]
+
+
+def _hf_logits(hf: nn.Module, input_ids: Tensor, attention_mask: Tensor, cache: Any, last_only: bool) -> Tensor:
+    """One forward step of an HF causal LM, as HF ``generate`` runs it."""
+    out = hf(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_hf_position_ids(attention_mask, input_ids.shape[1]),
+        past_key_values=cache,
+        use_cache=cache is not None,
+        logits_to_keep=1 if last_only else 0,
+    )
+    return out.logits
+
+
+class _HFStepping(Backend):
+    """Backends whose forward steps run an HF causal LM, ``self.hf``."""
+
+    hf: nn.Module
+
+    def eos_token_ids(self) -> set[int]:
+        ids = super().eos_token_ids()
+        gen_eos = getattr(getattr(self.hf, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+        return ids
+
+    def new_cache(self, batch_size: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
+
+    def logits(self, input_ids, attention_mask, cache, last_only):
+        return _hf_logits(self.hf, input_ids, attention_mask, cache, last_only)

@@ -1,0 +1,291 @@
+"""Capture and projection: streaming per-row reductions of the residual stream.
+
+Every batch is one forward (ended early once the deepest requested layer is read); hooks
+sum activations over each reduction's positions in float32 and hand per-row results to a
+sink, so memory does not grow with the number of conversations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from persona_lens import ops as H
+from persona_lens.chat import ChatBatch, ConversationLike, as_conversation, chat_rows, encode_rows
+from persona_lens.interventions import Capture, Project
+from persona_lens.probe.owner import HookFn, WindowMasks
+from persona_lens.probe.positions import Positions, batch_positions
+from persona_lens.progress import quiet
+from persona_lens.vectors import PersonaVector
+
+
+class StopForward(Exception):
+    """Raised by a capture hook once the deepest requested layer is recorded."""
+
+
+@dataclass
+class Activations:
+    """Per-sample reduced activations from :meth:`PersonaProbe.capture`.
+
+    ``data[reduction]`` is ``[n_samples, len(layers), d_model]`` float32 on the CPU, rows in
+    the order the conversations were given.
+    """
+
+    layers: list[int]
+    data: dict[str, Float[Tensor, "n_samples n_layers d_model"]]
+
+    def __getitem__(self, reduction: str) -> Tensor:
+        return self.data[H.check_reduction(reduction)]
+
+    def at(self, reduction: str, layer: int) -> Float[Tensor, "n_samples d_model"]:
+        """Activations of one reduction at one captured layer."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not captured (captured: {self.layers})")
+        return self[reduction][:, self.layers.index(layer)]
+
+
+@dataclass
+class ActivationMean:
+    """Running float32 means over samples, from :meth:`PersonaProbe.capture_mean`.
+
+    Memory is one ``[len(layers), d_model]`` sum per reduction, whatever the dataset size.
+    Samples whose reduction is empty (an empty response for ``response_mean``) are skipped
+    and counted in ``skipped``.
+    """
+
+    layers: list[int]
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def mean(self, reduction: str) -> Float[Tensor, "n_layers d_model"]:
+        n = self.counts.get(H.check_reduction(reduction), 0)
+        if n == 0:
+            raise ValueError(f"no sample contributed to the {reduction} mean")
+        return self.sums[reduction] / n
+
+    def full(self, reduction: str, n_layers: int) -> Float[Tensor, "n_layers_plus_1 d_model"]:
+        """The mean as a ``[n_layers + 1, d_model]`` table (zeros at layers not captured)."""
+        m = self.mean(reduction)
+        out = m.new_zeros(n_layers + 1, m.shape[-1])
+        out[self.layers] = m
+        return out
+
+
+class CaptureMixin:
+    """``capture``, ``capture_mean`` and ``project`` of :class:`PersonaProbe`."""
+
+    def _batches(self, rows: list, batch_size: int) -> list[list[int]]:
+        """Indices grouped into batches of similar length (less padding, same results)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def _run_reductions(
+        self,
+        conversations: Sequence[ConversationLike],
+        layers: list[int],
+        reductions: Sequence[str],
+        batch_size: int,
+        progress: bool | None,
+        sink: Callable[[ChatBatch, dict[str, Tensor], dict[str, Tensor]], None],
+    ) -> None:
+        """Stream batches through the model; hand each batch's per-row reductions to ``sink``.
+
+        ``sink(batch, reduced, counts)`` gets ``reduced[r]`` of shape
+        ``[batch, len(layers), d_model]`` (float32) and ``counts[r]`` of shape ``[batch]``.
+        """
+        if len(conversations) == 0:
+            raise ValueError("empty batch: no conversations given")
+        reads = [Capture(l, tuple(reductions)) for l in layers]
+        rows = chat_rows(self.tokenizer, conversations, with_response=True)
+        deepest = max(layers)
+        slot = {l: i for i, l in enumerate(layers)}
+        current: dict[str, Tensor] = {}
+
+        def make(read: Capture) -> HookFn:
+            def fn(h: Tensor) -> None:
+                for r, total in read.read(h, WindowMasks(self, h)).items():
+                    current[r][:, slot[read.layer]] = total
+                if read.layer == deepest:
+                    raise StopForward
+                return None
+
+            return fn
+
+        def fresh(n: int) -> None:
+            for r in reductions:
+                current[r] = torch.zeros(n, len(layers), self.d_model, device=self.device)
+
+        with self._hooked([(read.layer, make(read)) for read in reads]):
+            for batch, positions in self._stream(rows, batch_size, progress, "capture", fresh):
+                counts = {r: positions.masks[Capture.KIND[r]].sum(1) for r in reductions}
+                reduced = {
+                    r: current[r] / counts[r].clamp(min=1).to(torch.float32)[:, None, None]
+                    for r in reductions
+                }
+                sink(batch, reduced, counts)
+
+    def _stream(
+        self,
+        rows: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        progress: bool | None,
+        desc: str,
+        before: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[ChatBatch, Positions]]:
+        """Run a forward over each length-sorted batch of ``rows`` and yield it afterwards.
+
+        Hooks read what they need during the forward and may end it early with
+        ``StopForward``; ``before(batch_len)`` runs ahead of each forward.
+        """
+        groups = self._batches(rows, batch_size)
+        run = self._runner()
+        with tqdm(total=len(rows), desc=desc, unit="conv", disable=quiet(progress, len(groups))) as bar:
+            for idx in groups:
+                batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
+                positions = batch_positions(batch)
+                if before is not None:
+                    before(len(idx))
+                with self._at(positions, 0, batch.input_ids.shape[1]):
+                    try:
+                        run.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
+                    except StopForward:
+                        pass
+                yield batch, positions
+                bar.update(len(idx))
+
+    @torch.no_grad()
+    def capture(
+        self,
+        conversations: Sequence[ConversationLike],
+        *,
+        layers: Sequence[int] | None = None,
+        reductions: Sequence[str] = ("response_mean",),
+        batch_size: int = 16,
+        progress: bool | None = None,
+    ) -> Activations:
+        """Residual-stream activations per conversation, reduced over positions.
+
+        Args:
+            conversations: message lists ending with an assistant message (the response).
+            layers: layers to read (default: all, ``0..n_layers``).
+            reductions: any of ``"response_mean"`` (mean over response tokens, the paper's
+                choice), ``"prompt_mean"`` and ``"last_prompt"``.
+            batch_size: conversations per forward pass.
+
+        Returns:
+            :class:`Activations`; an empty response gives NaN for ``response_mean``.
+
+        Example:
+            >>> acts = probe.capture([[{"role": "user", "content": "Hi"},
+            ...                        {"role": "assistant", "content": "Hello there"}]], layers=[10])
+            >>> acts.at("response_mean", 10).shape
+            torch.Size([1, 576])
+        """
+        layer_list = self._layers(layers)
+        out = {r: torch.empty(len(conversations), len(layer_list), self.d_model) for r in reductions}
+
+        def sink(batch: ChatBatch, reduced: dict[str, Tensor], counts: dict[str, Tensor]) -> None:
+            for r, t in reduced.items():
+                t = t.masked_fill((counts[r] == 0)[:, None, None], math.nan)
+                out[r][batch.index] = t.cpu()
+
+        self._run_reductions(conversations, layer_list, reductions, batch_size, progress, sink)
+        return Activations(layer_list, out)
+
+    @torch.no_grad()
+    def capture_mean(
+        self,
+        conversations: Sequence[ConversationLike],
+        *,
+        layers: Sequence[int] | None = None,
+        reductions: Sequence[str] = ("response_mean",),
+        batch_size: int = 16,
+        into: ActivationMean | None = None,
+        progress: bool | None = None,
+    ) -> ActivationMean:
+        """Mean over conversations of each sample's reduced activation, streamed.
+
+        Memory does not grow with the number of conversations. Pass ``into=`` to keep
+        adding to an earlier result (for example over chunks of a large dataset).
+
+        Example:
+            >>> pos = probe.capture_mean(pos_convs, reductions=["response_mean"])
+            >>> neg = probe.capture_mean(neg_convs, reductions=["response_mean"])
+            >>> vec = pl.PersonaVector.from_means(pos.full("response_mean", probe.n_layers),
+            ...                                   neg.full("response_mean", probe.n_layers))
+        """
+        layer_list = self._layers(layers)
+        acc = into or ActivationMean(layer_list)
+        if acc.layers != layer_list:
+            raise ValueError(f"into= holds layers {acc.layers}, asked for {layer_list}")
+
+        def sink(batch: ChatBatch, reduced: dict[str, Tensor], counts: dict[str, Tensor]) -> None:
+            for r, t in reduced.items():
+                keep = counts[r] > 0
+                total = t[keep].sum(0)
+                acc.sums[r] = acc.sums[r] + total if r in acc.sums else total
+                acc.counts[r] = acc.counts.get(r, 0) + int(keep.sum())
+                acc.skipped[r] = acc.skipped.get(r, 0) + int((~keep).sum())
+
+        self._run_reductions(conversations, layer_list, reductions, batch_size, progress, sink)
+        return acc
+
+    @torch.no_grad()
+    def project(
+        self,
+        conversations: Sequence[ConversationLike],
+        vector: PersonaVector | Tensor,
+        layer: int,
+        *,
+        at: str = "last_prompt",
+        batch_size: int = 16,
+        progress: bool | None = None,
+    ) -> Float[Tensor, " n_samples"] | list[Float[Tensor, " n_tokens"]]:
+        """Projection of activations onto the unit vector at ``layer``.
+
+        Args:
+            conversations: message lists. With ``at="last_prompt"`` or ``"prompt_mean"`` they
+                may end with a user message (no response needed).
+            at: ``"last_prompt"`` (the paper's monitoring reading), ``"response_mean"``,
+                ``"prompt_mean"`` (one number per conversation), or ``"tokens"`` (one
+                tensor per conversation, a number per response token).
+
+        Example:
+            >>> scores = probe.project(prompts, vec, layer=20, at="last_prompt")
+        """
+        self.check_layer(layer)
+        unit = self._vector(vector).unit(layer)
+        convs = [as_conversation(c) for c in conversations]
+        if at in ("last_prompt", "prompt_mean"):
+            # A prompt alone is a conversation with an empty response.
+            convs = [c if c[-1]["role"] == "assistant" else c + [{"role": "assistant", "content": ""}] for c in convs]
+        if at == "tokens":
+            return self._project_tokens(convs, unit, layer, batch_size, progress)
+        acts = self.capture(convs, layers=[layer], reductions=[H.check_reduction(at)], batch_size=batch_size, progress=progress)
+        return acts.at(at, layer) @ unit
+
+    def _project_tokens(self, convs, unit, layer, batch_size, progress) -> list[Tensor]:
+        rows = chat_rows(self.tokenizer, convs, with_response=True)
+        out: list[Tensor] = [torch.empty(0)] * len(rows)
+        read = Project(layer, unit.to(self.device))
+        current: dict[str, Tensor] = {}
+
+        def fn(h: Tensor) -> None:
+            current["p"] = read.read(h)
+            raise StopForward
+
+        with self._hooked([(layer, fn)]):
+            for batch, _ in self._stream(rows, batch_size, progress, "project"):
+                for j, i in enumerate(batch.index):
+                    out[i] = current["p"][j][batch.response_mask[j]].cpu()
+        return out
+

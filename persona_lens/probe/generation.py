@@ -1,0 +1,317 @@
+"""Generation: the decoding loop, sampling and monitoring of :class:`PersonaProbe`.
+
+One forward per new token, KV-cached or not, with position masks set for every step so that
+active interventions act on the right columns; monitoring reads projections from the same
+forwards that produce the tokens. ``GenerationSettings`` is the one place generation
+defaults are written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from persona_lens.chat import ChatBatch, ConversationLike, as_conversation, chat_rows, encode_rows
+from persona_lens.interventions import Project
+from persona_lens.probe.positions import batch_positions
+from persona_lens.progress import quiet
+from persona_lens.vectors import PersonaVector
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Generation settings and their defaults (``probe.generate``'s keyword arguments).
+
+    Example:
+        >>> GenerationSettings(max_new_tokens=16).temperature
+        0.0
+    """
+
+    system: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = 0
+    batch_size: int = 32
+    use_cache: bool = True
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+DEFAULTS = GenerationSettings()
+
+
+@dataclass
+class Generation:
+    """One generated response.
+
+    Attributes:
+        conversation: the prompt messages.
+        text: the decoded response (special tokens removed).
+        prompt_ids: the prompt's token ids (chat template included, no padding).
+        response_ids: generated token ids, up to and including the end-of-turn token if one
+            was produced.
+        finished: True if generation stopped at an end-of-sequence token.
+    """
+
+    conversation: list[dict[str, str]]
+    text: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    finished: bool
+
+    def as_conversation(self) -> list[dict[str, str]]:
+        """Prompt messages followed by the response as an assistant message."""
+        return self.conversation + [{"role": "assistant", "content": self.text}]
+
+
+@dataclass
+class Reading:
+    """Per-token projections recorded while generating one response (see ``monitor``).
+
+    Attributes:
+        text: the generated response.
+        prompt_tokens / prompt_projections: the prompt's tokens and their projections.
+        response_tokens / response_projections: generated tokens, and for each token the
+            projection at the position it was chosen from (the last prompt token for the
+            first one, then the previous generated token): what the model held just before
+            it wrote that token.
+        layer: the layer read.
+    """
+
+    text: str
+    prompt_tokens: list[str]
+    prompt_projections: list[float]
+    response_tokens: list[str]
+    response_projections: list[float]
+    layer: int
+
+    @property
+    def last_prompt(self) -> float:
+        """Projection at the last prompt token: the reading before the answer starts."""
+        return self.prompt_projections[-1]
+
+    @property
+    def response_mean(self) -> float:
+        vals = self.response_projections
+        return sum(vals) / len(vals) if vals else math.nan
+
+
+class GenerationMixin:
+    """``generate`` and ``monitor`` of :class:`PersonaProbe`."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[ConversationLike],
+        *,
+        system: str | None = DEFAULTS.system,
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        temperature: float = DEFAULTS.temperature,
+        top_p: float = DEFAULTS.top_p,
+        seed: int | None = DEFAULTS.seed,
+        batch_size: int = DEFAULTS.batch_size,
+        use_cache: bool = DEFAULTS.use_cache,
+        return_generations: bool = False,
+        progress: bool | None = DEFAULTS.progress,
+    ) -> list[str] | list[Generation]:
+        """Generate responses to chat prompts; active steering/monitoring hooks apply.
+
+        Args:
+            prompts: user-message strings or message lists (not ending in an assistant turn).
+            system: a system prompt put in front of every prompt.
+            temperature: 0 for greedy decoding, else sampling at this temperature.
+            top_p: nucleus sampling threshold.
+            seed: seeds sampling (one generator per call; same seed, same batches -> same text).
+            use_cache: KV-cached decoding (uncached gives the same tokens, slower).
+            return_generations: return :class:`Generation` records instead of strings.
+
+        Example:
+            >>> probe.generate(["What is the capital of France?"], max_new_tokens=16)
+            ['The capital of France is Paris.']
+            >>> outs = probe.generate(["Tell me a joke"], temperature=1.0, seed=3, return_generations=True)
+        """
+        if len(prompts) == 0:
+            raise ValueError("empty batch: no prompts given")
+        settings = GenerationSettings(
+            system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, batch_size=batch_size, use_cache=use_cache, progress=progress,
+        )
+        texts, gens = self._generate(prompts, settings, reader=None)
+        return gens if return_generations else texts
+
+    def _generate(
+        self,
+        prompts: Sequence[ConversationLike],
+        settings: GenerationSettings,
+        reader: Callable[[ChatBatch, list[int]], Callable[[Tensor], None]] | None,
+    ) -> tuple[list[str], list[Generation]]:
+        if len(prompts) == 0:
+            raise ValueError("empty batch: no prompts given")
+        system, max_new_tokens, temperature = settings.system, settings.max_new_tokens, settings.temperature
+        top_p, seed, batch_size, use_cache, progress = (
+            settings.top_p, settings.seed, settings.batch_size, settings.use_cache, settings.progress)
+        convs = [as_conversation(p, system=system) for p in prompts]
+        rows = chat_rows(self.tokenizer, convs, with_response=False)
+        gens: list[Generation | None] = [None] * len(rows)
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(0 if seed is None else int(seed))
+        eos_set = self.backend.eos_token_ids()
+        eos = torch.tensor(sorted(eos_set), device=self.device, dtype=torch.long)
+        groups = self._batches(rows, batch_size)
+        bar = tqdm(total=len(rows), desc="generate", unit="resp", disable=quiet(progress, len(groups)))
+        for idx in groups:
+            batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
+            finish = reader(batch, idx) if reader else None
+            new_ids, finished = self._decode(batch, max_new_tokens, temperature, top_p, generator, eos, use_cache)
+            for j, i in enumerate(idx):
+                ids = new_ids[j].tolist()
+                if finished[j]:
+                    stop = next(k for k, t in enumerate(ids) if t in eos_set)
+                    ids = ids[: stop + 1]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                gens[i] = Generation(convs[i], text, rows[i][0], ids, bool(finished[j]))
+            if finish:
+                finish(new_ids)
+            bar.update(len(idx))
+        bar.close()
+        done = [g for g in gens if g is not None]
+        return [g.text for g in done], done
+
+    def _decode(
+        self,
+        batch: ChatBatch,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None,
+        eos: Tensor,
+        use_cache: bool,
+    ) -> tuple[Int[Tensor, "batch new"], Bool[Tensor, " batch"]]:
+        """The decoding loop: one forward per new token, masks set for every step."""
+        b, p = batch.input_ids.shape
+        total = p + max_new_tokens
+        positions = batch_positions(batch, total)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = int(eos[0]) if len(eos) else 0
+        pad = batch.input_ids.new_tensor(pad_id)
+        tokens = batch.input_ids
+        attn = batch.attention_mask
+        run = self._runner()
+        cache = run.new_cache(b) if use_cache else None
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        new_tokens = []
+        step_input, start = tokens, 0
+        for _ in range(max_new_tokens):
+            with self._at(positions, start, tokens.shape[1]):
+                logits = run.logits(step_input, attn, cache, last_only=True)[:, -1].float()
+            nxt = sample(logits, temperature, top_p, generator)
+            nxt = torch.where(finished, pad, nxt)
+            new_tokens.append(nxt)
+            finished |= torch.isin(nxt, eos)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            attn = torch.cat([attn, attn.new_ones(b, 1)], dim=1)
+            if bool(finished.all()):
+                break
+            if use_cache:
+                step_input, start = nxt[:, None], tokens.shape[1] - 1
+            else:
+                step_input, start = tokens, 0
+        return torch.stack(new_tokens, dim=1), finished
+
+    @torch.no_grad()
+    def monitor(
+        self,
+        prompts: Sequence[ConversationLike],
+        vector: PersonaVector | Tensor,
+        layer: int,
+        **generate_kwargs: Any,
+    ) -> list[Reading]:
+        """Generate while recording every token's projection onto the vector's unit direction.
+
+        The readings come from the same forward passes that produce the tokens (no extra
+        pass). ``readings[i].last_prompt`` is the paper's pre-answer monitoring number.
+        Readings at a layer that is also steered include the steering.
+
+        Example:
+            >>> readings = probe.monitor(["How should I treat my neighbours?"], vec, layer=20,
+            ...                          max_new_tokens=64)
+            >>> pl.plot.projection_curve(readings).show()
+        """
+        settings = GenerationSettings(**generate_kwargs)
+        self.check_layer(layer)
+        read = Project(layer, self._vector(vector).unit(layer).to(self.device))
+        buffers: dict[str, Any] = {}
+
+        def fn(h: Tensor) -> None:
+            pos = self._positions
+            buffers["proj"][:, pos.start : pos.stop] = read.read(h)
+            return None
+
+        def reader(batch: ChatBatch, idx: list[int]):
+            width = batch.input_ids.shape[1] + settings.max_new_tokens
+            buffers["proj"] = torch.full((len(idx), width), math.nan, device=self.device)
+
+            def finish(new_ids: Tensor) -> None:
+                proj = buffers["proj"].cpu()
+                p = batch.input_ids.shape[1]
+                for j, i in enumerate(idx):
+                    prompt_cols = batch.prompt_mask[j].nonzero().flatten().cpu()
+                    buffers.setdefault("rows", {})[i] = (
+                        batch.input_ids[j, prompt_cols].tolist(),
+                        proj[j, prompt_cols].tolist(),
+                        # Token k was chosen from the column before it: the last prompt
+                        # token for k = 0, then each generated token in turn.
+                        proj[j, p - 1 : p - 1 + new_ids.shape[1]].tolist(),
+                    )
+
+            return finish
+
+        with self._hooked([(layer, fn)]):
+            _, gens = self._generate(prompts, settings, reader=reader)
+        out = []
+        for i, g in enumerate(gens):
+            p_ids, p_proj, r_proj = buffers["rows"][i]
+            out.append(
+                Reading(
+                    text=g.text,
+                    prompt_tokens=self.tokenizer.convert_ids_to_tokens(p_ids),
+                    prompt_projections=p_proj,
+                    response_tokens=self.tokenizer.convert_ids_to_tokens(g.response_ids),
+                    response_projections=r_proj[: len(g.response_ids)],
+                    layer=layer,
+                )
+            )
+        return out
+
+
+def sample(
+    logits: Float[Tensor, "batch vocab"],
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> Int[Tensor, " batch"]:
+    """Greedy (``temperature == 0``) or nucleus sampling of one token per row."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,289 @@
+"""The probe's hook ownership and path routing.
+
+``HookOwner`` is the part of ``PersonaProbe`` that touches modules: it attaches the probe's
+residual-stream hooks to every backend that may run a forward (the bridge and its fast HF
+view), removes exactly the hooks it added (also when an exception escapes), chooses which
+backend runs the probe's next forward, and knows where prompts and responses are for the
+forward a hook is in (its own, or a caller's through :meth:`HookOwner.batch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from persona_lens.backends import Backend, BridgeBackend, FastPathUnavailable, HFBackend, make_backend
+from persona_lens.interventions import Intervention
+from persona_lens.probe.positions import Positions, caller_positions
+
+HookFn = Callable[[Tensor], "Tensor | None"]
+
+PATHS = ("auto", "hf", "bridge")
+
+
+class ResidualHook:
+    """One probe hook on the residual stream, attached at the same layer on every backend
+    that may run a forward, and removed from all of them together."""
+
+    def __init__(self, layer: int, fn: HookFn):
+        self.layer = layer
+        self.fn = fn
+        self.handles: dict[str, Any] = {}
+
+    @property
+    def bridge_id(self) -> int | None:
+        h = self.handles.get("main")
+        return None if h is None else h.id
+
+    def remove(self) -> None:
+        for h in self.handles.values():
+            h.remove()
+        self.handles.clear()
+
+
+class WindowMasks(Mapping):
+    """The current forward's masks, cut to one activation's columns when first asked for:
+    an intervention on every position never needs them (and works with no positions set)."""
+
+    def __init__(self, owner: "HookOwner", h: Tensor):
+        self.owner, self.h = owner, h
+
+    def __getitem__(self, kind: str) -> Tensor:
+        return self.owner._position_mask(kind, self.h)
+
+    def __iter__(self):
+        return iter(("all", "prompt", "response", "last_prompt"))
+
+    def __len__(self) -> int:
+        return 4
+
+
+class HookOwner:
+    """Hook registration, removal and path routing for :class:`PersonaProbe`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, path: str = "auto"):
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.backend: Backend = make_backend(model, tokenizer)
+        self._positions: Positions | None = None
+        self._handles: list[Any] = []
+        self._interventions: list[Intervention] = []
+        self._fast: HFBackend | None = None
+        self._fast_error: str | None = None
+        if isinstance(self.backend, BridgeBackend):
+            try:
+                self._fast = HFBackend(self.backend.model, self.backend.tokenizer)
+            except FastPathUnavailable as e:
+                self._fast_error = str(e)
+        else:
+            self._fast_error = f"a {self.backend.kind} model has no fast path"
+        if path == "hf" and self._fast is None:
+            raise ValueError(f"path='hf' is not available: {self._fast_error}")
+        self.path = path
+        self.last_path: str | None = None
+
+    @property
+    def interventions(self) -> tuple[Intervention, ...]:
+        """The active steering and ablation values, in the order they run on a layer."""
+        return tuple(self._interventions)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The fast view as a plain HF causal LM, for forwards you run yourself (a training
+        step): it shares every parameter with the bridge, and the probe's active hooks fire
+        on it. Take it again after changing the model's modules (peft adapters, say).
+
+        Example:
+            >>> out = probe.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        """
+        if self._fast is None:
+            raise ValueError(f"no fast HF view: {self._fast_error}; run the model itself instead")
+        if self._fast.scan()[0]:
+            self._rebuild_fast()
+            if self._fast is None:
+                raise ValueError(f"no fast HF view: {self._fast_error}; run the model itself instead")
+        return self._fast.hf
+
+    # -- attaching and removing -------------------------------------------------------------
+    def _register(self, layer: int, fn: HookFn) -> ResidualHook:
+        hook = ResidualHook(layer, fn)
+        try:
+            module, how = self.backend.resid_site(layer)
+            hook.handles["main"] = _hook_module(module, how, fn)
+            if self._fast is not None:
+                module, how = self._fast.resid_site(layer)
+                hook.handles["hf"] = _hook_module(module, how, fn)
+        except BaseException:
+            hook.remove()
+            raise
+        self._handles.append(hook)
+        return hook
+
+    @contextlib.contextmanager
+    def _hooked(self, specs: Sequence[tuple[int, HookFn]]) -> Iterator[None]:
+        """Add residual-stream hooks for the duration of the block; always remove them."""
+        handles = []
+        try:
+            for layer, fn in specs:
+                handles.append(self._register(layer, fn))
+            yield
+        finally:
+            for h in reversed(handles):
+                h.remove()
+                self._handles.remove(h)
+
+    @contextlib.contextmanager
+    def _intervening(self, interventions: Sequence[Intervention]) -> Iterator[None]:
+        """Keep interventions active for the block: listed in ``interventions`` and attached
+        as hooks, both undone on exit."""
+        def as_hook(iv: Intervention) -> HookFn:
+            return lambda h: iv.apply(h, WindowMasks(self, h))
+
+        self._interventions.extend(interventions)
+        try:
+            with self._hooked([(iv.layer, as_hook(iv)) for iv in interventions]):
+                yield
+        finally:
+            for iv in interventions:
+                self._interventions.remove(iv)
+
+    @contextlib.contextmanager
+    def add_hooks(self, fwd_hooks: Sequence[tuple[str, Callable[[Tensor, Any], Any]]]) -> Iterator["HookOwner"]:
+        """Attach your own hooks to named TransformerLens hook points for the block.
+
+        Hook functions follow TransformerLens's convention ``fn(activation, hook)`` and may
+        return a replacement activation. Names are checked before anything is attached.
+        While such hooks are active, ``path="auto"`` runs the full bridge (TransformerLens
+        hook points do not exist on the fast path).
+
+        Example:
+            >>> seen = []
+            >>> with probe.add_hooks([("blocks.1.attn.hook_pattern", lambda x, hook: seen.append(x.shape))]):
+            ...     _ = probe.generate(["Hi"], max_new_tokens=2)
+            >>> len(seen) > 0
+            True
+        """
+        resolved = [(self.backend.hook_point(name), fn) for name, fn in fwd_hooks]
+        handles = []
+        try:
+            for module, fn in resolved:
+                handle = _hook_module(module, "output", lambda x, _fn=fn, _m=module: _fn(x, _m))
+                self._handles.append(handle)
+                handles.append(handle)
+            yield self
+        finally:
+            for h in reversed(handles):
+                h.remove()
+                self._handles.remove(h)
+
+    # -- which backend runs ---------------------------------------------------------------
+    def _runner(self) -> Backend:
+        """The backend for the next forward(s), chosen from what hooks are active."""
+        fast = self._fast
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.path == "hf" and fast is None:
+            raise ValueError(f"path='hf' is not available: {self._fast_error}")
+        run = self.backend
+        if fast is not None and self.path != "bridge":
+            own = {h.bridge_id for h in self._handles if isinstance(h, ResidualHook)}
+            stale, foreign = fast.scan(own)
+            if stale:
+                self._rebuild_fast()
+                fast = self._fast
+                if fast is None and self.path == "hf":
+                    raise ValueError(f"path='hf' is no longer available: {self._fast_error}")
+            if fast is not None and (self.path == "hf" or not foreign):
+                run = fast
+        self.last_path = run.kind
+        return run
+
+    def _rebuild_fast(self) -> None:
+        """The bridge's module tree changed (new modules, gradient checkpointing): rebuild
+        the fast view and move the probe's residual hooks onto it, in their order."""
+        ours = [h for h in self._handles if isinstance(h, ResidualHook)]
+        for h in ours:
+            old = h.handles.pop("hf", None)
+            if old is not None:
+                old.remove()
+        try:
+            self._fast.rebuild()
+        except FastPathUnavailable as e:
+            self._fast, self._fast_error = None, str(e)
+            return
+        for h in ours:
+            module, how = self._fast.resid_site(h.layer)
+            h.handles["hf"] = _hook_module(module, how, h.fn)
+
+    # -- positions ------------------------------------------------------------------------
+    def _position_mask(self, kind: str, h: Tensor) -> Tensor | None:
+        if kind == "all":
+            return None
+        if self._positions is None:
+            raise RuntimeError(
+                f"positions={kind!r} needs to know where prompts and responses are: run the "
+                "model through the probe (generate, capture, project, forward), wrap your own "
+                "forward in `with probe.batch(prompt_mask, response_mask):`, or use positions='all'"
+            )
+        return self._positions.mask(kind, h)
+
+    @contextlib.contextmanager
+    def _at(self, positions: Positions, start: int, stop: int) -> Iterator[None]:
+        positions.start, positions.stop = start, stop
+        previous, self._positions = self._positions, positions
+        try:
+            yield
+        finally:
+            self._positions = previous
+
+    @contextlib.contextmanager
+    def batch(self, prompt_mask: Any, response_mask: Any = None) -> Iterator["HookOwner"]:
+        """Tell the probe's hooks where prompts and responses are in a forward you run.
+
+        Inside the block, every forward of the model (the bridge, ``probe.hf_model``, a peft
+        model wrapping either, an HF ``Trainer`` step) is taken to be over this batch:
+        ``positions="response"`` steers exactly the response tokens of each row, whatever the
+        padding. Gradients flow through every intervention.
+
+        Args:
+            prompt_mask, response_mask: ``[batch, pos]`` booleans of the batch you run; or one
+                object carrying both (a :class:`~persona_lens.chat.ChatBatch`, or a collated
+                dict with ``prompt_mask`` and ``response_mask``).
+
+        Example:
+            >>> batch = probe.encode(conversations, with_response=True)
+            >>> labels = batch.input_ids.masked_fill(~batch.response_mask, -100)
+            >>> with probe.steer(vec, layer=2, coef=1.0, positions="response"), probe.batch(batch):
+            ...     loss = probe.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            ...                           labels=labels).loss
+            >>> loss.backward()
+        """
+        positions = caller_positions(prompt_mask, response_mask)
+        with self._at(positions, 0, positions.stop):
+            yield self
+
+
+def _hook_module(module: nn.Module, how: str, fn: HookFn) -> Any:
+    """Attach ``fn`` to a module's output (``"output"``) or first input (``"input"``)."""
+    if how == "output":
+
+        def hook(mod, args, output):
+            if isinstance(output, tuple):
+                new = fn(output[0])
+                return None if new is None else (new,) + tuple(output[1:])
+            return fn(output)
+
+        return module.register_forward_hook(hook)
+    if how == "input":
+
+        def pre_hook(mod, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new,) + tuple(args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    raise ValueError(how)  # pragma: no cover - backends only return the two kinds above

@@ -1,0 +1,89 @@
+"""Where prompts and responses are, for the forward a hook is in.
+
+Positions are data: a forward carries per-row masks of ``prompt``, ``response`` and
+``last_prompt`` positions over the whole sequence, plus the column window the current forward
+sees (a KV-cached decode step sees one new column per row, a response position). The probe
+sets them for its own forwards; ``PersonaProbe.batch`` sets them for a forward someone else
+runs (a training step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from persona_lens import ops
+from persona_lens.chat import ChatBatch
+
+
+@dataclass
+class Positions:
+    """Position masks of the whole sequence, and the column window the current forward sees."""
+
+    masks: dict[str, Bool[Tensor, "batch pos"]]
+    start: int = 0
+    stop: int = 0
+
+    def window(self, h: Tensor) -> dict[str, Bool[Tensor, "batch pos"]]:
+        """Every mask cut to the columns of ``h``, checked against its shape."""
+        return {kind: self.mask(kind, h) for kind in self.masks}
+
+    def mask(self, kind: str, h: Tensor) -> Bool[Tensor, "batch pos"]:
+        m = self.masks[kind][:, self.start : self.stop]
+        if m.shape != h.shape[:2]:
+            raise RuntimeError(
+                f"a hook saw activations for {tuple(h.shape[:2])} (batch, positions) but the "
+                f"probe expected {tuple(m.shape)}: a forward the probe did not run needs "
+                "`with probe.batch(prompt_mask, response_mask):` with masks of the batch it runs"
+            )
+        if m.device != h.device:
+            m = self.masks[kind] = self.masks[kind].to(h.device)
+            m = m[:, self.start : self.stop]
+        return m
+
+
+def position_masks(
+    prompt: Bool[Tensor, "batch pos"], response: Bool[Tensor, "batch pos"], total: int | None = None
+) -> dict[str, Tensor]:
+    """Masks for a batch, extended with response columns up to ``total`` (for generation)."""
+    prompt, response = prompt.bool(), response.bool()
+    if prompt.shape != response.shape or prompt.ndim != 2:
+        raise ValueError(
+            f"prompt and response masks must both be [batch, pos]; got {tuple(prompt.shape)} "
+            f"and {tuple(response.shape)}"
+        )
+    if total is not None and total > prompt.shape[1]:
+        extra = total - prompt.shape[1]
+        prompt = torch.cat([prompt, prompt.new_zeros(prompt.shape[0], extra)], dim=1)
+        response = torch.cat([response, response.new_ones(response.shape[0], extra)], dim=1)
+    return {
+        "all": torch.ones_like(prompt),
+        "prompt": prompt,
+        "response": response,
+        "last_prompt": ops.last_true(prompt),
+    }
+
+
+def batch_positions(batch: ChatBatch, total: int | None = None) -> Positions:
+    """Positions of a batch the probe encoded (``total``: room for generated columns)."""
+    return Positions(position_masks(batch.prompt_mask, batch.response_mask, total))
+
+
+def caller_positions(prompt_mask: Any, response_mask: Any) -> Positions:
+    """Positions of a batch someone else runs: masks as tensors, or one object carrying them
+    (a :class:`ChatBatch`, or a mapping with ``prompt_mask`` and ``response_mask``)."""
+    if response_mask is None:
+        holder = prompt_mask
+        get = holder.get if isinstance(holder, Mapping) else lambda k: getattr(holder, k, None)
+        prompt_mask, response_mask = get("prompt_mask"), get("response_mask")
+        if prompt_mask is None or response_mask is None:
+            raise TypeError(
+                "probe.batch() takes (prompt_mask, response_mask), or one object with "
+                f"prompt_mask and response_mask (a ChatBatch or a collated dict); got {type(holder).__name__}"
+            )
+    masks = position_masks(torch.as_tensor(prompt_mask), torch.as_tensor(response_mask))
+    return Positions(masks, 0, masks["all"].shape[1])
