@@ -81,6 +81,12 @@ class Backend:
     def new_cache(self, batch_size: int) -> Any:
         raise NotImplementedError
 
+    def receive(self, specs: list[dict], masks: dict[str, Tensor]) -> None:
+        """Spec-taking engines only (``takes = "specs"``): the active interventions' specs
+        (``Intervention.spec()``, in the order they run) and the ``[batch, pos]`` position
+        masks of the columns the next :meth:`logits` call sees."""
+        raise NotImplementedError
+
     def logits(
         self,
         input_ids: Tensor,

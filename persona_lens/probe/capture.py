@@ -156,7 +156,7 @@ class CaptureMixin:
                     before(len(idx))
                 with self._at(positions, 0, batch.input_ids.shape[1]):
                     try:
-                        run.logits(batch.input_ids, batch.attention_mask, None, last_only=True)
+                        self._step(run, batch.input_ids, batch.attention_mask, None, last_only=True)
                     except StopForward:
                         pass
                 yield batch, positions

@@ -222,5 +222,5 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         positions = batch_positions(batch)
         run = self._runner()
         with self._at(positions, 0, batch.input_ids.shape[1]):
-            return run.logits(batch.input_ids, batch.attention_mask, None, last_only=False)
+            return self._step(run, batch.input_ids, batch.attention_mask, None, last_only=False)
 

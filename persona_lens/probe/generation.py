@@ -218,7 +218,7 @@ class GenerationMixin:
         step_input, start = tokens, 0
         for _ in range(max_new_tokens):
             with self._at(positions, start, tokens.shape[1]):
-                logits = run.logits(step_input, attn, cache, last_only=True)[:, -1].float()
+                logits = self._step(run, step_input, attn, cache, last_only=True)[:, -1].float()
             nxt = sample(logits, temperature, top_p, generator)
             nxt = torch.where(finished, pad, nxt)
             new_tokens.append(nxt)

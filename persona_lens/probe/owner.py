@@ -108,6 +108,11 @@ class HookOwner:
 
     # -- attaching and removing -------------------------------------------------------------
     def _register(self, layer: int, fn: HookFn) -> ResidualHook:
+        if self.backend.takes == "specs":
+            raise NotImplementedError(
+                f"this {self.backend.kind} engine takes interventions as specs and has no modules "
+                "to hook: steer and ablate work on it; reading activations needs a local model"
+            )
         hook = ResidualHook(layer, fn)
         try:
             module, how = self.backend.resid_site(layer)
@@ -143,8 +148,11 @@ class HookOwner:
 
         self._interventions.extend(interventions)
         try:
-            with self._hooked([(iv.layer, as_hook(iv)) for iv in interventions]):
+            if self.backend.takes == "specs":  # the engine receives them with each step
                 yield
+            else:
+                with self._hooked([(iv.layer, as_hook(iv)) for iv in interventions]):
+                    yield
         finally:
             for iv in interventions:
                 self._interventions.remove(iv)
@@ -179,6 +187,15 @@ class HookOwner:
                 self._handles.remove(h)
 
     # -- which backend runs ---------------------------------------------------------------
+    def _step(self, run: Backend, input_ids: Tensor, attention_mask: Tensor, cache: Any, last_only: bool) -> Tensor:
+        """One forward of the probe's own: a spec-taking engine first receives the active
+        interventions and the positions of the columns this step sees."""
+        if run.takes == "specs":
+            pos = self._positions
+            masks = {k: m[:, pos.start : pos.stop] for k, m in pos.masks.items()}
+            run.receive([iv.spec() for iv in self._interventions], masks)
+        return run.logits(input_ids, attention_mask, cache, last_only)
+
     def _runner(self) -> Backend:
         """The backend for the next forward(s), chosen from what hooks are active."""
         fast = self._fast
