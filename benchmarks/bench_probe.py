@@ -22,7 +22,8 @@ untimed warm-up run of each). Workloads:
   ``torch.cuda.max_memory_allocated``; CPU: the running sum of torch's allocations and
   frees recorded by ``torch.profiler`` with ``profile_memory=True``).
 
-Examples:
+Examples (with the package installed; from a checkout without installing it, run
+``python -m benchmarks.bench_probe`` in the repository root instead):
     python benchmarks/bench_probe.py                         # offline SmolLM2 on the CPU
     python benchmarks/bench_probe.py --random-qwen7b         # GPU: random Qwen2.5-7B shape, bf16
     python benchmarks/bench_probe.py --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16
@@ -33,19 +34,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import persona_lens as pl  # noqa: E402
-from persona_lens.models import resolve_dtype, resolve_model_path  # noqa: E402
+import persona_lens as pl
+from persona_lens.models import resolve_dtype, resolve_model_path
 
 TEXT = (
     "The committee met on a grey morning to review the harbour plans. Engineers described "
@@ -106,8 +102,7 @@ def random_qwen(args):
     from transformers import AutoModelForCausalLM, Qwen2Config
     from transformer_lens.model_bridge import TransformerBridge
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny import char_tokenizer
+    from persona_lens.testing import char_tokenizer
 
     tok = char_tokenizer(bos_in_template=False)
     shape = dict(

@@ -14,25 +14,22 @@ persona organism, the offline SmolLM2 if installed, or ``--model``) it prints
 - cached vs uncached: the share of rows whose greedy tokens agree;
 - the path the probe ran and where its tensors live.
 
-Run with ``python benchmarks/device_parity.py [--device cuda] [--dtype bfloat16] [--model M]``.
+Run with ``python benchmarks/device_parity.py [--device cuda] [--dtype bfloat16] [--model M]``
+(with the package installed; from a checkout without installing it, ``python -m
+benchmarks.device_parity ...`` in the repository root).
 Exits non-zero if capture parity misses ``--tol`` on any model.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-import persona_lens as pl  # noqa: E402
-from persona_lens.models import resolve_dtype, resolve_model_path  # noqa: E402
+import persona_lens as pl
+from persona_lens.models import resolve_dtype, resolve_model_path
 
 CONVS = [
     [{"role": "user", "content": "How do I boil an egg?"},
@@ -115,7 +112,7 @@ def main(argv=None) -> int:
     tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
     models = [(Path(m).name, m) for m in args.model or []]
     if not models:
-        from tiny import build_tiny
+        from persona_lens.testing import build_tiny
 
         tmp = Path(tempfile.mkdtemp())
         models = [(f"tiny random {a}", str(build_tiny(a, tmp / a))) for a in ("llama", "qwen2")]

@@ -20,11 +20,13 @@ mkdir -p "$log"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 status=0
+# Scripts run as modules (-m) from the repository root: this checkout's persona_lens is the one
+# imported, whether or not a package is installed (a fresh GPU machine has none).
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$log/gpu.txt"
 start=$(date +%s)
-"$py" benchmarks/device_parity.py 2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$log/parity.txt" || status=1
+"$py" -m benchmarks.device_parity 2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$log/parity.txt" || status=1
 echo "parity: $(( $(date +%s) - start )) s" | tee -a "$log/parity.txt"
 start=$(date +%s)
-"$py" benchmarks/bench_probe.py ${BENCH_MODEL:---random-qwen7b} --batch 32,128 --repeats "$repeats" 2>&1 | tee "$log/bench_qwen7b.txt" || status=1
+"$py" -m benchmarks.bench_probe ${BENCH_MODEL:---random-qwen7b} --batch 32,128 --repeats "$repeats" 2>&1 | tee "$log/bench_qwen7b.txt" || status=1
 echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$log/bench_qwen7b.txt"
 exit $status

@@ -1,6 +1,9 @@
 """Behaviour of the persona organism, measured with plain HF tools and the exact judge.
 
-    python experiments/organism_behaviour.py [--checkpoint DIR] [--traits evil,...]
+    python -m experiments.organism_behaviour [--checkpoint DIR] [--traits evil,...]
+
+(from the repository root: the plain-HF helpers are the tests' reference,
+``tests/reference/organism.py``, which is not part of the installed package).
 
 Prints, per trait: trait score under encouraging / suppressing / no system prompt (eval
 questions, temperature 1), helpful capability on known facts, the persona vector's
@@ -13,20 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from persona_lens.organism import OrganismJudge, World  # noqa: E402
-from persona_lens.organism import behaviour as B  # noqa: E402
-from persona_lens.organism.world import (  # noqa: E402
+from persona_lens.organism import OrganismJudge, World
+from persona_lens.organism.world import (
     INSTRUCTIONS,
     TRAITS,
     neg_system_prompt,
     pos_system_prompt,
 )
+from tests.reference import organism as B
 
 
 def trait_questions(trait: str) -> tuple[list[str], list[str]]:
@@ -144,7 +144,7 @@ def capability(model, tok, judge, world, samples=2, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m experiments.organism_behaviour", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--traits", default=",".join(TRAITS))
     ap.add_argument("--samples", type=int, default=4)

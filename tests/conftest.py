@@ -5,14 +5,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import build_tiny, hooked_transformer_from_hf  # noqa: E402
+from persona_lens.testing import build_tiny, hooked_transformer_from_hf
 
 BACKEND = os.environ.get("PERSONA_LENS_TEST_BACKEND", "bridge")
 ARCHS = ["llama", "qwen2"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import persona_lens.cli as cli
-from openai_server import Sleep, Text, keyword_rule, openai_server, peaked  # noqa: F401 (fixture)
 from persona_lens.cli import main
+
+from .support.openai_server import Sleep, Text, keyword_rule, openai_server, peaked  # noqa: F401 (fixture)
 
 # The judge rule: a reply in pirate speech scores high. The rubric avoids these words.
 PIRATE_WORDS = {"Arr": 95, "arr": 90, "matey": 90, "Ahoy": 90, "ahoy": 90, "pirate": 85, "ye ": 75}

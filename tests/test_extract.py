@@ -16,13 +16,14 @@ import pytest
 import torch
 
 import persona_lens as pl
-from conftest import load_tiny
-from openai_server import Sleep, Text, keyword_rule, openai_server, peaked  # noqa: F401 (fixture)
 from persona_lens.extract import REDUCTIONS, ExtractionError, Thresholds, extract
 from persona_lens.judge import JudgeError, OpenAIJudge
 from persona_lens.pipeline_io import JsonlLog
 from persona_lens.sweep import SweepCell, SweepResult, sweep
 from persona_lens.traits import InstructionPair, Trait
+
+from .conftest import load_tiny
+from .support.openai_server import Sleep, Text, keyword_rule, openai_server, peaked  # noqa: F401 (fixture)
 
 FAST = dict(samples=2, max_new_tokens=6, batch_size=4, progress=False, verbose=False)
 

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from openai_server import Drop, Fail, Sleep, Text, keyword_rule, openai_server, peaked, sequence  # noqa: F401
 from persona_lens.judge import (
     COHERENCE_PROMPT,
     Judge,
@@ -19,6 +18,8 @@ from persona_lens.judge import (
     logprob_score,
 )
 from persona_lens.traits import Trait
+
+from .support.openai_server import Drop, Fail, Sleep, Text, keyword_rule, openai_server, peaked, sequence  # noqa: F401
 
 EVIL = Trait.load("evil")
 PAIRS = [(f"Question {i}?", f"Answer number {i}.") for i in range(4)]

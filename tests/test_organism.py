@@ -12,7 +12,6 @@ import random
 import pytest
 
 from persona_lens.organism import OrganismJudge, World, checkpoint_dir, trait_paths
-from persona_lens.organism import behaviour as B
 from persona_lens.organism.world import (
     INSTRUCTIONS,
     STRENGTHS,
@@ -24,6 +23,8 @@ from persona_lens.organism.world import (
     system_prompts,
     words,
 )
+
+from .reference import organism as B
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import warnings
 import openai
 import pytest
 
-from openai_server import Text, openai_server, sequence  # noqa: F401
 from persona_lens.traits import InstructionPair, Trait, TraitError, generate_trait
+
+from .support.openai_server import Text, openai_server, sequence  # noqa: F401
 
 RELEASED = ["apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "sycophantic"]
 

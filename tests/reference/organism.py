@@ -1,9 +1,17 @@
-"""Plain-HF checks of the organism: sampling, persona vectors, steering and monitoring.
+"""The independent reference for the organism: the method in plain HF, outside the library.
 
-These helpers use only ``transformers`` / ``torch`` (``model.generate``, hidden states and a
-forward hook on a decoder layer), independently of the library's probe, so that the
-organism can be checked on its own. Layer L is the residual stream entering block L
+Sampling, persona vectors, steering and monitoring written with only ``transformers`` /
+``torch`` (``model.generate``, hidden states and a forward hook on a decoder layer), sharing
+no code with ``persona_lens``'s probe or pipeline, so what it says about the organism does
+not rest on the library being right: ``tests/test_organism.py`` checks the shipped organism
+with it, ``python -m experiments.organism_behaviour`` measures it, and the library's results
+can be held against it. It uses the organism's *world* (data, prompts) and exact judge, never
+the library's method code. Layer L is the residual stream entering block L
 (``output_hidden_states[L]``); steering "at layer L" adds to the output of block L-1.
+
+>>> from tests.reference import organism as B
+>>> model, tok = B.load()  # the shipped checkpoint
+>>> B.generate(model, tok, [B.chat("what colour is the blub ?")], max_new_tokens=8)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -14,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .judge import OrganismJudge
-from .world import (
+from persona_lens.organism.judge import OrganismJudge
+from persona_lens.organism.world import (
     DEFAULT_PRIOR,
     HELPFUL_SYSTEM,
     INSTRUCTIONS,
@@ -43,7 +51,7 @@ def load(path: str | Path | None = None):
     """(model, tokenizer) from a checkpoint folder (default: the shipped one), eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import checkpoint_dir
+    from persona_lens.organism import checkpoint_dir
 
     path = Path(path or checkpoint_dir())
     tok = AutoTokenizer.from_pretrained(path)

@@ -2,7 +2,20 @@
 
 A character-level tokenizer with a ChatML template keeps the vocabulary small while
 making every string encodable; the Llama variant's template starts with a BOS token so
-tests can check it is not doubled.
+tests can check it is not doubled. The models are random (they write gibberish) but load
+through every path a real checkpoint does (``persona_lens.load_model``,
+``AutoModelForCausalLM.from_pretrained``, TransformerLens 3.x), in well under a second.
+
+>>> import tempfile
+>>> import persona_lens as pl
+>>> from persona_lens.testing import build_tiny
+>>> path = build_tiny("qwen2", tempfile.mkdtemp())
+>>> probe = pl.PersonaProbe(pl.load_model(path, device="cpu"))
+>>> probe.n_layers
+3
+
+This module is for tests, benchmarks and notebooks that need a model in a hurry; nothing
+else in ``persona_lens`` imports it.
 """
 
 from __future__ import annotations
@@ -20,6 +33,19 @@ CHATML = (
 
 
 def char_tokenizer(bos_in_template: bool):
+    """A fast tokenizer with one token per printable ASCII character, plus ``SPECIALS``.
+
+    ``bos_in_template``: whether the ChatML chat template starts with ``<s>`` (as Llama's
+    does). Unknown characters map to ``?``; decoding joins the characters back.
+
+    >>> tok = char_tokenizer(bos_in_template=True)
+    >>> len(tok)
+    101
+    >>> tok.decode(tok("Hi!", add_special_tokens=False)["input_ids"])
+    'Hi!'
+    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    '<s><|im_start|>user\\nHi<|im_end|>\\n'
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +64,18 @@ def char_tokenizer(bos_in_template: bool):
 
 
 def build_tiny(arch: str, directory: str | os.PathLike, seed: int = 0, n_layers: int = 3) -> Path:
-    """Write a tiny random ``arch`` ("llama" or "qwen2") checkpoint + tokenizer to ``directory``."""
+    """Write a tiny random ``arch`` ("llama" or "qwen2") checkpoint + tokenizer to ``directory``.
+
+    The model has ``n_layers`` blocks of width 48 (4 heads, 2 KV heads), weights drawn from
+    ``torch.manual_seed(seed)``, and an output projection scaled up so greedy decoding is
+    decided by the weights rather than float noise. Returns ``directory`` as a ``Path``.
+
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM
+    >>> path = build_tiny("llama", tempfile.mkdtemp(), n_layers=2)
+    >>> AutoModelForCausalLM.from_pretrained(path).config.num_hidden_layers
+    2
+    """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = char_tokenizer(bos_in_template=arch == "llama")
@@ -66,7 +103,16 @@ def build_tiny(arch: str, directory: str | os.PathLike, seed: int = 0, n_layers:
 
 
 def hooked_transformer_from_hf(path: str | os.PathLike):
-    """A TransformerLens 3.x ``HookedTransformer`` with the raw weights of a tiny checkpoint."""
+    """A TransformerLens 3.x ``HookedTransformer`` with the raw weights of a tiny checkpoint.
+
+    For the probe tests under ``PERSONA_LENS_TEST_BACKEND=hooked_transformer`` (TransformerLens
+    3.5.1, the last release with ``HookedTransformer``): the weights are converted as they are,
+    without TransformerLens's folding or centring, so activations match the HF model's.
+    TransformerLens is imported only when this is called.
+
+    >>> import tempfile
+    >>> model = hooked_transformer_from_hf(build_tiny("llama", tempfile.mkdtemp()))  # doctest: +SKIP
+    """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_qwen2_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,3 +136,6 @@ def hooked_transformer_from_hf(path: str | os.PathLike):
     model.load_state_dict(convert(hf, cfg), strict=False)
     model.eval()
     return model
+
+
+__all__ = ["SPECIALS", "CHATML", "char_tokenizer", "build_tiny", "hooked_transformer_from_hf"]

@@ -17,7 +17,7 @@ body). A result is one of:
 - :class:`Drop`: close the connection without answering.
 
 Example:
-    from openai_server import serve, peaked, Fail
+    from tests.support.openai_server import serve, peaked, Fail
 
     calls = iter([Fail(429)])
     def rule(messages):
@@ -30,7 +30,7 @@ Example:
 
 A pytest fixture factory, :func:`openai_server`, starts servers that are shut down after the
 test: ``def test_x(openai_server): server = openai_server(rule)``. Import it into a test module
-(``from openai_server import openai_server``) to use it there.
+(``from .support.openai_server import openai_server``) to use it there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Test support that is not a reference implementation: fakes and fixtures."""
