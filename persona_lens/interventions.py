@@ -40,7 +40,10 @@ from torch import Tensor
 
 from persona_lens import ops
 
-Masks = Mapping[str, Bool[Tensor, "batch pos"]]
+#: kind -> ``[batch, pos]`` bool mask. Left unparametrised on purpose: the probe hands a lazy
+#: mapping whose items are cut from the forward's positions only when asked for, and a
+#: runtime type checker sampling an item would trigger that work (or its error).
+Masks = Mapping
 
 
 def position_kinds(positions: str | Sequence[str]) -> tuple[str, ...]:
@@ -75,7 +78,7 @@ class Steer:
     layer: int
     direction: Float[Tensor, " d_model"]
     coef: float
-    positions: tuple[str, ...] = ("all",)
+    positions: "str | tuple[str, ...]" = ("all",)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.coef):
@@ -96,7 +99,7 @@ class Ablate:
 
     layer: int
     unit: Float[Tensor, " d_model"]
-    positions: tuple[str, ...] = ("all",)
+    positions: "str | tuple[str, ...]" = ("all",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positions", position_kinds(self.positions))

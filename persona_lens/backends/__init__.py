@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-def make_backend(model: nn.Module, tokenizer: Any = None) -> Backend:
+def make_backend(model: "nn.Module | Backend", tokenizer: Any = None) -> Backend:
     """Pick the backend for a TransformerLens model (4.x bridge or 3.x HookedTransformer)."""
     if isinstance(model, Backend):
         return model

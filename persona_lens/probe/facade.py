@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from persona_lens.backends import Backend
 from persona_lens.chat import ChatBatch, ConversationLike
 from persona_lens.interventions import Ablate, Steer
 from persona_lens.ops import check_position_kind
@@ -58,7 +59,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         ['The capital of France is Paris.']
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, *, path: str = "auto"):
+    def __init__(self, model: "nn.Module | Backend", tokenizer: Any = None, *, path: str = "auto"):
         super().__init__(model, tokenizer, path=path)
 
     # -- basic facts ----------------------------------------------------------------------

@@ -63,7 +63,7 @@ class WindowMasks(Mapping):
 class HookOwner:
     """Hook registration, removal and path routing for :class:`PersonaProbe`."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, *, path: str = "auto"):
+    def __init__(self, model: "nn.Module | Backend", tokenizer: Any = None, *, path: str = "auto"):
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.backend: Backend = make_backend(model, tokenizer)
