@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
+from .stats import mean_score  # noqa: F401  (re-exported: callers import judge.mean_score)
 from .traits.trait import Trait, fill_template
 
 if TYPE_CHECKING:  # openai is imported when a judge first needs the network: it takes ~0.6 s
@@ -95,17 +96,6 @@ class Judge(Protocol):
     def score_trait(self, trait: Trait, pairs: Sequence[tuple[str, str]]) -> list[float | None]: ...
 
     def score_coherence(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]: ...
-
-
-def mean_score(scores: Sequence[float | None]) -> tuple[float, int]:
-    """Mean of the scores a judge gave, skipping refusals (``None``), and how many counted.
-
-    Example:
-        >>> mean_score([80.0, None, 60.0])
-        (70.0, 2)
-    """
-    vals = [x for x in scores if x is not None]
-    return (sum(vals) / len(vals) if vals else math.nan), len(vals)
 
 
 def _as_score_token(token: str) -> int | None:
