@@ -50,6 +50,7 @@ from persona_lens.pipeline_io import (
     write_text,
 )
 from persona_lens.progress import quiet as _quiet
+from persona_lens.traits import resolve_trait
 from persona_lens.vectors import PersonaVector
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ __all__ = [
     "ExtractionStats",
     "ExtractionResult",
     "extract",
-    "resolve_trait",
 ]
 
 #: The three reductions captured for every kept response (the paper uses ``response_mean``).
@@ -242,15 +242,6 @@ class ExtractionResult:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def resolve_trait(trait: "Trait | str") -> "Trait":
-    """A :class:`Trait`, or a bundled name / a path loaded with ``Trait.load``."""
-    from persona_lens.traits import Trait
-
-    if isinstance(trait, Trait):
-        return trait
-    return Trait.load(trait, n_pairs=None)
 
 
 def _select(what: str, sel: int | Sequence[int] | None, total: int) -> list[int]:

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm.auto import tqdm
 
-from persona_lens.extract import ScoreLog, resolve_trait
+from persona_lens.extract import ScoreLog
 from persona_lens.judge import mean_score
 from persona_lens.progress import quiet as _quiet
 from persona_lens.pipeline_io import JsonlLog, derived_seed, fingerprint, write_text
+from persona_lens.traits import resolve_trait
 from persona_lens.vectors import PersonaVector
 
 if TYPE_CHECKING:
