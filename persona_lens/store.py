@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
@@ -322,7 +322,7 @@ class Store:
         model = probe.model_name or "unnamed-model"
         items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
         if steer is not None:
-            items = [p if p.steer is not None else _with_steer(p, steer) for p in items]
+            items = [p if p.steer is not None else replace(p, steer=steer) for p in items]
         keys = [self.generation_key(model, p, settings) for p in items]
 
         missing: dict[str, Prompt] = {}
@@ -462,7 +462,3 @@ class Store:
             bar.close()
         return Scores({kind: [self._scores[k] for k in keys[kind]] for kind in kinds},
                       asked=len(todo), reused=reused)
-
-
-def _with_steer(prompt: Prompt, steer: Steer) -> Prompt:
-    return Prompt(prompt.messages, prompt.sample, steer, prompt.id, prompt.meta, prompt.seed_key)
