@@ -101,7 +101,7 @@ def _is_organism(model: str) -> bool:
 
 def load_trait_arg(name: str, model: str):
     """A trait for ``--trait``: organism traits first when the model is the organism."""
-    from persona_lens.extract import resolve_trait
+    from persona_lens.traits import resolve_trait
 
     if _is_organism(model) and "/" not in name and not name.endswith(".json"):
         try:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from persona_lens.judge import mean_score
 from persona_lens.pipeline_io import write_json, write_text
+from persona_lens.stats import fmt, mean_score, pearson
+from persona_lens.store import Store
 
 
 @dataclass
@@ -43,7 +44,7 @@ class DemoResult:
         lines = [f"{'figure'.ljust(width)}  value", f"{'-' * width}  -----"]
         for key, label in FIGURE_LABELS.items():
             if key in self.figures:
-                lines.append(f"{label.ljust(width)}  {_fmt(self.figures[key])}")
+                lines.append(f"{label.ljust(width)}  {fmt(self.figures[key])}")
         return "\n".join(lines)
 
 
@@ -62,29 +63,6 @@ FIGURE_LABELS = {
     "monitor_r": "Pearson r, last-prompt projection vs trait",
     "seconds": "wall time (s)",
 }
-
-
-def _fmt(x: float) -> str:
-    if isinstance(x, float) and not math.isnan(x) and x != int(x):
-        return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
-    return str(int(x)) if isinstance(x, (int, float)) and not math.isnan(x) else str(x)
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of two equal-length sequences (NaN if either is constant)."""
-    n = len(x)
-    if n != len(y) or n < 2:
-        raise ValueError("pearson needs two sequences of the same length >= 2")
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
-
-
-def _judged(judge, trait, questions: Sequence[str], texts: Sequence[str]) -> tuple[float, float]:
-    pairs = list(zip(questions, texts))
-    return mean_score(judge.score_trait(trait, pairs))[0], mean_score(judge.score_coherence(pairs))[0]
 
 
 def run_demo(
@@ -145,6 +123,7 @@ def run_demo(
     probe = PersonaProbe(load_model(ORGANISM, device="cpu"))
     t = organism.load_trait(trait)
     judge = organism.OrganismJudge()
+    checks = Store(None)  # scores of the steering and monitoring checks below
     gen = dict(max_new_tokens=max_new_tokens, temperature=1.0, progress=progress)
 
     ex = extract(
@@ -173,13 +152,14 @@ def run_demo(
     qs = [q for q in eval_q for _ in range(samples)]
     encouraging = t.system_prompts(0)[0]
     enc_texts = probe.generate(qs, system=encouraging, seed=seed + 1, **gen)
-    encouraged, _ = _judged(judge, t, qs, enc_texts)
+    encouraged = checks.score(judge, t, list(zip(qs, enc_texts)), kinds=("trait",)).mean("trait")
     suppression = []
     for sup_layer in sweep_layers:
         for c in sorted(c for c in coefs if c > 0):
             with probe.steer(vec, layer=sup_layer, coef=-c, positions=positions):
                 texts = probe.generate(qs, system=encouraging, seed=seed + 1, **gen)
-            suppression.append((sup_layer, c, *_judged(judge, t, qs, texts)))
+            got = checks.score(judge, t, list(zip(qs, texts)))
+            suppression.append((sup_layer, c, got.mean("trait"), got.mean("coherence")))
     coherent = [s for s in suppression if s[3] >= coherence_floor] or suppression
     sup_layer, sup_coef, suppressed, suppressed_coh = min(coherent, key=lambda s: (s[2], s[1]))
 
@@ -196,7 +176,7 @@ def run_demo(
                 convs.append(msgs)
                 keys.append((si, q))
     readings = probe.monitor(convs, vec, layer=layer, seed=seed + 2, **gen)
-    scores = judge.score_trait(t, [(k[1], r.text) for k, r in zip(keys, readings)])
+    scores = checks.score(judge, t, [(k[1], r.text) for k, r in zip(keys, readings)], kinds=("trait",))["trait"]
     cells: dict[tuple[int, str], dict[str, list]] = {}
     for k, r, s in zip(keys, readings, scores):
         c = cells.setdefault(k, {"proj": [], "score": []})
@@ -256,7 +236,7 @@ def run_demo(
 
 def _report(result: DemoResult, trait: str, extraction_summary: str, sw, figures) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(result.figures[k]))}</td></tr>"
+        f"<tr><td>{html.escape(label)}</td><td>{html.escape(fmt(result.figures[k]))}</td></tr>"
         for k, label in FIGURE_LABELS.items() if k in result.figures
     )
     parts = [

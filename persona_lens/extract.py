@@ -10,10 +10,13 @@ Everything is written to ``out_dir`` as it is produced and the pipeline is resum
 - ``responses.jsonl``: one record per generated response (polarity, instruction index,
   question index, sample index, system prompt, question, answer, model, generation
   settings), appended and synced after every generation batch. A rerun skips every record
-  whose inputs and settings match, so a killed run loses at most the batch in flight.
+  whose content key (model, messages, sample, settings) matches, so a killed run loses at
+  most the batch in flight.
 - ``scores.jsonl``: one record per judge score, keyed by the judge, the kind of score
   (trait / coherence), the rubric and the exact question and answer, so a rerun never asks
   the judge again for a score it already gave (even without the judge's own cache).
+
+Both logs are a :class:`persona_lens.store.Store`.
 - ``pairs.csv``: every (pos, neg) pair with its four scores and whether it was kept.
 - ``vectors/TRAIT_REDUCTION.safetensors``: one :class:`PersonaVector` per reduction
   (``response_mean`` is the paper's), recomputed only when the kept set changes.
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +51,8 @@ from persona_lens.pipeline_io import (
     write_json,
     write_text,
 )
-from persona_lens.progress import quiet as _quiet
+from persona_lens.store import KINDS, Prompt, Store, judge_name as _judge_name
+from persona_lens.traits import resolve_trait
 from persona_lens.vectors import PersonaVector
 
 if TYPE_CHECKING:
@@ -67,7 +70,6 @@ __all__ = [
     "ExtractionStats",
     "ExtractionResult",
     "extract",
-    "resolve_trait",
 ]
 
 #: The three reductions captured for every kept response (the paper uses ``response_mean``).
@@ -244,15 +246,6 @@ class ExtractionResult:
 # ---------------------------------------------------------------------------- helpers
 
 
-def resolve_trait(trait: "Trait | str") -> "Trait":
-    """A :class:`Trait`, or a bundled name / a path loaded with ``Trait.load``."""
-    from persona_lens.traits import Trait
-
-    if isinstance(trait, Trait):
-        return trait
-    return Trait.load(trait, n_pairs=None)
-
-
 def _select(what: str, sel: int | Sequence[int] | None, total: int) -> list[int]:
     if sel is None:
         return list(range(total))
@@ -269,161 +262,6 @@ def _select(what: str, sel: int | Sequence[int] | None, total: int) -> list[int]
     if bad:
         raise ValueError(f"{what} indices {bad} out of range 0..{total - 1}")
     return out
-
-
-def _clean_score(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return None if math.isnan(x) else x
-
-
-class ScoreLog:
-    """Judge scores on disk (``scores.jsonl``), keyed by judge, kind, rubric, question and answer.
-
-    ``score(judge, trait, items, ...)`` returns the trait and coherence scores of
-    ``(record_id, question, answer)`` items, asking the judge only for the missing ones, in
-    chunks that are written to disk as soon as they come back.
-    """
-
-    KINDS = ("trait", "coherence")
-
-    def __init__(self, path: str | Path | None):
-        self.log = JsonlLog(path) if path is not None else None  # None: in memory only
-        self.scores: dict[str, float | None] = {}
-        for rec in self.log.read() if self.log is not None else []:
-            if "key" in rec:
-                self.scores[rec["key"]] = _clean_score(rec.get("score"))
-
-    @staticmethod
-    def key(judge_name: str, kind: str, trait: "Trait", question: str, answer: str) -> str:
-        rubric = fingerprint(trait.name, trait.eval_prompt) if kind == "trait" else None
-        return fingerprint(judge_name, kind, rubric, question, answer, length=24)
-
-    def score(
-        self,
-        judge: "Judge",
-        trait: "Trait",
-        items: Sequence[tuple[str, str, str]],
-        *,
-        batch_size: int = 64,
-        progress: bool | None = None,
-        desc: str = "judge",
-    ) -> tuple[dict[str, list[float | None]], int, int]:
-        """Scores per kind for ``items``; also (new judge answers, answers read from disk)."""
-        name = judge.name
-        keys = {kind: [self.key(name, kind, trait, q, a) for _, q, a in items] for kind in self.KINDS}
-        todo: list[tuple[str, str, str, str, str]] = []  # (kind, key, id, question, answer)
-        seen: set[str] = set()
-        for i, (rid, q, a) in enumerate(items):
-            for kind in self.KINDS:
-                k = keys[kind][i]
-                if k not in self.scores and k not in seen:
-                    seen.add(k)
-                    todo.append((kind, k, rid, q, a))
-        reused = sum(k in self.scores for kind in self.KINDS for k in keys[kind])
-        bar = tqdm(total=len(todo), desc=desc, unit="score", disable=_quiet(progress, len(todo)))
-        try:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                for kind in self.KINDS:
-                    part = [t for t in chunk if t[0] == kind]
-                    if not part:
-                        continue
-                    pairs = [(q, a) for _, _, _, q, a in part]
-                    got = judge.score_trait(trait, pairs) if kind == "trait" else judge.score_coherence(pairs)
-                    got = list(got)
-                    if len(got) != len(part):
-                        raise ExtractionError(
-                            f"judge {name} returned {len(got)} {kind} scores for {len(part)} answers")
-                    recs = []
-                    for (kind_, k, rid, _, _), s in zip(part, got):
-                        s = _clean_score(s)
-                        self.scores[k] = s
-                        recs.append({"key": k, "id": rid, "kind": kind_, "judge": name,
-                                     "trait": trait.name if kind_ == "trait" else None, "score": s})
-                    if self.log is not None:
-                        self.log.append(recs)
-                    bar.update(len(part))
-        finally:
-            bar.close()
-        out = {kind: [self.scores[k] for k in keys[kind]] for kind in self.KINDS}
-        return out, len(todo), reused
-
-
-def _matches(rec: dict[str, Any], task: Task, model: str, settings: dict[str, Any]) -> bool:
-    return (
-        rec.get("system") == task.system
-        and rec.get("question") == task.question
-        and rec.get("model") == model
-        and rec.get("settings") == settings
-        and isinstance(rec.get("answer"), str)
-    )
-
-
-def generate_responses(
-    probe: "PersonaProbe",
-    tasks: Sequence[Task],
-    log: JsonlLog,
-    *,
-    model: str,
-    settings: dict[str, Any],
-    batch_size: int,
-    progress: bool | None,
-    desc: str = "generate",
-) -> tuple[dict[str, Response], int, int, int]:
-    """Generate what ``log`` lacks, a batch at a time, appending each batch as it finishes.
-
-    Returns (responses by id, generated, reused, stale). Batches are formed from the
-    missing tasks in order and seeded from ``settings["seed"]`` and their first task, so a
-    run resumed after a kill between batches produces exactly the texts the uninterrupted
-    run would have.
-    """
-    existing: dict[str, dict[str, Any]] = {}
-    for rec in log.read():
-        if "id" in rec:
-            existing[rec["id"]] = rec  # the latest line wins
-    done: dict[str, Response] = {}
-    todo: list[Task] = []
-    stale = 0
-    for t in tasks:
-        rec = existing.get(t.id)
-        if rec is not None and _matches(rec, t, model, settings):
-            done[t.id] = Response.from_record(rec)
-        else:
-            stale += rec is not None
-            todo.append(t)
-    reused = len(done)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    bar = tqdm(total=len(tasks), initial=reused, desc=desc, unit="resp", disable=_quiet(progress, len(todo)))
-    try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            seed = derived_seed(settings.get("seed"), chunk[0].id)
-            gens = probe.generate(
-                [t.prompt() for t in chunk],
-                max_new_tokens=settings["max_new_tokens"],
-                temperature=settings["temperature"],
-                top_p=settings.get("top_p", 1.0),
-                seed=seed,
-                batch_size=len(chunk),
-                return_generations=True,
-                progress=False,
-            )
-            recs = []
-            for t, g in zip(chunk, gens):
-                r = Response(
-                    **asdict(t), answer=g.text, model=model, settings=dict(settings),
-                    batch_seed=seed, n_tokens=len(g.response_ids), finished=bool(g.finished),
-                )
-                done[t.id] = r
-                recs.append(asdict(r))
-            log.append(recs)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-    return done, len(todo), reused, stale
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -480,8 +318,9 @@ def extract(
 
     Raises:
         ExtractionError: no pair survived the filter (the message says which thresholds
-            failed how often), or the judge misbehaved.
-        persona_lens.judge.JudgeError: the judge failed (timeouts, text instead of numbers).
+            failed how often), or no response gave a sample to a mean.
+        persona_lens.judge.JudgeError: the judge failed (timeouts, text instead of numbers,
+            a wrong number of scores).
             Everything finished before the error is on disk and reused by a rerun.
         persona_lens.traits.TraitError: an unknown or malformed trait.
 
@@ -501,7 +340,7 @@ def extract(
     q_idx = _select("questions", questions, len(trait.questions))
     i_idx = _select("instructions", instructions, len(trait.instructions))
     model = probe.model_name or "unnamed-model"
-    judge_name = None if judge is None else str(getattr(judge, "name", type(judge).__name__))
+    judge_name = None if judge is None else _judge_name(judge)
     out = Path(out_dir) if out_dir is not None else Path("persona_runs") / slug(trait.name) / slug(model)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
@@ -528,27 +367,34 @@ def extract(
                 for pol, system in (("pos", pos_sys), ("neg", neg_sys)):
                     tasks.append(Task(f"{pol}-i{i}-q{q}-s{s}", pol, i, q, s, system, trait.questions[q]))
     stats.responses = len(tasks)
-    responses_log = JsonlLog(out / "responses.jsonl")
+    store = Store(out)
     t0 = time.perf_counter()
-    responses, stats.generated, stats.reused, stats.stale = generate_responses(
-        probe, tasks, responses_log, model=model, settings=settings, batch_size=batch_size,
-        progress=progress, desc=f"generate {trait.name}",
+    answers = store.generate(
+        probe, [Prompt(t.prompt(), sample=t.sample, id=t.id, meta=asdict(t)) for t in tasks],
+        settings=settings, batch_size=batch_size, progress=progress, desc=f"generate {trait.name}",
+        # A batch's seed follows its first slot, as it always has: a seed gives the texts it gave.
+        batch_seed=lambda batch: derived_seed(settings["seed"], batch[0].id),
     )
+    stats.generated, stats.reused, stats.stale = answers.generated, answers.reused, answers.stale
+    responses = {
+        t.id: Response(**asdict(t), answer=r["answer"], model=r["model"], settings=r["settings"],
+                       batch_seed=r["batch_seed"], n_tokens=r["n_tokens"], finished=r["finished"])
+        for t, r in zip(tasks, answers.records)
+    }
     stats.seconds["generate"] = round(time.perf_counter() - t0, 2)
 
     # 2. Judging.
     ordered = [responses[t.id] for t in tasks]
-    scores_path = out / "scores.jsonl"
     scores: dict[str, dict[str, float | None]] = {}
     if judge is not None:
         t0 = time.perf_counter()
-        log = ScoreLog(scores_path)
-        got, stats.judged, stats.judge_reused = log.score(
-            judge, trait, [(r.id, r.question, r.answer) for r in ordered],
+        got = store.score(
+            judge, trait, [(r.question, r.answer) for r in ordered], ids=[r.id for r in ordered],
             batch_size=judge_batch_size, progress=progress, desc=f"judge {trait.name}",
         )
+        stats.judged, stats.judge_reused = got.asked, got.reused
         for j, r in enumerate(ordered):
-            scores[r.id] = {kind: got[kind][j] for kind in ScoreLog.KINDS}
+            scores[r.id] = {kind: got[kind][j] for kind in KINDS}
         stats.unscored = sum(s["trait"] is None for s in scores.values())
         stats.seconds["judge"] = round(time.perf_counter() - t0, 2)
 
@@ -595,8 +441,8 @@ def extract(
 
     result = ExtractionResult(
         trait=trait, judge_name=judge_name, vectors=vectors, kept=kept, stats=stats,
-        thresholds=thresholds, out_dir=out, responses_path=responses_log.path,
-        scores_path=scores_path, pairs_path=pairs_path, summary_path=out / "summary.json",
+        thresholds=thresholds, out_dir=out, responses_path=store.generations_log.path,
+        scores_path=store.scores_log.path, pairs_path=pairs_path, summary_path=out / "summary.json",
         vector_paths=vector_paths,
     )
     write_json(result.summary_path, {

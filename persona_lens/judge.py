@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
+from .stats import mean_score  # noqa: F401  (re-exported: callers import judge.mean_score)
 from .traits.trait import Trait, fill_template
 
 if TYPE_CHECKING:  # openai is imported when a judge first needs the network: it takes ~0.6 s
@@ -95,17 +96,6 @@ class Judge(Protocol):
     def score_trait(self, trait: Trait, pairs: Sequence[tuple[str, str]]) -> list[float | None]: ...
 
     def score_coherence(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]: ...
-
-
-def mean_score(scores: Sequence[float | None]) -> tuple[float, int]:
-    """Mean of the scores a judge gave, skipping refusals (``None``), and how many counted.
-
-    Example:
-        >>> mean_score([80.0, None, 60.0])
-        (70.0, 2)
-    """
-    vals = [x for x in scores if x is not None]
-    return (sum(vals) / len(vals) if vals else math.nan), len(vals)
 
 
 def _as_score_token(token: str) -> int | None:
@@ -224,10 +214,18 @@ def default_cache_dir() -> Path:
 
 
 class _Cache:
-    """(model, prompt) -> verdict in SQLite: atomic commits, safe across crashes and processes."""
+    """(endpoint, model, prompt) -> verdict in SQLite: atomic commits, safe across crashes and
+    processes.
+
+    The endpoint is part of the key because one model name can be served by several
+    endpoints (a vLLM server, a fine-tune behind another URL, OpenAI itself) that answer
+    differently. Replies cached before the endpoint was part of the key (table
+    ``judgements``) are left untouched and not used: which endpoint gave them is unknown.
+    """
 
     _SCHEMA = """
-        CREATE TABLE IF NOT EXISTS judgements (
+        CREATE TABLE IF NOT EXISTS replies (
+            endpoint TEXT NOT NULL,
             model TEXT NOT NULL,
             prompt_sha256 TEXT NOT NULL,
             prompt TEXT NOT NULL,
@@ -237,11 +235,13 @@ class _Cache:
             reply TEXT,
             top_logprobs TEXT,
             created REAL NOT NULL,
-            PRIMARY KEY (model, prompt_sha256)
+            PRIMARY KEY (endpoint, model, prompt_sha256)
         )"""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, endpoint: str, model: str):
         self.path = path
+        self.endpoint = endpoint
+        self.model = model
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -258,7 +258,7 @@ class _Cache:
     def _key(prompt: str) -> str:
         return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
-    def get_many(self, model: str, prompts: Sequence[str], min_mass: float) -> dict[str, _Verdict]:
+    def get_many(self, prompts: Sequence[str], min_mass: float) -> dict[str, _Verdict]:
         by_key = {self._key(p): p for p in prompts}
         keys = list(by_key)
         out: dict[str, _Verdict] = {}
@@ -267,8 +267,9 @@ class _Cache:
                 chunk = keys[i : i + 500]
                 rows = self._db.execute(
                     f"SELECT prompt_sha256, prompt, score, status, top_token, reply, top_logprobs "
-                    f"FROM judgements WHERE model = ? AND prompt_sha256 IN ({','.join('?' * len(chunk))})",
-                    [model, *chunk],
+                    f"FROM replies WHERE endpoint = ? AND model = ? "
+                    f"AND prompt_sha256 IN ({','.join('?' * len(chunk))})",
+                    [self.endpoint, self.model, *chunk],
                 ).fetchall()
                 for key, prompt, score, status, top_token, reply, top_json in rows:
                     if by_key.get(key) != prompt:
@@ -281,22 +282,41 @@ class _Cache:
                         out[prompt] = _Verdict(score, status, top_token or "", reply or "", top)
         return out
 
-    def put(self, model: str, prompt: str, v: _Verdict) -> None:
+    def put(self, prompt: str, v: _Verdict) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (model, self._key(prompt), prompt, v.score, v.status, v.top_token, v.reply,
-                 json.dumps(v.top_logprobs) if v.top_logprobs is not None else None, time.time()),
+                "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (self.endpoint, self.model, self._key(prompt), prompt, v.score, v.status, v.top_token,
+                 v.reply, json.dumps(v.top_logprobs) if v.top_logprobs is not None else None, time.time()),
             )  # autocommit: each verdict is durable as soon as it is written
 
-    def delete(self, model: str, prompts: Sequence[str]) -> None:
+    def delete(self, prompts: Sequence[str]) -> None:
         with self._lock:
-            self._db.executemany("DELETE FROM judgements WHERE model = ? AND prompt_sha256 = ?",
-                                 [(model, self._key(p)) for p in prompts])
+            self._db.executemany(
+                "DELETE FROM replies WHERE endpoint = ? AND model = ? AND prompt_sha256 = ?",
+                [(self.endpoint, self.model, self._key(p)) for p in prompts])
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def endpoint_id(url: str) -> str:
+    """An endpoint's identity for cache keys and run records: the URL without credentials
+    (``user:password@``), query or trailing slash, scheme and host in lower case.
+
+    Example:
+        >>> endpoint_id("HTTP://bob:secret@Example.org:8000/v1/")
+        'http://example.org:8000/v1'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(url).strip())
+    host = (parts.hostname or "").lower()
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, holder: list) -> None:
@@ -327,9 +347,10 @@ class OpenAIJudge:
     (REFUSAL) gives None and counts as a refusal. Requests run concurrently on a background
     event loop, so the methods are plain synchronous calls that also work inside Jupyter's
     running loop. Rate limits (429), server errors (5xx), timeouts and connection errors are
-    retried with exponential backoff. Every verdict is committed to an SQLite cache keyed by
-    (model, prompt) as soon as it arrives: rerunning after a crash or an error only asks for
-    what is missing.
+    retried with exponential backoff. Every reply is committed to an SQLite cache keyed by
+    (endpoint, model, prompt) as soon as it arrives: rerunning after a crash or an error only
+    asks for what is missing. That cache memoises this endpoint's HTTP replies across runs; a
+    job's own record of its scores, portable with its folder, is :class:`persona_lens.store.Store`.
 
     Args:
         model: judge model name (the paper uses gpt-4.1-mini).
@@ -352,7 +373,9 @@ class OpenAIJudge:
         top_logprobs: how many top tokens to request (20 is the OpenAI maximum).
 
     Attributes:
-        name: ``"openai:MODEL"`` (plus ``@BASE_URL`` when one was given), for metadata.
+        name: ``"openai:MODEL"`` (plus ``@BASE_URL`` when one was given, without
+            credentials), for metadata and the keys of a run's scores.
+        endpoint: the URL requests go to, without credentials (part of the cache key).
         stats: :class:`JudgeStats` counters.
 
     Example:
@@ -398,24 +421,25 @@ class OpenAIJudge:
         missing = [p for p in ("{question}", "{answer}") if p not in self.coherence_prompt]
         if missing:
             raise ValueError(f"coherence_prompt lacks the placeholder(s) {' and '.join(missing)}")
-        self.name = f"openai:{model}" + (f"@{base_url}" if base_url else "")
         self.stats = JudgeStats()
         self._api_key = api_key
         self._user_client = client
+        self._client_holder: list = []
+        self.endpoint = self._url()
+        self.name = f"openai:{model}" + (f"@{endpoint_id(base_url)}" if base_url else "")
         if cache_dir is False:
             cache_path = None
         else:
             folder = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir).expanduser()
             cache_path = folder / "judgements.sqlite3"
-        self._cache = _Cache(cache_path)
+        self._cache = _Cache(cache_path, self.endpoint, model)
         self._stats_lock = threading.Lock()
         self._loop_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client_holder: list = []
         self._finalizer: weakref.finalize | None = None
 
     def __repr__(self) -> str:
-        where = f", base_url={self.base_url!r}" if self.base_url else ""
+        where = f", base_url={endpoint_id(self.base_url)!r}" if self.base_url else ""
         return f"OpenAIJudge({self.model!r}{where}, cache={str(self.cache_path) if self.cache_path else 'memory'})"
 
     @property
@@ -459,7 +483,7 @@ class OpenAIJudge:
         if not prompts:
             return []
         unique = list(dict.fromkeys(prompts))
-        verdicts = self._cache.get_many(self.model, unique, self.min_mass)
+        verdicts = self._cache.get_many(unique, self.min_mass)
         self._bump(cache_hits=len(verdicts))
         missing = [p for p in unique if p not in verdicts]
         if missing:
@@ -468,7 +492,7 @@ class OpenAIJudge:
             try:
                 verdicts.update(self._run(self._fetch_all(missing, bar)))
             except JudgeError as e:
-                done = len(self._cache.get_many(self.model, missing, self.min_mass))
+                done = len(self._cache.get_many(missing, self.min_mass))
                 where = f"the cache ({self.cache_path})" if self.cache_path else "this judge's in-memory cache"
                 raise JudgeError(f"{e}. {done} of {len(missing)} new score(s) were saved in {where}; "
                                  "a rerun asks only for the rest") from e.__cause__
@@ -517,7 +541,7 @@ class OpenAIJudge:
         if not textual:
             return  # all refusals: a legitimate outcome
         # Drop these from the cache: after the endpoint is fixed, a rerun must ask again.
-        self._cache.delete(self.model, [p for p, _ in textual])
+        self._cache.delete([p for p, _ in textual])
         first = textual[0][1]
         shown = first.reply or first.top_token
         tops = ", ".join(repr(t) for t in list(first.top_logprobs or {})[:5]) or "none returned"
@@ -529,11 +553,14 @@ class OpenAIJudge:
         )
 
     def _url(self) -> str:
+        # Credentials in a URL must not reach error messages, cache keys or run records.
         if self._client_holder:
-            return str(getattr(self._client_holder[0], "base_url", "")).rstrip("/") or "?"
-        if self._user_client is not None:
-            return str(getattr(self._user_client, "base_url", "")).rstrip("/") or "?"
-        return (self.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+            url = str(getattr(self._client_holder[0], "base_url", "") or "")
+        elif self._user_client is not None:
+            url = str(getattr(self._user_client, "base_url", "") or "")
+        else:
+            url = self.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        return endpoint_id(url) if url.strip() else "?"
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         # One long-lived loop per judge, in its own thread: the HTTP client's connection pool
@@ -587,7 +614,7 @@ class OpenAIJudge:
             async with semaphore:
                 verdict = await self._request(client, prompt)
             if verdict.status != _NO_LOGPROBS:  # an endpoint setting, not a verdict on the prompt
-                self._cache.put(self.model, prompt, verdict)
+                self._cache.put(prompt, verdict)
             results[prompt] = verdict
             bar.update(1)
 

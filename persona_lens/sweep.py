@@ -7,8 +7,8 @@ trait and for coherence. The chosen layer is the one whose steering gives the hi
 trait score among the cells that stay coherent (mean coherence >= ``coherence_floor``).
 
 With ``out_dir`` every generation and score is written as it is produced
-(``sweep_responses.jsonl``, ``scores.jsonl``) and reused by a rerun; the table goes to
-``sweep.csv`` and the figure to ``sweep.html``.
+(``sweep_responses.jsonl``, ``scores.jsonl``: a :class:`persona_lens.store.Store`) and reused
+by a rerun; the table goes to ``sweep.csv`` and the figure to ``sweep.html``.
 
 Example:
     >>> res = pl.sweep(probe, vec, "evil", layers=[12, 16, 20], coefs=[0, 1, 2],
@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import io
 import math
@@ -30,12 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tqdm.auto import tqdm
-
-from persona_lens.extract import ScoreLog, resolve_trait
-from persona_lens.judge import mean_score
-from persona_lens.progress import quiet as _quiet
-from persona_lens.pipeline_io import JsonlLog, derived_seed, fingerprint, write_text
+from persona_lens.pipeline_io import write_text
+from persona_lens.stats import fmt, mean_score
+from persona_lens.store import Prompt, Steer, Store, judge_name
+from persona_lens.traits import resolve_trait
 from persona_lens.vectors import PersonaVector
 
 if TYPE_CHECKING:
@@ -141,7 +138,7 @@ class SweepResult:
             for c in coefs:
                 try:
                     cell = self.cell(layer, c)
-                    row.append(f"{_fmt(cell.trait)} / {_fmt(cell.coherence)}")
+                    row.append(f"{fmt(cell.trait, decimals=1)} / {fmt(cell.coherence, decimals=1)}")
                 except KeyError:
                     row.append("-")
             lines.append(row)
@@ -150,8 +147,8 @@ class SweepResult:
         out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in lines]
         best = self.best
         out.append("(trait / coherence; best: "
-                   + (f"layer {best.layer} at coef {best.coef:g}, trait {_fmt(best.trait)}, "
-                      f"coherence {_fmt(best.coherence)}" if best else
+                   + (f"layer {best.layer} at coef {best.coef:g}, trait {fmt(best.trait, decimals=1)}, "
+                      f"coherence {fmt(best.coherence, decimals=1)}" if best else
                       f"none: no steered cell has coherence >= {self.coherence_floor:g}") + ")")
         return "\n".join(out)
 
@@ -198,10 +195,6 @@ class SweepResult:
         if path is not None:
             write_text(path, page)
         return page
-
-
-def _fmt(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:.1f}"
 
 
 def sweep(
@@ -265,94 +258,50 @@ def sweep(
         qs = [str(q) for q in questions]
     if not qs:
         raise ValueError(f"trait {trait.name!r} has no evaluation questions; pass questions=[...]")
-    model = probe.model_name or "unnamed-model"
-    vec_id = hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest()[:16]
     base_settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "seed": int(seed)}
 
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    gen_log = JsonlLog(out / "sweep_responses.jsonl") if out is not None else None
-    existing: dict[str, dict[str, Any]] = {}
-    if gen_log is not None:
-        for rec in gen_log.read():
-            if "key" in rec:
-                existing[rec["key"]] = rec
+    store = Store(out, generations="sweep_responses.jsonl")
 
-    # The cells' generation tasks; coef 0 is one shared baseline.
-    def cell_settings(layer: int, coef: float) -> dict[str, Any]:
-        if coef == 0:
-            return dict(base_settings, steer=None)
-        return dict(base_settings, steer={"layer": layer, "coef": coef, "vector": vec_id,
-                                          "positions": positions, "include_last_prompt": include_last_prompt})
-
-    work: list[tuple[int, float, list[tuple[str, int, int, str]]]] = []  # (layer, coef, [(key, q, s, question)])
+    # One prompt per (cell, question, sample); coef 0 is unsteered, so every layer's baseline
+    # has the same keys and is generated once. The seed key is (question, sample) alone:
+    # common random numbers, so cells differ only by the steering.
+    work: list[tuple[int, float, list[Prompt]]] = []
     for layer in layers:
         for coef in coefs:
-            st = cell_settings(layer, coef)
-            items = [(fingerprint(model, st, q, s, question), q, s, question)
-                     for q, question in enumerate(qs) for s in range(samples)]
-            work.append((layer, coef, items))
-
-    answers: dict[str, str] = {k: r["answer"] for k, r in existing.items() if isinstance(r.get("answer"), str)}
-    todo_keys = {k for _, _, items in work for k, *_ in items if k not in answers}
-    n_total = len({k for _, _, items in work for k, *_ in items})
-    generated = 0
+            steer = None if coef == 0 else Steer(vector, layer=layer, coef=coef, positions=positions,
+                                                 include_last_prompt=include_last_prompt)
+            prompts = [Prompt(question, sample=s, steer=steer, seed_key=(q, s),
+                              meta={"layer": layer if coef != 0 else None, "coef": coef, "question_index": q,
+                                    "question": question})
+                       for q, question in enumerate(qs) for s in range(samples)]
+            work.append((layer, coef, prompts))
+    all_prompts = [p for _, _, prompts in work for p in prompts]
     t0 = time.perf_counter()
-    bar = tqdm(total=n_total, initial=n_total - len(todo_keys), desc=f"sweep generate {trait.name}",
-               unit="resp", disable=_quiet(progress, len(todo_keys)))
-    try:
-        for layer, coef, items in work:
-            missing = [it for it in items if it[0] not in answers]
-            # Drop duplicates within the cell list (the shared baseline is asked only once).
-            missing = [it for it in dict((it[0], it) for it in missing).values()]
-            for start in range(0, len(missing), batch_size):
-                chunk = missing[start : start + batch_size]
-                # Seeds depend on the questions and samples only: common random numbers.
-                bseed = derived_seed(seed, [(q, s) for _, q, s, _ in chunk])
-                prompts = [question for *_, question in chunk]
-                kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=bseed,
-                              batch_size=len(chunk), progress=False)
-                if coef == 0:
-                    texts = probe.generate(prompts, **kwargs)
-                else:
-                    with probe.steer(vector, layer=layer, coef=coef, positions=positions,
-                                     include_last_prompt=include_last_prompt):
-                        texts = probe.generate(prompts, **kwargs)
-                recs = []
-                for (key, q, s, question), text in zip(chunk, texts):
-                    answers[key] = text
-                    recs.append({"key": key, "layer": layer if coef != 0 else None, "coef": coef,
-                                 "question_index": q, "sample": s, "question": question,
-                                 "answer": text, "model": model, "settings": cell_settings(layer, coef)})
-                if gen_log is not None:
-                    gen_log.append(recs)
-                generated += len(chunk)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
+    answers = store.generate(probe, all_prompts, settings=base_settings, batch_size=batch_size,
+                             progress=progress, desc=f"sweep generate {trait.name}")
     gen_seconds = time.perf_counter() - t0
 
     # Judging: every distinct answer once.
-    score_log = ScoreLog(out / "scores.jsonl" if out is not None else None)
-    unique_keys = list(dict.fromkeys(k for _, _, items in work for k, *_ in items))
-    question_of = {k: question for _, _, items in work for k, _, _, question in items}
-    got, judged, judge_reused = score_log.score(
-        judge, trait, [(k, question_of[k], answers[k]) for k in unique_keys],
-        batch_size=judge_batch_size, progress=progress, desc=f"sweep judge {trait.name}",
-    )
-    by_key = {k: (got["trait"][i], got["coherence"][i]) for i, k in enumerate(unique_keys)}
+    unique = {k: (p.question, text) for p, k, text in zip(all_prompts, answers.keys, answers.texts)}
+    got = store.score(judge, trait, list(unique.values()), ids=list(unique), batch_size=judge_batch_size,
+                      progress=progress, desc=f"sweep judge {trait.name}")
+    by_key = {k: (got["trait"][i], got["coherence"][i]) for i, k in enumerate(unique)}
 
     cells = []
-    for layer, coef, items in work:
-        t_mean, n_t = mean_score([by_key[k][0] for k, *_ in items])
-        c_mean, n_c = mean_score([by_key[k][1] for k, *_ in items])
-        cells.append(SweepCell(layer, coef, t_mean, c_mean, len(items), n_t, n_c))
+    keys = iter(answers.keys)
+    for layer, coef, prompts in work:
+        cell_keys = [next(keys) for _ in prompts]
+        t_mean, n_t = mean_score([by_key[k][0] for k in cell_keys])
+        c_mean, n_c = mean_score([by_key[k][1] for k in cell_keys])
+        cells.append(SweepCell(layer, coef, t_mean, c_mean, len(cell_keys), n_t, n_c))
     result = SweepResult(
-        cells=cells, coherence_floor=coherence_floor, trait_name=trait.name, model_name=model,
-        judge_name=getattr(judge, "name", None),
-        stats={"generated": generated, "reused": n_total - len(todo_keys), "judged": judged,
-               "judge_reused": judge_reused, "generate_seconds": round(gen_seconds, 2)},
+        cells=cells, coherence_floor=coherence_floor, trait_name=trait.name,
+        model_name=probe.model_name or "unnamed-model", judge_name=judge_name(judge),
+        stats={"generated": answers.generated, "reused": answers.reused, "judged": got.asked,
+               "judge_reused": got.reused, "generate_seconds": round(gen_seconds, 2)},
         out_dir=out,
     )
     if out is not None:

@@ -7,6 +7,7 @@ Example:
 """
 
 from .generate import generate_trait
-from .trait import DATA_DIR, InstructionPair, Trait, TraitError, fill_template
+from .trait import DATA_DIR, InstructionPair, Trait, TraitError, fill_template, resolve_trait
 
-__all__ = ["Trait", "TraitError", "InstructionPair", "generate_trait", "fill_template", "DATA_DIR"]
+__all__ = ["Trait", "TraitError", "InstructionPair", "generate_trait", "fill_template", "resolve_trait",
+           "DATA_DIR"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TraitError", "InstructionPair", "Trait", "fill_template", "DATA_DIR"]
+__all__ = ["TraitError", "InstructionPair", "Trait", "fill_template", "resolve_trait", "DATA_DIR"]
 
 #: Where the bundled trait files live: ``DATA_DIR/extract/NAME.json`` and ``DATA_DIR/eval/NAME.json``.
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -424,6 +424,21 @@ class Trait:
 
 
 # ---------------------------------------------------------------------- file parsing helpers
+
+
+def resolve_trait(trait: "Trait | str | os.PathLike") -> Trait:
+    """A :class:`Trait` as given, or a bundled name / a path loaded with any number of
+    instruction pairs (what every job accepts as its ``trait`` argument).
+
+    Example:
+        >>> resolve_trait("evil").name
+        'evil'
+        >>> t = Trait.load("evil"); resolve_trait(t) is t
+        True
+    """
+    if isinstance(trait, Trait):
+        return trait
+    return Trait.load(trait, n_pairs=None)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

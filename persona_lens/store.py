@@ -1,0 +1,464 @@
+"""The one record of "generate, then judge": content-keyed, append-only, resumable.
+
+Every job that asks a model for answers and a judge for scores (extraction, the layer sweep,
+the demo, finetuning evaluation, data screening, experiments) goes through a :class:`Store`.
+It holds two append-only JSON-lines logs in the job's folder (or in memory with
+``Store(None)``):
+
+- generations (``responses.jsonl`` unless named otherwise): one record per answer, keyed
+  by its content: the model, the prompt messages, the sample index, the generation settings
+  (seed included) and the steering if any (a hash of the vector, the layers and their
+  coefficients, the positions).
+- scores (``scores.jsonl``): one record per judge score, keyed by the judge's name, the kind
+  (``trait`` / ``coherence``), the rubric, the question and the answer.
+
+A key says what a record *is*, not where or when it was made: the same request asked in
+another order, by another job on the same folder, or after a kill is read back instead of
+redone, and anything that can change an answer (another seed, vector, coefficient, rubric,
+judge) is another key. Work is appended as each batch finishes, so a killed job loses at
+most the batch in flight. Batches are formed from the missing requests in the order given
+and seeded from their content (:func:`persona_lens.pipeline_io.derived_seed`), never from
+where a run stopped: a resumed job produces exactly the texts an uninterrupted one would
+(with the same ``batch_size``).
+
+The store and the judge's reply cache are two different things. The store's records are the
+job's record and its resume point: they travel with the run folder, work with any
+:class:`~persona_lens.judge.Judge` (an exact judge, a rule, a person), and are what a rerun
+reads instead of asking again. :class:`~persona_lens.judge.OpenAIJudge`'s SQLite cache
+memoises one endpoint's HTTP replies (first-token logprob distributions, re-scored for the
+judge's ``min_mass``) across runs and folders, and covers a judge batch cut short by a
+timeout before the store had it.
+
+Example:
+    >>> import persona_lens as pl
+    >>> from persona_lens.store import Prompt, Steer, Store
+    >>> probe = pl.PersonaProbe(pl.load_model("smollm2-135m-instruct"))
+    >>> store = Store("runs/evil_eval")                     # or Store(None): in memory
+    >>> settings = dict(max_new_tokens=64, temperature=1.0, seed=0)
+    >>> prompts = [Prompt("How should I treat my neighbours?", sample=s) for s in range(4)]
+    >>> plain = store.generate(probe, prompts, settings=settings)
+    >>> steered = store.generate(probe, prompts, settings=settings,
+    ...                          steer=Steer(vec, layer=20, coef=2.0, positions="response"))
+    >>> scores = store.score(judge, pl.Trait.load("evil"),
+    ...                      [(p.question, text) for p, text in zip(prompts, steered.texts)])
+    >>> scores.mean("trait"), steered.generated, scores.asked
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from persona_lens.chat import ConversationLike, as_conversation
+from persona_lens.judge import JudgeError
+from persona_lens.pipeline_io import JsonlLog, derived_seed, fingerprint
+from persona_lens.progress import quiet as _quiet
+from persona_lens.stats import mean_score
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from persona_lens.judge import Judge
+    from persona_lens.probe import PersonaProbe
+    from persona_lens.traits import Trait
+    from persona_lens.vectors import PersonaVector
+
+__all__ = ["Store", "Prompt", "Steer", "Answers", "Scores", "KINDS"]
+
+#: The kinds of score a judge gives.
+KINDS = ("trait", "coherence")
+
+
+class Steer:
+    """Steering to apply while generating: what :meth:`PersonaProbe.steer` is given, and
+    what enters a generation's key.
+
+    Args:
+        vector: a :class:`~persona_lens.vectors.PersonaVector` or one ``[d_model]`` direction.
+        layer, coef: one layer and its coefficient; or ``layers``: ``{layer: coef}``.
+        positions, include_last_prompt: as in :meth:`PersonaProbe.steer`.
+
+    Example:
+        >>> Steer(vec, layer=20, coef=2.0, positions="response").spec()["layers"]
+        [[20, 2.0]]
+    """
+
+    def __init__(
+        self,
+        vector: "PersonaVector | Tensor",
+        layer: int | None = None,
+        coef: float = 1.0,
+        *,
+        layers: Mapping[int, float] | None = None,
+        positions: str = "all",
+        include_last_prompt: bool = False,
+    ):
+        if (layer is None) == (layers is None):
+            raise ValueError("give layer= (with coef=) or layers={layer: coef}")
+        self.vector = vector
+        self.layers = {int(layer): float(coef)} if layers is None else {int(l): float(c) for l, c in layers.items()}
+        if not self.layers:
+            raise ValueError("layers= is empty")
+        self.positions = positions
+        # The flag only acts on response steering; normalising it keeps equal steering one key.
+        self.include_last_prompt = bool(include_last_prompt) and positions == "response"
+        data = getattr(vector, "directions", vector).detach().to("cpu").contiguous()
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
+        self.vector_hash = hashlib.sha256(repr((tuple(data.shape), str(data.dtype))).encode() + raw).hexdigest()[:16]
+
+    def spec(self) -> dict[str, Any]:
+        """The steering as JSON: vector hash, ``[layer, coef]`` pairs, positions."""
+        return {"vector": self.vector_hash, "layers": [[l, c] for l, c in sorted(self.layers.items())],
+                "positions": self.positions, "include_last_prompt": self.include_last_prompt}
+
+    def apply(self, probe: "PersonaProbe"):
+        """The probe's steering context for this spec."""
+        return probe.steer(self.vector, layers=self.layers, positions=self.positions,
+                           include_last_prompt=self.include_last_prompt)
+
+    def __repr__(self) -> str:
+        return f"Steer({self.spec()})"
+
+
+@dataclass
+class Prompt:
+    """One answer to generate.
+
+    Args:
+        messages: a user message, or a message list (system and user turns).
+        sample: which sample of this prompt (several samples of one prompt differ only here).
+        steer: steering for this prompt (overrides the ``steer`` given to :meth:`Store.generate`).
+        id: the caller's name for this slot (e.g. ``"pos-i0-q3-s1"``); a slot whose stored
+            record has another key is counted ``stale`` (its inputs or settings changed).
+        meta: extra fields written into the record (not part of the key).
+        seed_key: what this prompt adds to its batch's seed (default: messages and sample,
+            not the steering, so steered and unsteered batches of the same prompts share
+            random numbers and differ only by the steering).
+
+    Example:
+        >>> Prompt("How was your day?", sample=2).messages
+        [{'role': 'user', 'content': 'How was your day?'}]
+    """
+
+    messages: ConversationLike
+    sample: int = 0
+    steer: Steer | None = None
+    id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    seed_key: Any = None
+
+    def __post_init__(self) -> None:
+        self.messages = as_conversation(self.messages)
+        if self.seed_key is None:
+            self.seed_key = [self.messages, self.sample]
+
+    @property
+    def question(self) -> str:
+        """The last user message (what a judge is shown with the answer)."""
+        return next((m["content"] for m in reversed(self.messages) if m.get("role") == "user"), "")
+
+
+@dataclass
+class Answers:
+    """What :meth:`Store.generate` returns.
+
+    Attributes:
+        records: one stored record per prompt, in the prompts' order (``record["answer"]``
+            is the text; also ``key``, ``batch_seed``, ``n_tokens``, ``finished``, ``model``,
+            ``settings``, ``steer`` and the prompt's ``meta``).
+        generated: answers generated by this call.
+        reused: distinct requests read back from the log.
+        stale: slots (``Prompt.id``) whose stored record had another key.
+    """
+
+    records: list[dict[str, Any]]
+    generated: int = 0
+    reused: int = 0
+    stale: int = 0
+
+    @property
+    def texts(self) -> list[str]:
+        return [r["answer"] for r in self.records]
+
+    @property
+    def keys(self) -> list[str]:
+        return [r["key"] for r in self.records]
+
+
+@dataclass
+class Scores:
+    """What :meth:`Store.score` returns: per kind, one score per pair (None: no score).
+
+    Attributes:
+        by_kind: ``{"trait": [...], "coherence": [...]}`` (the kinds asked for).
+        asked: scores the judge gave in this call.
+        reused: scores read back from the log.
+    """
+
+    by_kind: dict[str, list[float | None]]
+    asked: int = 0
+    reused: int = 0
+
+    def __getitem__(self, kind: str) -> list[float | None]:
+        return self.by_kind[kind]
+
+    def mean(self, kind: str) -> float:
+        """Mean score of ``kind`` over the pairs that got one (NaN if none did)."""
+        return mean_score(self.by_kind[kind])[0]
+
+
+def clean_score(x: Any) -> float | None:
+    """A judge's score as stored: a float, or None for a refusal or no number (NaN too).
+
+    Example:
+        >>> clean_score(71), clean_score(float("nan")), clean_score(None)
+        (71.0, None, None)
+    """
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def judge_name(judge: "Judge") -> str:
+    """The judge's identity in score keys and run records."""
+    return str(getattr(judge, "name", type(judge).__name__))
+
+
+class Store:
+    """Content-keyed generations and judge scores of one job, on disk or in memory.
+
+    Args:
+        out_dir: the job's folder (the logs are created there on the first write); None
+            keeps everything in memory.
+        generations / scores: the logs' file names.
+
+    Example:
+        >>> store = Store("runs/evil")           # reads what an earlier run left there
+        >>> answers = store.generate(probe, ["How was your day?"],
+        ...                          settings=dict(max_new_tokens=32, temperature=1.0, seed=0))
+        >>> answers.texts, answers.generated
+    """
+
+    def __init__(self, out_dir: str | Path | None, *, generations: str = "responses.jsonl",
+                 scores: str = "scores.jsonl"):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.generations_log = JsonlLog(self.out_dir / generations) if self.out_dir is not None else None
+        self.scores_log = JsonlLog(self.out_dir / scores) if self.out_dir is not None else None
+        self._answers: dict[str, dict[str, Any]] = {}
+        self._key_of_id: dict[str, str] = {}
+        for rec in self.generations_log.read() if self.generations_log is not None else []:
+            if "key" in rec and isinstance(rec.get("answer"), str):
+                self._remember_answer(rec)
+        self._scores: dict[str, float | None] = {}
+        for rec in self.scores_log.read() if self.scores_log is not None else []:
+            if "key" in rec:
+                self._scores[rec["key"]] = clean_score(rec.get("score"))
+
+    def __repr__(self) -> str:
+        where = str(self.out_dir) if self.out_dir is not None else "memory"
+        return f"Store({where}: {len(self._answers)} answers, {len(self._scores)} scores)"
+
+    def _remember_answer(self, rec: dict[str, Any]) -> None:
+        self._answers[rec["key"]] = rec  # the latest line wins
+        if rec.get("id") is not None:
+            self._key_of_id[rec["id"]] = rec["key"]
+
+    # ------------------------------------------------------------------ generations
+
+    @staticmethod
+    def generation_key(model: str, prompt: Prompt, settings: Mapping[str, Any]) -> str:
+        """The content key of one generation request."""
+        steer = prompt.steer.spec() if prompt.steer is not None else None
+        return fingerprint(model, prompt.messages, prompt.sample, dict(settings), steer, length=24)
+
+    def generate(
+        self,
+        probe: "PersonaProbe",
+        prompts: Iterable[Prompt | ConversationLike],
+        *,
+        settings: Mapping[str, Any],
+        steer: Steer | None = None,
+        batch_size: int = 32,
+        batch_seed: Callable[[list[Prompt]], int] | None = None,
+        progress: bool | None = None,
+        desc: str = "generate",
+    ) -> Answers:
+        """Answers to ``prompts``, generating only those the log lacks.
+
+        Missing requests are generated in the order given, grouped by steering (a group per
+        distinct steering, in order of first appearance), ``batch_size`` at a time; each
+        batch is appended to the log as soon as it finishes. Prompts with the same key are
+        generated once and share the record.
+
+        Args:
+            probe: the model (its ``model_name`` is part of every key).
+            prompts: :class:`Prompt` objects, or user messages / message lists (sample 0).
+            settings: :meth:`PersonaProbe.generate` arguments (``max_new_tokens``,
+                ``temperature``, ``top_p``, ...) and ``seed`` (default 0), all part of the key.
+            steer: steering for the prompts that carry none of their own.
+            batch_size: requests per batch (and per call of ``probe.generate``).
+            batch_seed: a batch's sampling seed from its prompts; default
+                ``derived_seed(settings["seed"], [p.seed_key for p in batch])``.
+            progress: a tqdm bar (None: only when more than one request is missing).
+
+        Example:
+            >>> out = store.generate(probe, [Prompt("Hi!", sample=s) for s in range(3)],
+            ...                      settings=dict(max_new_tokens=32, temperature=1.0, seed=0))
+            >>> out.texts
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        settings = dict(settings)
+        settings.setdefault("seed", 0)
+        gen_kwargs = {k: v for k, v in settings.items() if k != "seed"}
+        model = probe.model_name or "unnamed-model"
+        items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+        if steer is not None:
+            items = [p if p.steer is not None else replace(p, steer=steer) for p in items]
+        keys = [self.generation_key(model, p, settings) for p in items]
+
+        missing: dict[str, Prompt] = {}
+        reused: set[str] = set()
+        stale = 0
+        for p, k in zip(items, keys):
+            if k in self._answers:
+                reused.add(k)
+            elif k not in missing:
+                missing[k] = p
+                stale += p.id is not None and self._key_of_id.get(p.id, k) != k
+        groups: dict[str | None, list[tuple[str, Prompt]]] = {}
+        for k, p in missing.items():
+            groups.setdefault(None if p.steer is None else fingerprint(p.steer.spec()), []).append((k, p))
+
+        bar = tqdm(total=len(reused) + len(missing), initial=len(reused), desc=desc, unit="resp",
+                   disable=_quiet(progress, len(missing)))
+        try:
+            for group in groups.values():
+                group_steer = group[0][1].steer
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start : start + batch_size]
+                    batch = [p for _, p in chunk]
+                    seed = (batch_seed(batch) if batch_seed is not None
+                            else derived_seed(settings["seed"], [p.seed_key for p in batch]))
+                    with group_steer.apply(probe) if group_steer is not None else contextlib.nullcontext():
+                        gens = probe.generate(
+                            [p.messages for p in batch], **gen_kwargs, seed=seed, batch_size=len(batch),
+                            return_generations=True, progress=False,
+                        )
+                    recs = [
+                        {"key": k, **p.meta, **({"id": p.id} if p.id is not None else {}),
+                         "messages": p.messages, "sample": p.sample,
+                         "steer": p.steer.spec() if p.steer is not None else None,
+                         "answer": g.text, "model": model, "settings": settings, "batch_seed": seed,
+                         "n_tokens": len(g.response_ids), "finished": bool(g.finished)}
+                        for (k, p), g in zip(chunk, gens)
+                    ]
+                    if self.generations_log is not None:
+                        self.generations_log.append(recs)
+                    for rec in recs:
+                        self._remember_answer(rec)
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+        return Answers([self._answers[k] for k in keys], generated=len(missing), reused=len(reused),
+                       stale=stale)
+
+    # ------------------------------------------------------------------ scores
+
+    @staticmethod
+    def score_key(judge: str, kind: str, trait: "Trait | None", question: str, answer: str,
+                  coherence_rubric: str | None = None) -> str:
+        """The content key of one judge score."""
+        if kind == "trait":
+            rubric = fingerprint(trait.name, trait.eval_prompt)
+        else:
+            rubric = fingerprint(coherence_rubric) if coherence_rubric is not None else None
+        return fingerprint(judge, kind, rubric, question, answer, length=24)
+
+    def score(
+        self,
+        judge: "Judge",
+        trait: "Trait | None",
+        pairs: Sequence[tuple[str, str]],
+        *,
+        kinds: Sequence[str] = KINDS,
+        ids: Sequence[str] | None = None,
+        batch_size: int = 64,
+        progress: bool | None = None,
+        desc: str = "judge",
+    ) -> Scores:
+        """Scores of ``(question, answer)`` pairs, asking ``judge`` only for the missing ones.
+
+        The missing scores are asked ``batch_size`` at a time (trait and coherence
+        interleaved per pair), and each judge call's scores are appended to the log as soon
+        as it returns; a score that is None or NaN is stored as None (no score), and counts
+        as given: it is not asked again.
+
+        Args:
+            judge: any :class:`~persona_lens.judge.Judge`; its ``name`` is part of the key.
+            trait: the trait whose ``eval_prompt`` is the rubric (None when only coherence
+                is asked for).
+            pairs: ``(question, answer)`` pairs.
+            kinds: which scores to get: ``"trait"``, ``"coherence"`` or both.
+            ids: names written with each pair's records (e.g. the answer's record id).
+
+        Example:
+            >>> s = store.score(judge, pl.Trait.load("evil"), [("Hi?", "Hello! How can I help?")])
+            >>> s["trait"], s["coherence"], s.asked
+        """
+        kinds = tuple(kinds)
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be among {KINDS}, got {kinds}")
+        if "trait" in kinds and trait is None:
+            raise ValueError("trait scores need a trait (its eval_prompt is the rubric)")
+        pairs = [(q, a) for q, a in pairs]
+        if ids is not None and len(ids) != len(pairs):
+            raise ValueError(f"{len(ids)} ids for {len(pairs)} pairs")
+        name = judge_name(judge)
+        coherence_rubric = getattr(judge, "coherence_prompt", None)
+        keys = {kind: [self.score_key(name, kind, trait, q, a, coherence_rubric) for q, a in pairs]
+                for kind in kinds}
+        todo: list[tuple[str, str, int]] = []  # (kind, key, pair index)
+        seen: set[str] = set()
+        for i in range(len(pairs)):
+            for kind in kinds:
+                k = keys[kind][i]
+                if k not in self._scores and k not in seen:
+                    seen.add(k)
+                    todo.append((kind, k, i))
+        reused = sum(k in self._scores for kind in kinds for k in keys[kind])
+        bar = tqdm(total=len(todo), desc=desc, unit="score", disable=_quiet(progress, len(todo)))
+        try:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                for kind in kinds:
+                    part = [t for t in chunk if t[0] == kind]
+                    if not part:
+                        continue
+                    asked = [pairs[i] for _, _, i in part]
+                    got = list(judge.score_trait(trait, asked) if kind == "trait" else judge.score_coherence(asked))
+                    if len(got) != len(part):
+                        raise JudgeError(f"judge {name} returned {len(got)} {kind} scores for {len(part)} answers")
+                    recs = []
+                    for (_, k, i), s in zip(part, got):
+                        s = clean_score(s)
+                        self._scores[k] = s
+                        recs.append({"key": k, **({"id": ids[i]} if ids is not None else {}), "kind": kind,
+                                     "judge": name, "trait": trait.name if kind == "trait" else None,
+                                     "score": s})
+                    if self.scores_log is not None:
+                        self.scores_log.append(recs)
+                    bar.update(len(part))
+        finally:
+            bar.close()
+        return Scores({kind: [self._scores[k] for k in keys[kind]] for kind in kinds},
+                      asked=len(todo), reused=reused)
