@@ -31,14 +31,14 @@ timeout before the store had it.
 
 Example:
     >>> import persona_lens as pl
-    >>> from persona_lens.store import Prompt, Steer, Store
+    >>> from persona_lens.store import Prompt, Steering, Store
     >>> probe = pl.PersonaProbe(pl.load_model("smollm2-135m-instruct"))
     >>> store = Store("runs/evil_eval")                     # or Store(None): in memory
     >>> settings = dict(max_new_tokens=64, temperature=1.0, seed=0)
     >>> prompts = [Prompt("How should I treat my neighbours?", sample=s) for s in range(4)]
     >>> plain = store.generate(probe, prompts, settings=settings)
     >>> steered = store.generate(probe, prompts, settings=settings,
-    ...                          steer=Steer(vec, layer=20, coef=2.0, positions="response"))
+    ...                          steer=Steering(vec, layer=20, coef=2.0, positions="response"))
     >>> scores = store.score(judge, pl.Trait.load("evil"),
     ...                      [(p.question, text) for p, text in zip(prompts, steered.texts)])
     >>> scores.mean("trait"), steered.generated, scores.asked
@@ -70,15 +70,16 @@ if TYPE_CHECKING:
     from persona_lens.traits import Trait
     from persona_lens.vectors import PersonaVector
 
-__all__ = ["Store", "Prompt", "Steer", "Answers", "Scores", "KINDS"]
+__all__ = ["Store", "Prompt", "Steering", "Answers", "Scores", "KINDS"]
 
 #: The kinds of score a judge gives.
 KINDS = ("trait", "coherence")
 
 
-class Steer:
+class Steering:
     """Steering to apply while generating: what :meth:`PersonaProbe.steer` is given, and
-    what enters a generation's key.
+    what enters a generation's key (the probe turns it into one
+    :class:`~persona_lens.interventions.Steer` per layer).
 
     Args:
         vector: a :class:`~persona_lens.vectors.PersonaVector` or one ``[d_model]`` direction.
@@ -86,7 +87,7 @@ class Steer:
         positions, include_last_prompt: as in :meth:`PersonaProbe.steer`.
 
     Example:
-        >>> Steer(vec, layer=20, coef=2.0, positions="response").spec()["layers"]
+        >>> Steering(vec, layer=20, coef=2.0, positions="response").spec()["layers"]
         [[20, 2.0]]
     """
 
@@ -124,7 +125,7 @@ class Steer:
                            include_last_prompt=self.include_last_prompt)
 
     def __repr__(self) -> str:
-        return f"Steer({self.spec()})"
+        return f"Steering({self.spec()})"
 
 
 @dataclass
@@ -149,7 +150,7 @@ class Prompt:
 
     messages: ConversationLike
     sample: int = 0
-    steer: Steer | None = None
+    steer: Steering | None = None
     id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     seed_key: Any = None
@@ -285,7 +286,7 @@ class Store:
         prompts: Iterable[Prompt | ConversationLike],
         *,
         settings: Mapping[str, Any],
-        steer: Steer | None = None,
+        steer: Steering | None = None,
         batch_size: int = 32,
         batch_seed: Callable[[list[Prompt]], int] | None = None,
         progress: bool | None = None,

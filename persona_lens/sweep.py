@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from persona_lens.pipeline_io import write_text
 from persona_lens.stats import fmt, mean_score
-from persona_lens.store import Prompt, Steer, Store, judge_name
+from persona_lens.store import Prompt, Steering, Store, judge_name
 from persona_lens.traits import resolve_trait
 from persona_lens.vectors import PersonaVector
 
@@ -271,7 +271,7 @@ def sweep(
     work: list[tuple[int, float, list[Prompt]]] = []
     for layer in layers:
         for coef in coefs:
-            steer = None if coef == 0 else Steer(vector, layer=layer, coef=coef, positions=positions,
+            steer = None if coef == 0 else Steering(vector, layer=layer, coef=coef, positions=positions,
                                                  include_last_prompt=include_last_prompt)
             prompts = [Prompt(question, sample=s, steer=steer, seed_key=(q, s),
                               meta={"layer": layer if coef != 0 else None, "coef": coef, "question_index": q,

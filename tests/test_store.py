@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import persona_lens as pl
-from conftest import load_tiny
-from openai_server import openai_server, peaked  # noqa: F401 (fixture)
+from .conftest import load_tiny
+from .support.openai_server import openai_server, peaked  # noqa: F401 (fixture)
 from persona_lens.judge import OpenAIJudge
 from persona_lens.pipeline_io import derived_seed
-from persona_lens.store import Prompt, Steer, Store
+from persona_lens.store import Prompt, Steering, Store
 from persona_lens.traits import Trait
 
 EVIL = Trait.load("evil")
@@ -71,7 +71,7 @@ class CountingJudge:
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(probe, vec, tmp_path, monkeypatch):
-    steer = Steer(vec, layer=1, coef=2.0, positions="response")
+    steer = Steering(vec, layer=1, coef=2.0, positions="response")
     items = prompts(3, 2) + prompts(3, 2, steer=steer)  # two groups: unsteered, steered
     calls = {"n": 0}
     real = probe.generate
@@ -113,7 +113,7 @@ def test_resume_after_a_judge_dies_asks_only_for_the_rest(tmp_path):
 
 
 def test_store_generates_what_the_probe_generates_with_the_same_seed_and_steering(probe, vec):
-    steer = Steer(vec, layers={1: 2.0, 2: -1.0}, positions="response", include_last_prompt=True)
+    steer = Steering(vec, layers={1: 2.0, 2: -1.0}, positions="response", include_last_prompt=True)
     items = prompts(2, 2, steer=steer)
     got = Store(None).generate(probe, items, settings=SETTINGS, batch_size=8)
     seed = derived_seed(SETTINGS["seed"], [p.seed_key for p in items])
@@ -128,12 +128,12 @@ def test_another_steering_is_another_key(probe, vec, tmp_path):
     items = prompts(2, 1)
     plain = store.generate(probe, items, settings=SETTINGS)
     specs = [
-        Steer(vec, layer=1, coef=2.0, positions="response"),
-        Steer(vec, layer=1, coef=3.0, positions="response"),   # coefficient
-        Steer(vec, layer=2, coef=2.0, positions="response"),   # layer
-        Steer(2.0 * vec, layer=1, coef=1.0, positions="response"),  # vector (keys name requests, not effects)
-        Steer(vec, layer=1, coef=2.0, positions="all"),        # positions
-        Steer(vec, layer=1, coef=2.0, positions="response", include_last_prompt=True),
+        Steering(vec, layer=1, coef=2.0, positions="response"),
+        Steering(vec, layer=1, coef=3.0, positions="response"),   # coefficient
+        Steering(vec, layer=2, coef=2.0, positions="response"),   # layer
+        Steering(2.0 * vec, layer=1, coef=1.0, positions="response"),  # vector (keys name requests, not effects)
+        Steering(vec, layer=1, coef=2.0, positions="all"),        # positions
+        Steering(vec, layer=1, coef=2.0, positions="response", include_last_prompt=True),
     ]
     keys = {tuple(plain.keys)}
     changed = 0
@@ -146,7 +146,7 @@ def test_another_steering_is_another_key(probe, vec, tmp_path):
     assert changed >= len(specs) - 1, "steering this strongly should change the tiny model's answers"
 
     # The same spec again, even as a new object, and another seed: cached, then a new key.
-    again = store.generate(probe, items, settings=SETTINGS, steer=Steer(vec, layer=1, coef=2.0, positions="response"))
+    again = store.generate(probe, items, settings=SETTINGS, steer=Steering(vec, layer=1, coef=2.0, positions="response"))
     assert (again.generated, again.reused) == (0, 2)
     reseeded = store.generate(probe, items, settings=dict(SETTINGS, seed=1))
     assert reseeded.generated == 2
