@@ -8,15 +8,40 @@ Example:
     ...     texts = probe.generate(["How should I treat my neighbours?"])
 """
 
-from persona_lens import plot
-from persona_lens.chat import ChatBatch, encode_chat
-from persona_lens.extract import extract
-from persona_lens.judge import Judge, JudgeError, OpenAIJudge
-from persona_lens.models import load_model
-from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading
-from persona_lens.sweep import sweep
-from persona_lens.traits import Trait, TraitError, generate_trait
-from persona_lens.vectors import PersonaVector, VectorMismatchError
+# The names below are loaded on first use (module ``__getattr__``), so that ``import
+# persona_lens`` and the command line (``persona-lens --help``) do not import torch,
+# transformers, TransformerLens or plotly before a command needs them.
+
+import importlib
+import types
+from typing import TYPE_CHECKING, Any
+
+# public name -> module that defines it (a module itself when the two are equal)
+_EXPORTS = {
+    "ActivationMean": "persona_lens.probe",
+    "Activations": "persona_lens.probe",
+    "ChatBatch": "persona_lens.chat",
+    "Generation": "persona_lens.probe",
+    "PersonaProbe": "persona_lens.probe",
+    "PersonaVector": "persona_lens.vectors",
+    "Reading": "persona_lens.probe",
+    "VectorMismatchError": "persona_lens.vectors",
+    "Judge": "persona_lens.judge",
+    "JudgeError": "persona_lens.judge",
+    "OpenAIJudge": "persona_lens.judge",
+    "Trait": "persona_lens.traits",
+    "TraitError": "persona_lens.traits",
+    "encode_chat": "persona_lens.chat",
+    "generate_trait": "persona_lens.traits",
+    "extract": "persona_lens.extract",
+    "load_model": "persona_lens.models",
+    "plot": "persona_lens.plot",
+    "sweep": "persona_lens.sweep",
+}
+
+# ``persona_lens.extract`` and ``persona_lens.sweep`` are the functions; the modules of the same
+# name are reached with ``from persona_lens.extract import ...``.
+_FUNCTION_OVER_MODULE = ("extract", "sweep")
 
 __all__ = [
     "ActivationMean",
@@ -40,3 +65,44 @@ __all__ = [
     "sweep",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'persona_lens' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module == f"{__name__}.{name}" and name not in _FUNCTION_OVER_MODULE else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``persona_lens.extract`` (or ``.sweep``) binds its name on the
+    package; keep the function of that name there instead, as an eager ``from
+    persona_lens.extract import extract`` in this file would."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTION_OVER_MODULE and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _Package
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from persona_lens import plot
+    from persona_lens.chat import ChatBatch, encode_chat
+    from persona_lens.extract import extract
+    from persona_lens.judge import Judge, JudgeError, OpenAIJudge
+    from persona_lens.models import load_model
+    from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading
+    from persona_lens.sweep import sweep
+    from persona_lens.traits import Trait, TraitError, generate_trait
+    from persona_lens.vectors import PersonaVector, VectorMismatchError
