@@ -40,8 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from tqdm.auto import tqdm
-
 from persona_lens.pipeline_io import (
     JsonlLog,
     derived_seed,
@@ -51,6 +49,7 @@ from persona_lens.pipeline_io import (
     write_json,
     write_text,
 )
+from persona_lens.progress import note as progress_note
 from persona_lens.store import KINDS, Prompt, Store, judge_name as _judge_name
 from persona_lens.traits import resolve_trait
 from persona_lens.vectors import PersonaVector
@@ -555,7 +554,7 @@ def _compute_vectors(
     for pol in POLARITIES:
         convs = [(p.pos if pol == "pos" else p.neg).conversation() for p in kept]
         if progress is not False:
-            tqdm.write(f"capturing activations of {len(convs)} {pol} responses")
+            progress_note(f"capturing activations of {len(convs)} {pol} responses")
         means[pol] = probe.capture_mean(convs, layers=layers, reductions=REDUCTIONS,
                                         batch_size=batch_size, progress=progress)
     vectors = {}

@@ -54,11 +54,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from persona_lens.chat import ConversationLike, as_conversation
 from persona_lens.judge import JudgeError
 from persona_lens.pipeline_io import JsonlLog, derived_seed, fingerprint
+from persona_lens.progress import bar as _bar
 from persona_lens.progress import quiet as _quiet
 from persona_lens.stats import mean_score
 
@@ -339,11 +339,14 @@ class Store:
         for k, p in missing.items():
             groups.setdefault(None if p.steer is None else fingerprint(p.steer.spec()), []).append((k, p))
 
-        bar = tqdm(total=len(reused) + len(missing), initial=len(reused), desc=desc, unit="resp",
+        bar = _bar(total=len(reused) + len(missing), initial=len(reused), desc=desc, unit="resp",
                    disable=_quiet(progress, len(missing)))
         try:
             for group in groups.values():
                 group_steer = group[0][1].steer
+                if len(groups) > 1:  # say which steering is running
+                    bar.set_postfix_str("unsteered" if group_steer is None else ", ".join(
+                        f"layer {l} coef {c:g}" for l, c in sorted(group_steer.layers.items())))
                 for start in range(0, len(group), batch_size):
                     chunk = group[start : start + batch_size]
                     batch = [p for _, p in chunk]
@@ -437,7 +440,7 @@ class Store:
                     seen.add(k)
                     todo.append((kind, k, i))
         reused = sum(k in self._scores for kind in kinds for k in keys[kind])
-        bar = tqdm(total=len(todo), desc=desc, unit="score", disable=_quiet(progress, len(todo)))
+        bar = _bar(total=len(todo), desc=desc, unit="score", disable=_quiet(progress, len(todo)))
         try:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]

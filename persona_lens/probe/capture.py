@@ -14,13 +14,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from persona_lens import ops as H
 from persona_lens.chat import ChatBatch, ConversationLike, as_conversation, chat_rows, encode_rows
 from persona_lens.interventions import Capture, Project
 from persona_lens.probe.owner import HookFn, WindowMasks
 from persona_lens.probe.positions import Positions, batch_positions
+from persona_lens.progress import bar as progress_bar
 from persona_lens.progress import quiet
 from persona_lens.vectors import PersonaVector
 
@@ -148,7 +148,7 @@ class CaptureMixin:
         """
         groups = self._batches(rows, batch_size)
         run = self._runner()
-        with tqdm(total=len(rows), desc=desc, unit="conv", disable=quiet(progress, len(groups))) as bar:
+        with progress_bar(total=len(rows), desc=desc, unit="conv", disable=quiet(progress, len(groups))) as bar:
             for idx in groups:
                 batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
                 positions = batch_positions(batch)

@@ -15,11 +15,11 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from persona_lens.chat import ChatBatch, ConversationLike, as_conversation, chat_rows, encode_rows
 from persona_lens.interventions import Project
 from persona_lens.probe.positions import batch_positions
+from persona_lens.progress import bar as progress_bar
 from persona_lens.progress import quiet
 from persona_lens.vectors import PersonaVector
 
@@ -172,7 +172,7 @@ class GenerationMixin:
         eos_set = self.backend.eos_token_ids()
         eos = torch.tensor(sorted(eos_set), device=self.device, dtype=torch.long)
         groups = self._batches(rows, batch_size)
-        bar = tqdm(total=len(rows), desc="generate", unit="resp", disable=quiet(progress, len(groups)))
+        bar = progress_bar(total=len(rows), desc="generate", unit="resp", disable=quiet(progress, len(groups)))
         for idx in groups:
             batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
             finish = reader(batch, idx) if reader else None
