@@ -208,7 +208,11 @@ def _verdict_from_response(response: Any, min_mass: float) -> _Verdict:
 
 
 def default_cache_dir() -> Path:
-    """``$PERSONA_LENS_CACHE/judge``, default ``~/.cache/persona_lens/judge``."""
+    """``$PERSONA_LENS_JUDGE_CACHE`` if set, else ``$PERSONA_LENS_CACHE/judge``, default
+    ``~/.cache/persona_lens/judge``."""
+    own = os.environ.get("PERSONA_LENS_JUDGE_CACHE")
+    if own:
+        return Path(own).expanduser()
     root = os.environ.get("PERSONA_LENS_CACHE") or "~/.cache/persona_lens"
     return Path(root).expanduser() / "judge"
 
@@ -357,8 +361,9 @@ class OpenAIJudge:
         base_url: endpoint, e.g. ``"http://localhost:8000/v1"`` for vLLM; default: OpenAI (or
             ``OPENAI_BASE_URL``).
         api_key: default ``OPENAI_API_KEY``; may be omitted for a local ``base_url``.
-        cache_dir: folder of the cache database; default ``~/.cache/persona_lens/judge``
-            (``$PERSONA_LENS_CACHE/judge`` when that is set); False: cache in memory only.
+        cache_dir: folder of the cache database; default :func:`default_cache_dir`
+            (``$PERSONA_LENS_JUDGE_CACHE``, else ``$PERSONA_LENS_CACHE/judge``, else
+            ``~/.cache/persona_lens/judge``); False: cache in memory only.
         max_concurrency: requests in flight at once.
         max_retries: tries per request in all (the first one included) before JudgeError.
         timeout: seconds per request.

@@ -16,6 +16,14 @@ BACKEND = os.environ.get("PERSONA_LENS_TEST_BACKEND", "bridge")
 ARCHS = ["llama", "qwen2"]
 
 
+@pytest.fixture(autouse=True)
+def _judge_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Judges built without a cache folder write theirs to a temporary one, not the user's
+    (``PERSONA_LENS_JUDGE_CACHE``). The model cache stays shared: SmolLM2's conversion is
+    slow to repeat."""
+    monkeypatch.setenv("PERSONA_LENS_JUDGE_CACHE", str(tmp_path_factory.mktemp("judge-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}")) for arch in ARCHS}

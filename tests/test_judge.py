@@ -287,6 +287,9 @@ def test_judge_protocol(tmp_path):
 
 
 def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERSONA_LENS_JUDGE_CACHE", str(tmp_path / "own"))
+    assert default_cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("PERSONA_LENS_JUDGE_CACHE")
     monkeypatch.setenv("PERSONA_LENS_CACHE", str(tmp_path / "root"))
     assert default_cache_dir() == tmp_path / "root" / "judge"
     judge = OpenAIJudge()
