@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import html
 import io
 import math
 import time
@@ -152,49 +151,77 @@ class SweepResult:
                       f"none: no steered cell has coherence >= {self.coherence_floor:g}") + ")")
         return "\n".join(out)
 
-    def figure(self) -> "go.Figure":
-        """Judged trait score (left) and coherence (right) vs coefficient, one line per layer
-        (the paper's E1 view)."""
-        import plotly.graph_objects as go
-        from plotly.colors import sample_colorscale
-        from plotly.subplots import make_subplots
+    @property
+    def lowest(self) -> SweepCell | None:
+        """The steered cell with the lowest mean trait score among those whose mean coherence
+        is at least the floor (the smallest ``|coef|`` on a tie): the choice when steering
+        suppresses a trait. None if no cell qualifies."""
+        ok = [c for c in self.cells
+              if c.coef != 0 and not math.isnan(c.trait) and not math.isnan(c.coherence)
+              and c.coherence >= self.coherence_floor]
+        return min(ok, key=lambda c: (c.trait, abs(c.coef)), default=None)
 
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("trait score", "coherence"))
-        layers = self.layers
-        colors = sample_colorscale("Viridis", [i / max(1, len(layers) - 1) for i in range(len(layers))])
-        best = self.best_layer
-        for layer, color in zip(layers, colors):
-            cells = sorted((c for c in self.cells if c.layer == layer), key=lambda c: c.coef)
-            x = [c.coef for c in cells]
-            name = f"layer {layer}" + (" (best)" if layer == best else "")
-            width = 4 if layer == best else 2
-            for col, attr in ((1, "trait"), (2, "coherence")):
-                fig.add_trace(go.Scatter(
-                    x=x, y=[getattr(c, attr) for c in cells], mode="lines+markers", name=name,
-                    legendgroup=str(layer), showlegend=col == 1, line=dict(color=color, width=width),
-                    hovertemplate=f"layer {layer}<br>coef %{{x}}<br>{attr} %{{y:.1f}}<extra></extra>",
-                ), row=1, col=col)
-        fig.add_hline(y=self.coherence_floor, line_dash="dot", line_color="gray", row=1, col=2)
-        for col in (1, 2):
-            fig.update_xaxes(title_text="steering coefficient", row=1, col=col)
-            fig.update_yaxes(range=[-2, 102], row=1, col=col)
-        title = f"Steering sweep: {self.trait_name or 'trait'}"
-        if self.model_name:
-            title += f" on {self.model_name}"
-        fig.update_layout(title=title, legend_title_text="layer", template="plotly_white")
-        return fig
+    def table_rows(self, chosen: SweepCell | None = None) -> tuple[list[str], list[list[str]], list[tuple[int, int]]]:
+        """The table for a page: header, rows (layers) of ``trait / coherence`` per
+        coefficient, and the ``(row, column)`` of ``chosen`` (default :attr:`best`)."""
+        chosen = self.best if chosen is None else chosen
+        coefs = self.coefs
+        header = ["layer"] + [f"coef {c:g}" for c in coefs]
+        rows, marks = [], []
+        for i, layer in enumerate(self.layers):
+            row = [str(layer)]
+            for j, c in enumerate(coefs, start=1):
+                try:
+                    cell = self.cell(layer, c)
+                except KeyError:
+                    row.append("-")
+                    continue
+                row.append(f"{fmt(cell.trait, decimals=1)} / {fmt(cell.coherence, decimals=1)}")
+                if chosen is not None and (cell.layer, cell.coef) == (chosen.layer, chosen.coef):
+                    marks.append((i, j))
+            rows.append(row)
+        return header, rows, marks
+
+    def caption(self) -> str:
+        """What the table's cells are, their scale and sample size."""
+        ns = sorted({c.n for c in self.cells})
+        n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        return (f"Each cell: mean trait score / mean coherence of the judged answers (both 0-100; "
+                f"n = {n} answers per cell; coef 0 is the unsteered baseline, shared by all layers). "
+                f"Cells below coherence {self.coherence_floor:g} cannot be chosen.")
+
+    def figure(self, highlight: int | None = None, *, title: str | None = None) -> "go.Figure":
+        """Judged trait score (left) and coherence (right) vs coefficient, one line per layer
+        (the paper's E1 view); ``highlight`` (default :attr:`best_layer`) is drawn thicker."""
+        from persona_lens.plot import sweep_figure
+
+        if title is None:
+            title = f"Steering sweep: {self.trait_name or 'trait'}"
+            if self.model_name:
+                title += f" on {self.model_name}"
+        return sweep_figure(
+            self.cells, coherence_floor=self.coherence_floor,
+            highlight=self.best_layer if highlight is None else highlight, title=title,
+            trait_title=f"{self.trait_name} score" if self.trait_name else "trait score",
+        )
 
     def to_html(self, path: str | Path | None = None) -> str:
-        """A standalone HTML page: the figure and the table. Also written to ``path`` if given."""
-        fig_html = self.figure().to_html(full_html=False, include_plotlyjs="cdn")
-        page = (
-            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(self.trait_name or 'sweep')} sweep</title></head><body>"
-            f"{fig_html}<pre>{html.escape(self.table())}</pre></body></html>\n"
-        )
+        """A standalone HTML page: the figure and the table, with plotly.js embedded (it opens
+        offline). Also written to ``path`` if given."""
+        from persona_lens.report import Page
+
+        page = Page(f"{self.trait_name or 'trait'} sweep",
+                    subtitle=f"model {self.model_name or '?'}, judge {self.judge_name or '?'}")
+        page.figure(self.figure())
+        header, rows, marks = self.table_rows()
+        page.table(header, rows, caption=self.caption(), highlight=marks)
+        best = self.best
+        page.text("chosen: " + (f"layer {best.layer} at coef {best.coef:g}" if best else
+                                f"none (no steered cell has coherence >= {self.coherence_floor:g})"))
+        text = page.html()
         if path is not None:
-            write_text(path, page)
-        return page
+            write_text(path, text)
+        return text
 
 
 def sweep(
@@ -206,6 +233,7 @@ def sweep(
     coefs: Sequence[float],
     judge: "Judge",
     questions: Sequence[str] | int | None = None,
+    system: str | None = None,
     samples: int = 1,
     max_new_tokens: int = 1000,
     temperature: float = 1.0,
@@ -230,6 +258,8 @@ def sweep(
             the unsteered baseline, generated once and shared by all layers.
         judge: scores trait and coherence.
         questions: question strings, the first N evaluation questions, or None for all.
+        system: a system prompt in front of every question (e.g. one that encourages the
+            trait, to measure how far negative coefficients suppress it); None: none.
         samples: answers per question and cell.
         max_new_tokens, temperature: generation settings. Every cell uses the same seeds for
             the same (question, sample), so cells differ only by the steering.
@@ -273,7 +303,9 @@ def sweep(
         for coef in coefs:
             steer = None if coef == 0 else Steering(vector, layer=layer, coef=coef, positions=positions,
                                                  include_last_prompt=include_last_prompt)
-            prompts = [Prompt(question, sample=s, steer=steer, seed_key=(q, s),
+            prompts = [Prompt(question if system is None else
+                              [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                              sample=s, steer=steer, seed_key=(q, s),
                               meta={"layer": layer if coef != 0 else None, "coef": coef, "question_index": q,
                                     "question": question})
                        for q, question in enumerate(qs) for s in range(samples)]
