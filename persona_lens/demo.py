@@ -3,22 +3,54 @@
 ``persona-lens demo`` (or :func:`run_demo`) extracts a persona vector from the tiny
 organism model with the standard pipeline (contrastive system prompts, exact judge, paired
 filter, mean difference), sweeps layers and coefficients, steers with the chosen layer,
-monitors the last-prompt projection across graded system prompts, and writes an HTML report
-with the figures and a table of the headline numbers. It needs no network and no GPU.
+suppresses the trait under a system prompt that encourages it, monitors the last-prompt
+projection across graded system prompts, and writes an HTML report with a section per
+experiment and a table of the headline numbers. It needs no network and no GPU.
+
+The default is the short run (two samples per prompt: about 2,600 generations); ``full=True``
+(``--full``) is the complete one (four samples: about 5,100 generations). Both reach the
+same conclusions; the full run's numbers are tighter. Times are in ``docs/organism.md``.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from persona_lens.pipeline_io import write_json, write_text
+from persona_lens.pipeline_io import write_json
 from persona_lens.stats import fmt, mean_score, pearson
-from persona_lens.store import Store
+
+__all__ = ["DemoError", "DemoResult", "FIGURE_LABELS", "QUICK", "FULL", "run_demo"]
+
+#: The short default run and the complete one: samples per prompt in extraction, the sweeps
+#: and the steering checks; samples per (graded system prompt, question) in monitoring.
+QUICK = {"samples": 2, "monitor_samples": 2}
+FULL = {"samples": 4, "monitor_samples": 4}
+
+#: Headline figures: key -> (label, scale). Scores are the judge's 0-100.
+FIGURE_LABELS: dict[str, tuple[str, str]] = {
+    "kept_pairs": ("contrastive pairs kept by the filter", "count"),
+    "layer": ("steering layer chosen by the sweep", "layer"),
+    "coef": ("steering coefficient chosen by the sweep", "x vector"),
+    "prior_trait": ("trait score, no system prompt, unsteered", "0-100"),
+    "steered_trait": ("trait score, no system prompt, +coef x v at the layer", "0-100"),
+    "steered_coherence": ("coherence of those steered answers", "0-100"),
+    "encouraged_trait": ("trait score, encouraging system prompt, unsteered", "0-100"),
+    "suppression_layer": ("suppression layer", "layer"),
+    "suppression_coef": ("suppression coefficient c", "x vector"),
+    "suppressed_trait": ("trait score, encouraging system prompt, -c x v", "0-100"),
+    "suppressed_coherence": ("coherence of those suppressed answers", "0-100"),
+    "monitor_r": ("Pearson r, last-prompt projection vs trait score", "-1 to 1"),
+}
+
+class DemoError(RuntimeError):
+    """The demo cannot draw its conclusions (e.g. no steered cell stays coherent)."""
+
+
+STAGES = ("load model", "extract", "steering sweep", "suppression sweep", "monitor", "report")
 
 
 @dataclass
@@ -27,7 +59,9 @@ class DemoResult:
 
     Attributes:
         figures: name -> value; see :data:`FIGURE_LABELS` for what each one is.
+        n: name -> how many answers (or pairs, or cells) each figure is computed from.
         layer / coef: the layer and coefficient the sweep chose.
+        settings: the run's settings; ``seconds``: wall time per stage and in all.
         report_path: the HTML report.
     """
 
@@ -36,220 +70,326 @@ class DemoResult:
     layer: int
     coef: float
     figures: dict[str, float] = field(default_factory=dict)
+    n: dict[str, int] = field(default_factory=dict)
     cells: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """The headline table: (measure, value, scale, n)."""
+        out = []
+        for key, (label, scale) in FIGURE_LABELS.items():
+            if key in self.figures:
+                n = self.n.get(key)
+                out.append((label, _value(key, self.figures[key]), scale, "" if n is None else str(n)))
+        return out
 
     def table(self) -> str:
-        """The headline figures as a plain-text table."""
-        width = max(len(v) for v in FIGURE_LABELS.values())
-        lines = [f"{'figure'.ljust(width)}  value", f"{'-' * width}  -----"]
-        for key, label in FIGURE_LABELS.items():
-            if key in self.figures:
-                lines.append(f"{label.ljust(width)}  {fmt(self.figures[key])}")
+        """The headline figures as a plain-text table (then the wall time)."""
+        rows = [("measure", "value", "scale", "n")] + self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join((c.rjust(w) if i in (1, 3) else c.ljust(w)) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if "total" in self.seconds:
+            lines.append(f"(n: answers each figure averages; pairs for the filter; (prompt, question) cells for r. "
+                         f"Wall time {self.seconds['total']:.0f} s.)")
         return "\n".join(lines)
 
 
-FIGURE_LABELS = {
-    "kept_pairs": "pairs kept by the filter",
-    "layer": "chosen layer",
-    "coef": "chosen coefficient",
-    "prior_trait": "trait score, no system prompt",
-    "steered_trait": "trait score, no system prompt, +coef*v",
-    "steered_coherence": "coherence, no system prompt, +coef*v",
-    "encouraged_trait": "trait score, encouraging prompt",
-    "suppression_layer": "suppression layer",
-    "suppression_coef": "suppression coefficient c",
-    "suppressed_trait": "trait score, encouraging prompt, -c*v",
-    "suppressed_coherence": "coherence, encouraging prompt, -c*v",
-    "monitor_r": "Pearson r, last-prompt projection vs trait",
-    "seconds": "wall time (s)",
-}
+def _value(key: str, v: float) -> str:
+    """One consistent format per kind of figure."""
+    if math.isnan(v):
+        return "n/a"
+    scale = FIGURE_LABELS[key][1]
+    if scale in ("count", "layer"):
+        return str(int(v))
+    if scale == "0-100":
+        return f"{v:.1f}"
+    if scale == "-1 to 1":
+        return f"{v:.2f}"
+    return f"{v:g}"
+
+
+def _pretty(strength: str) -> str:
+    return strength.replace("_", " ")
 
 
 def run_demo(
     out_dir: str | Path = "persona_demo",
     *,
     trait: str = "evil",
-    samples: int = 4,
+    full: bool = False,
+    samples: int | None = None,
     questions: int | None = None,
     layers: Sequence[int] | None = None,
     coefs: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
     max_new_tokens: int = 48,
     monitor_questions: int = 10,
-    monitor_samples: int = 4,
+    monitor_samples: int | None = None,
     coherence_floor: float = 80.0,
     positions: str = "all",
     seed: int = 0,
+    threads: int | None = None,
     progress: bool | None = True,
     verbose: bool = True,
 ) -> DemoResult:
     """Run the whole method on the persona organism and write an HTML report.
 
     Args:
-        out_dir: where the pipeline's files, the report (``report.html``) and
-            ``figures.json`` go; a rerun reuses finished generations and scores.
+        out_dir: where the pipeline's files, the report (``report.html``), ``figures.json``
+            and ``run.json`` (settings, timings) go; a rerun reuses finished generations and
+            scores.
         trait: one of the organism's traits (``evil``, ``sycophantic``, ``hallucinating``).
+        full: the complete run (:data:`FULL`) instead of the short default (:data:`QUICK`).
         samples: responses per (instruction, question) and polarity in extraction, and per
-            question in the sweep and the steering checks.
+            question in the sweeps (default 2; 4 with ``full``).
         questions: extraction questions (default all 20).
         layers: layers to sweep (default every block input ``1..n_layers-1``).
-        coefs: steering coefficients to sweep (0 is the unsteered baseline).
+        coefs: steering coefficients to sweep (0 is the unsteered baseline); the
+            suppression sweep uses their negatives under an encouraging system prompt.
         max_new_tokens: response length limit.
         monitor_questions / monitor_samples: evaluation questions per graded system prompt,
-            and samples per question, for the monitoring correlation.
-        coherence_floor: the sweep chooses among cells at least this coherent.
+            and samples per question, for the monitoring correlation (default 2 samples; 4
+            with ``full``).
+        coherence_floor: the sweeps choose among cells at least this coherent.
         positions: where steering adds the vector (``"all"``, or ``"response"`` as in the
             paper's sweeps); on the organism's short prompts ``"all"`` elicits more.
+        threads: torch threads for the run (None: leave torch's setting).
+        progress: one progress line for the whole run (stage, done/total, time left).
 
     Returns:
         :class:`DemoResult` (``result.table()`` prints the headline figures).
 
     Example:
         >>> from persona_lens.demo import run_demo
-        >>> result = run_demo("persona_demo")
-        >>> print(result.table())
+        >>> result = run_demo("persona_demo")  # doctest: +SKIP
+        >>> print(result.table())  # doctest: +SKIP
     """
-    import plotly.graph_objects as go
+    t_start = time.perf_counter()
+    import torch
 
     from persona_lens import organism
     from persona_lens.extract import extract
     from persona_lens.models import ORGANISM, load_model
     from persona_lens.organism.world import STRENGTHS, system_prompts
-    from persona_lens.plot import projection_curve
     from persona_lens.probe import PersonaProbe
+    from persona_lens.progress import Job
+    from persona_lens.store import Store
     from persona_lens.sweep import sweep
 
-    t0 = time.perf_counter()
+    preset = FULL if full else QUICK
+    samples = preset["samples"] if samples is None else samples
+    monitor_samples = preset["monitor_samples"] if monitor_samples is None else monitor_samples
+    if threads is not None:
+        torch.set_num_threads(threads)
     out = Path(out_dir)
-    probe = PersonaProbe(load_model(ORGANISM, device="cpu"))
     t = organism.load_trait(trait)
     judge = organism.OrganismJudge()
-    checks = Store(None)  # scores of the steering and monitoring checks below
-    gen = dict(max_new_tokens=max_new_tokens, temperature=1.0, progress=progress)
 
-    ex = extract(
-        probe, t, judge, out_dir=out / "extract", samples=samples, questions=questions,
-        max_new_tokens=max_new_tokens, seed=seed, progress=progress, verbose=False,
-    )
-    vec = ex.vector
-    sweep_layers = list(layers) if layers is not None else list(range(1, probe.n_layers))
-    sw = sweep(
-        probe, vec, t, layers=sweep_layers, coefs=coefs, judge=judge, samples=samples,
-        max_new_tokens=max_new_tokens, coherence_floor=coherence_floor, seed=seed,
-        positions=positions, out_dir=out / "sweep", progress=progress,
-    )
-    best = sw.best
-    if best is None:
-        raise RuntimeError(
-            f"no steered cell kept coherence >= {coherence_floor}; see {out / 'sweep' / 'sweep.csv'}"
-        )
-    layer, coef = best.layer, best.coef
-    baseline = sw.cell(layer, 0.0) if 0.0 in sw.coefs else None
-
-    # Suppression (inference-time mitigation): the trait's own encouraging system prompt,
-    # unsteered and with -c * v at every swept layer and coefficient; report the strongest
-    # drop that stays coherent. The best layer to suppress need not be the best to elicit.
-    eval_q = list(t.eval_questions)
-    qs = [q for q in eval_q for _ in range(samples)]
-    encouraging = t.system_prompts(0)[0]
-    enc_texts = probe.generate(qs, system=encouraging, seed=seed + 1, **gen)
-    encouraged = checks.score(judge, t, list(zip(qs, enc_texts)), kinds=("trait",)).mean("trait")
-    suppression = []
-    for sup_layer in sweep_layers:
-        for c in sorted(c for c in coefs if c > 0):
-            with probe.steer(vec, layer=sup_layer, coef=-c, positions=positions):
-                texts = probe.generate(qs, system=encouraging, seed=seed + 1, **gen)
-            got = checks.score(judge, t, list(zip(qs, texts)))
-            suppression.append((sup_layer, c, got.mean("trait"), got.mean("coherence")))
-    coherent = [s for s in suppression if s[3] >= coherence_floor] or suppression
-    sup_layer, sup_coef, suppressed, suppressed_coh = min(coherent, key=lambda s: (s[2], s[1]))
-
-    # Monitoring: last-prompt projection vs the trait score of what follows, per cell of
-    # (graded system prompt, question), from the same forward passes that generate.
+    # The graded system prompts of the monitoring experiment (and no system prompt).
     prompts: list[tuple[str, str | None]] = [(s, p) for s in STRENGTHS for p in system_prompts(trait, s)]
     prompts.append(("none", None))
+    eval_q = list(t.eval_questions)
     mq = eval_q[:monitor_questions]
-    convs, keys = [], []
-    for si, (strength, system) in enumerate(prompts):
-        for q in mq:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-            for _ in range(monitor_samples):
-                convs.append(msgs)
-                keys.append((si, q))
-    readings = probe.monitor(convs, vec, layer=layer, seed=seed + 2, **gen)
-    scores = checks.score(judge, t, [(k[1], r.text) for k, r in zip(keys, readings)], kinds=("trait",))["trait"]
-    cells: dict[tuple[int, str], dict[str, list]] = {}
-    for k, r, s in zip(keys, readings, scores):
-        c = cells.setdefault(k, {"proj": [], "score": []})
-        c["proj"].append(r.last_prompt)
-        c["score"].append(s)
-    cell_rows = [
-        {"strength": prompts[si][0], "system": prompts[si][1], "question": q,
-         "projection": sum(c["proj"]) / len(c["proj"]), "trait": mean_score(c["score"])[0]}
-        for (si, q), c in cells.items()
-    ]
-    ok = [c for c in cell_rows if not math.isnan(c["trait"])]
-    r = pearson([c["projection"] for c in ok], [c["trait"] for c in ok])
+    n_q = len(t.questions) if questions is None else min(questions, len(t.questions))
+    steered = [c for c in coefs if c != 0]
+    has0 = any(c == 0 for c in coefs)
 
-    figures = {
-        "kept_pairs": float(ex.stats.kept),
-        "layer": float(layer),
-        "coef": float(coef),
-        "prior_trait": baseline.trait if baseline else math.nan,
-        "steered_trait": best.trait,
-        "steered_coherence": best.coherence,
-        "encouraged_trait": encouraged,
-        "suppression_layer": float(sup_layer),
-        "suppression_coef": sup_coef,
-        "suppressed_trait": suppressed,
-        "suppressed_coherence": suppressed_coh,
-        "monitor_r": r,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    def planned_sweep(n_sweep_layers: int) -> int:
+        return (n_sweep_layers * len(steered) + has0) * len(eval_q) * samples
 
-    scatter = go.Figure()
-    for strength in [p[0] for p in prompts if p[0] != "none"] + ["none"]:
-        pts = [c for c in ok if c["strength"] == strength]
-        if pts:
-            scatter.add_trace(go.Scatter(
-                x=[c["projection"] for c in pts], y=[c["trait"] for c in pts], mode="markers",
-                name=strength, text=[f"{c['system']} | {c['question']}" for c in pts],
-            ))
-    scatter.update_layout(
-        title=f"Monitoring: last-prompt projection (layer {layer}) vs {trait} score, r = {r:.2f}",
-        xaxis_title="projection onto the unit persona vector", yaxis_title=f"{trait} score",
-        template="plotly_white",
-    )
-    examples = [i for i, k in enumerate(keys) if k[1] == mq[0] and i % monitor_samples == 0]
-    curve = projection_curve(
-        [readings[i] for i in examples], labels=[prompts[keys[i][0]][0] for i in examples],
-        title=f"Projection token by token while answering: {mq[0]!r}",
-    )
+    with Job(total=0, stages=len(STAGES), disable=not progress) as job:
+        job.stage("load model")
+        probe = PersonaProbe(load_model(ORGANISM, device="cpu"))
+        sweep_layers = list(layers) if layers is not None else list(range(1, probe.n_layers))
+        job.set_total(len(t.instructions) * n_q * samples * 2 + 2 * planned_sweep(len(sweep_layers))
+                      + len(prompts) * len(mq) * monitor_samples)
+        lib_progress = True if progress else False
 
-    result = DemoResult(out, out / "report.html", layer, coef, figures, cell_rows)
+        job.stage("extract")
+        ex = extract(
+            probe, t, judge, out_dir=out / "extract", samples=samples, questions=questions,
+            max_new_tokens=max_new_tokens, seed=seed, progress=lib_progress, verbose=False,
+        )
+        vec = ex.vector
+
+        job.stage("steering sweep")
+        sw = sweep(
+            probe, vec, t, layers=sweep_layers, coefs=coefs, judge=judge, samples=samples,
+            max_new_tokens=max_new_tokens, coherence_floor=coherence_floor, seed=seed,
+            positions=positions, out_dir=out / "sweep", progress=lib_progress,
+        )
+        best = sw.best
+        if best is None:
+            raise DemoError(
+                f"no steered cell kept coherence >= {coherence_floor}; see {out / 'sweep' / 'sweep.csv'}"
+            )
+        layer, coef = best.layer, best.coef
+        baseline = sw.cell(layer, 0.0) if 0.0 in sw.coefs else None
+
+        # Suppression (inference-time mitigation): the trait's own encouraging system prompt,
+        # unsteered and with -c * v at every swept layer and coefficient; report the strongest
+        # drop that stays coherent. The best layer to suppress need not be the best to elicit.
+        job.stage("suppression sweep")
+        encouraging = t.system_prompts(0)[0]
+        sup = sweep(
+            probe, vec, t, layers=sweep_layers, coefs=sorted({0.0, *(-abs(c) for c in steered)}, reverse=True),
+            judge=judge, samples=samples, system=encouraging, max_new_tokens=max_new_tokens,
+            coherence_floor=coherence_floor, seed=seed + 1, positions=positions, out_dir=out / "suppress",
+            progress=lib_progress,
+        )
+        chosen_sup = sup.lowest or min(
+            (c for c in sup.cells if c.coef != 0), key=lambda c: (c.trait, abs(c.coef)))
+        encouraged = sup.cell(sweep_layers[0], 0.0)
+
+        # Monitoring: last-prompt projection vs the trait score of what follows, per cell of
+        # (graded system prompt, question), from the same forward passes that generate.
+        job.stage("monitor")
+        convs, keys = [], []
+        for si, (strength, system) in enumerate(prompts):
+            for q in mq:
+                msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+                for _ in range(monitor_samples):
+                    convs.append(msgs)
+                    keys.append((si, q))
+        readings = probe.monitor(convs, vec, layer=layer, seed=seed + 2, max_new_tokens=max_new_tokens,
+                                 temperature=1.0, progress=lib_progress)
+        scores = Store(None).score(judge, t, [(k[1], r.text) for k, r in zip(keys, readings)],
+                                   kinds=("trait",), progress=lib_progress)["trait"]
+        cells: dict[tuple[int, str], dict[str, list]] = {}
+        for k, r, s in zip(keys, readings, scores):
+            c = cells.setdefault(k, {"proj": [], "score": []})
+            c["proj"].append(r.last_prompt)
+            c["score"].append(s)
+        cell_rows = [
+            {"strength": prompts[si][0], "system": prompts[si][1], "question": q,
+             "projection": sum(c["proj"]) / len(c["proj"]), "trait": mean_score(c["score"])[0]}
+            for (si, q), c in cells.items()
+        ]
+        ok = [c for c in cell_rows if not math.isnan(c["trait"])]
+        r = pearson([c["projection"] for c in ok], [c["trait"] for c in ok])
+
+        job.stage("report")
+        figures = {
+            "kept_pairs": float(ex.stats.kept),
+            "layer": float(layer),
+            "coef": float(coef),
+            "prior_trait": baseline.trait if baseline else math.nan,
+            "steered_trait": best.trait,
+            "steered_coherence": best.coherence,
+            "encouraged_trait": encouraged.trait,
+            "suppression_layer": float(chosen_sup.layer),
+            "suppression_coef": abs(chosen_sup.coef),
+            "suppressed_trait": chosen_sup.trait,
+            "suppressed_coherence": chosen_sup.coherence,
+            "monitor_r": r,
+        }
+        n = {
+            "kept_pairs": ex.stats.pairs,
+            "prior_trait": baseline.n_trait if baseline else 0,
+            "steered_trait": best.n_trait,
+            "steered_coherence": best.n_coherence,
+            "encouraged_trait": encouraged.n_trait,
+            "suppressed_trait": chosen_sup.n_trait,
+            "suppressed_coherence": chosen_sup.n_coherence,
+            "monitor_r": len(ok),
+        }
+        settings = {
+            "trait": trait, "model": probe.model_name, "judge": getattr(judge, "name", "?"),
+            "preset": "full" if full else "quick", "samples": samples,
+            "extraction questions": n_q, "instruction pairs": len(t.instructions),
+            "evaluation questions": len(eval_q), "layers": sweep_layers, "coefs": list(coefs),
+            "positions": positions, "coherence floor": coherence_floor, "max new tokens": max_new_tokens,
+            "monitor": f"{len(prompts)} system prompts x {len(mq)} questions x {monitor_samples} samples, "
+                       f"layer {layer}",
+            "seed": seed, "torch threads": torch.get_num_threads(),
+            "generations": job.total,
+        }
+        result = DemoResult(out, out / "report.html", layer, coef, figures, n, cell_rows, settings)
+        job_seconds = dict(job.stage_seconds)
+    result.seconds = {**job_seconds, "total": round(time.perf_counter() - t_start, 1)}
     write_json(out / "figures.json", figures)
-    write_text(result.report_path, _report(result, trait, ex.summary(), sw, [sw.figure(), scatter, curve]))
+    write_json(out / "run.json", {"settings": settings, "seconds": result.seconds, "n": n})
+    _report(result, ex, sw, sup, chosen_sup, readings, [prompts[k[0]][0] for k in keys],
+            [c["strength"] for c in ok], ok).write(result.report_path)
     if verbose:
         print(result.table())
         print(f"report: {result.report_path}")
     return result
 
 
-def _report(result: DemoResult, trait: str, extraction_summary: str, sw, figures) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{html.escape(fmt(result.figures[k]))}</td></tr>"
-        for k, label in FIGURE_LABELS.items() if k in result.figures
-    )
-    parts = [
-        "<html><head><meta charset='utf-8'><title>persona_lens demo</title>",
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
-        "td,th{padding:2px 10px;border-bottom:1px solid #ddd}</style></head><body>",
-        f"<h1>Persona vector for '{html.escape(trait)}' on the persona organism</h1>",
-        f"<h2>Headline figures</h2><table><tr><th>figure</th><th>value</th></tr>{rows}</table>",
-        f"<h2>Extraction</h2><pre>{html.escape(extraction_summary)}</pre>",
-        f"<h2>Layer sweep</h2><pre>{html.escape(sw.table())}</pre>",
-    ]
-    for i, fig in enumerate(figures):
-        # Embed plotly.js once so the report opens offline.
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+def _report(result: DemoResult, ex, sw, sup, chosen_sup, readings, reading_groups, cell_groups, ok):
+    from persona_lens.organism.world import STRENGTHS
+    from persona_lens.plot import monitor_scatter, projection_bands
+    from persona_lens.report import Page
+
+    s, f = result.settings, result.figures
+    trait = s["trait"]
+    page = Page(f"Persona vector for '{trait}' on the persona organism",
+                subtitle=f"persona_lens demo ({s['preset']} run): extraction, steering, suppression and "
+                         f"monitoring on {s['model']}, judged by {s['judge']}.")
+
+    page.section("Headline figures", anchor="headline")
+    page.table(["measure", "value", "scale", "n"], result.rows(), numeric=[1, 3],
+               caption="Scores are the judge's 0-100 (0: none of the answer shows the trait). n: answers a "
+                       "figure averages (pairs for the filter; (system prompt, question) cells for r). "
+                       "v is the persona vector at the named layer.")
+
+    page.section("Run settings and time", anchor="settings")
+    page.settings([(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in s.items()]
+                  + [("wall time", f"{result.seconds.get('total', 0):.1f} s ("
+                                   + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if k != "total")
+                                   + ")")])
+
+    st = ex.stats
+    page.section("1. Extraction", "Contrastive system prompts (pos: encourage the trait, neg: suppress it) x "
+                 "extraction questions x samples; the judge scores every answer; a (pos, neg) pair is kept when "
+                 "the pos answer shows the trait, the neg answer does not, and both are coherent. The vector "
+                 "is the per-layer mean difference of response activations over the kept pairs.", anchor="extraction")
+    norms = ex.vector.norms()
+    page.table(["", "value"], [
+        ["responses", f"{st.responses} ({st.generated} generated now, {st.reused} reused)"],
+        ["filter", ex.thresholds.describe()],
+        ["pairs kept", f"{st.kept} of {st.pairs}"],
+        ["pairs failing each condition", ", ".join(f"{k}: {v}" for k, v in st.failed.items())],
+        ["vector norm by layer", ", ".join(f"{l}: {float(norms[l]):.2f}" for l in range(len(norms)))],
+    ])
+
+    page.section("2. Steering sweep", f"No system prompt; coef x v added at one layer ({s['positions']} positions) "
+                 f"while answering the {s['evaluation questions']} evaluation questions. The chosen cell (bold) "
+                 f"has the highest trait score among cells with coherence >= {sw.coherence_floor:g}.",
+                 anchor="sweep")
+    page.figure(sw.figure(title=f"Steering: {trait} score and coherence vs coefficient"))
+    header, rows, marks = sw.table_rows()
+    page.table(header, rows, caption=sw.caption(), highlight=marks)
+
+    page.section("3. Suppression sweep", f"The trait's encouraging system prompt, unsteered (coef 0) and with "
+                 f"-c x v at each layer: how far subtracting the vector removes a trait the prompt asks for. "
+                 f"The chosen cell (bold) has the lowest trait score among cells with coherence >= "
+                 f"{sup.coherence_floor:g}.", anchor="suppression")
+    page.figure(sup.figure(highlight=chosen_sup.layer,
+                           title=f"Suppression under an encouraging prompt: {trait} score and coherence"))
+    header, rows, marks = sup.table_rows(chosen_sup)
+    page.table(header, rows, caption=sup.caption(), highlight=marks)
+
+    order = [_pretty(x) for x in STRENGTHS]
+    page.section("4. Monitoring", f"Each point is one (system prompt, question) cell: the projection of the "
+                 f"last prompt token's activation onto the unit persona vector at layer {result.layer} (before "
+                 f"the answer starts) against the mean trait score of the answers that follow. System prompts "
+                 f"range from strongly suppressing to strongly encouraging the trait.", anchor="monitoring")
+    page.figure(monitor_scatter(
+        [c["projection"] for c in ok], [c["trait"] for c in ok], [_pretty(g) for g in cell_groups],
+        order=order, others=["none"], hover=[f"{c['system'] or '(no system prompt)'} | {c['question']}" for c in ok],
+        title=f"Last-prompt projection (layer {result.layer}) vs {trait} score",
+        y_title=f"{trait} score (0-100), mean of the cell's answers",
+    ))
+    page.section("Projection token by token", f"The projection at each generated token, averaged over every "
+                 f"response to prompts of one strength (line: mean; band: 95% confidence interval of the mean; "
+                 f"x = -1 is the last prompt token). A line ends where fewer than 5 of its responses are still "
+                 f"going.", level=3, anchor="tokens")
+    page.figure(projection_bands(
+        readings, [_pretty(g) for g in reading_groups], order=order, others=["none"],
+        title=f"Projection onto the {trait} vector while answering (layer {result.layer})",
+    ))
+    return page
