@@ -2,57 +2,104 @@
 
 ::
 
+    persona-lens demo [--full] [--trait evil] [--out persona_demo]
     persona-lens extract --model M --trait NAME|PATH [--judge MODEL|none|organism] [--out DIR] ...
     persona-lens sweep --model M --trait T --vector PATH --layers 10-20:2 --coefs 0,1,2 [--out DIR]
     persona-lens generate-trait NAME "DESCRIPTION" [--model gpt-4.1-mini] [--out DIR]
     persona-lens organism train [--out DIR] [--seed N] [--minutes M]
 
-Errors the user can fix (unknown trait, malformed trait file, a judge that answers text or
-times out, no pair surviving the filter) print one line and exit with status 1; whatever was
-finished before the error stays in the output directory and a rerun resumes from it.
+``--help`` answers at once: this module imports nothing heavy (torch, transformers,
+TransformerLens, plotly) until a command runs. Flags are checked before any model loads, and
+so is the judge: its API key, and that its endpoint answers.
+
+Exit status: 0 done; 1 an error the user can fix (one line on stderr: a bad file, a judge
+that fails, no pair surviving the filter), whatever was finished before it stays in the
+output directory and a rerun resumes; 2 a bad flag (one line on stderr); 3 an internal error
+(a bug: the traceback, then a line saying so); 130 interrupted. ``--debug``, anywhere on the
+line, shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from persona_lens.pipeline_io import slug
-
 PROG = "persona-lens"
 DEFAULT_JUDGE = "gpt-4.1-mini"
+ORGANISM = "persona-organism"  # persona_lens.models.ORGANISM, without importing torch
+ORGANISM_TRAITS = ("evil", "sycophantic", "hallucinating")
+
+EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 class UsageError(Exception):
-    """A command-line argument is wrong."""
+    """A command-line argument is wrong (exit status 2)."""
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from persona_lens.extract import ExtractionError
-    from persona_lens.judge import JudgeError
-    from persona_lens.traits import TraitError
-    from persona_lens.vectors import VectorMismatchError
-
-    # ValueError and OSError: bad arguments, unreadable files, a model name that cannot be
-    # loaded. --debug shows the traceback.
-    known: tuple[type[BaseException], ...] = (
-        UsageError, TraitError, JudgeError, ExtractionError, VectorMismatchError, ValueError, OSError)
-    try:
-        import openai
-
-        known += (openai.OpenAIError,)
-    except ImportError:  # pragma: no cover - openai is a dependency
-        pass
-    return known
+class CommandError(Exception):
+    """A command cannot go on for a reason the user can fix (exit status 1)."""
 
 
-# ----------------------------------------------------------------------------- parsing
+# Errors a user can fix, by (module, class name): only modules already imported are looked
+# at, so that classifying an error imports nothing. ValueError and OSError: bad arguments the
+# library rejects, unreadable or corrupt files, a model name that cannot be loaded.
+_KNOWN_ERRORS = (
+    ("persona_lens.cli", "CommandError"),
+    ("persona_lens.traits.trait", "TraitError"),
+    ("persona_lens.judge", "JudgeError"),
+    ("persona_lens.extract", "ExtractionError"),
+    ("persona_lens.vectors", "VectorMismatchError"),
+    ("persona_lens.demo", "DemoError"),
+    ("openai", "OpenAIError"),
+    ("safetensors._safetensors_rust", "SafetensorError"),
+    ("builtins", "ValueError"),
+    ("builtins", "OSError"),
+)
+
+# Python argument names in library messages -> the flags a command-line user types.
+_FLAGS = {
+    "api_key": "--api-key", "base_url": "--base-url", "questions": "--questions",
+    "instructions": "--instructions", "samples": "--samples", "max_new_tokens": "--max-new-tokens",
+    "batch_size": "--batch-size", "temperature": "--temperature", "layers": "--layers", "coefs": "--coefs",
+    "cache_dir": "--judge-cache", "timeout": "--judge-timeout", "max_retries": "--judge-retries",
+    "device": "--device", "dtype": "--dtype",
+}
+
+
+def _known(e: BaseException) -> bool:
+    for module, name in _KNOWN_ERRORS:
+        mod = sys.modules.get(module)
+        cls = getattr(mod, name, None) if mod is not None else None
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+
+
+def _flag_words(message: str) -> str:
+    """A library message in command-line words: ``api_key=...`` -> ``--api-key ...``."""
+    return re.sub(r"\b(" + "|".join(_FLAGS) + r")=", lambda m: _FLAGS[m.group(1)] + " ", message)
+
+
+def error_message(e: BaseException) -> str:
+    """One line for a known error."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return "out of memory on the device: lower --batch-size, or use --dtype bfloat16"
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
+        msg = f"{msg}: {e.filename}"
+    return _flag_words(msg)
+
+
+# ----------------------------------------------------------------------------- flag values
 
 
 def parse_int_list(text: str) -> list[int]:
-    """``"10,12,14"``, ``"8-20"`` (inclusive) or ``"8-20:4"`` (step) -> list of ints.
+    """``"10,12,14"``, ``"8-20"`` (inclusive) or ``"8-20:4"`` (step) -> sorted list of ints.
 
     Example:
         >>> parse_int_list("4,8-12:2")
@@ -70,7 +117,7 @@ def parse_int_list(text: str) -> list[int]:
                 step = int(step_s)
             if "-" in part:
                 a, b = part.split("-", 1)
-                if step < 1:
+                if step < 1 or int(b) < int(a):
                     raise ValueError
                 out.extend(range(int(a), int(b) + 1, step))
             else:
@@ -83,25 +130,115 @@ def parse_int_list(text: str) -> list[int]:
 
 
 def parse_float_list(text: str) -> list[float]:
-    """``"0,0.5,1,2"`` -> list of floats."""
+    """``"0,0.5,1,2"`` -> list of finite floats.
+
+    Example:
+        >>> parse_float_list("0, 0.5,2")
+        [0.0, 0.5, 2.0]
+    """
     try:
         out = [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise UsageError(f"cannot read {text!r} as coefficients: use e.g. 0,0.5,1,1.5,2") from None
     if not out:
         raise UsageError(f"no coefficients in {text!r}")
+    if not all(math.isfinite(c) for c in out):
+        raise UsageError(f"coefficients must be finite numbers, got {text!r}")
     return out
 
 
-def _is_organism(model: str) -> bool:
-    from persona_lens.models import ORGANISM
+def _int_type(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return v
 
+    parse.__name__ = "int"
+    return parse
+
+
+def _float_type(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False, what: str = ""):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if (lo is not None and (v < lo or (open_lo and v == lo))) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _layers_type(text: str) -> list[int]:
+    try:
+        return parse_int_list(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _coefs_type(text: str) -> list[float]:
+    try:
+        return parse_float_list(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+
+
+def _device_type(text: str) -> str:
+    if not _DEVICE_RE.match(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps")
+    return text
+
+
+POSITIVE = _int_type(1, ">= 1")
+NONNEG = _int_type(0, ">= 0")
+SCORE = _float_type(0.0, 100.0, what="a score from 0 to 100")
+TEMPERATURE = _float_type(0.0, what=">= 0")
+SECONDS = _float_type(0.0, open_lo=True, what="> 0")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine lacks, before a model is loaded."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UsageError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    elif kind == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif kind == "xpu":
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise UsageError(f"--device {device}: XPU is not available here; use --device cpu")
+
+
+# ----------------------------------------------------------------------------- traits and judges
+
+
+def _is_organism(model: str) -> bool:
     return model == ORGANISM
 
 
 def load_trait_arg(name: str, model: str):
     """A trait for ``--trait``: organism traits first when the model is the organism."""
-    from persona_lens.traits import resolve_trait
+    from persona_lens.traits import TraitError, resolve_trait
 
     if _is_organism(model) and "/" not in name and not name.endswith(".json"):
         try:
@@ -112,8 +249,6 @@ def load_trait_arg(name: str, model: str):
             try:
                 return organism.load_trait(name)
             except ValueError as e:
-                from persona_lens.traits import TraitError
-
                 if isinstance(e, TraitError):
                     raise
                 raise UsageError(str(e)) from None
@@ -150,6 +285,56 @@ def _organism_judge_available() -> bool:
     return True
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("OPENAI_API_KEY")
+
+
+def _base_url(args: argparse.Namespace) -> str | None:
+    return args.base_url or os.environ.get("OPENAI_BASE_URL")
+
+
+def check_judge(judge: Any, args: argparse.Namespace) -> None:
+    """Before a model is loaded: the judge has an API key, and its endpoint answers and
+    accepts the key (``GET /models``). Any other answer (a server without ``/models``)
+    passes; so does everything with ``--no-judge-check``."""
+    from persona_lens.judge import OpenAIJudge
+
+    if not isinstance(judge, OpenAIJudge):
+        return
+    base_url = _base_url(args)
+    if _api_key(args) is None and not base_url:
+        raise UsageError(
+            f"the judge {judge.model} needs an API key: pass --api-key KEY or set OPENAI_API_KEY; for a local "
+            "OpenAI-compatible server pass --base-url URL; or choose --judge none (extract: keep every pair)"
+            + (" or --judge organism" if _is_organism(args.model) else ""))
+    if args.no_judge_check:
+        return
+    import httpx
+
+    url = (base_url or "https://api.openai.com/v1").rstrip("/") + "/models"
+    key = _api_key(args) or "EMPTY"
+    try:
+        reply = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=min(args.judge_timeout, 15.0))
+    except httpx.HTTPError as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CommandError(
+            f"cannot reach the judge at {judge.endpoint} ({reason}): check --base-url and the network "
+            "(--no-judge-check skips this check, e.g. when every score is already cached)") from None
+    if reply.status_code in (401, 403):
+        raise CommandError(
+            f"the judge at {judge.endpoint} refused the API key (HTTP {reply.status_code}): check --api-key or "
+            "OPENAI_API_KEY")
+    if reply.status_code == 200:
+        try:
+            served = {m.get("id") for m in reply.json().get("data", [])}
+        except (ValueError, AttributeError, TypeError):
+            served = set()
+        if served and judge.model not in served:
+            print(f"{PROG}: warning: the judge endpoint {judge.endpoint} does not list the model "
+                  f"{judge.model!r} (it lists {len(served)} models, e.g. {sorted(str(s) for s in served)[:3]})",
+                  file=sys.stderr)
+
+
 def _load_probe(args: argparse.Namespace):
     from persona_lens.models import load_model
     from persona_lens.probe import PersonaProbe
@@ -159,19 +344,30 @@ def _load_probe(args: argparse.Namespace):
 
 
 def _default_out(trait: str, model: str, *sub: str) -> Path:
+    from persona_lens.pipeline_io import slug
+
     return Path("persona_runs").joinpath(slug(trait), slug(model), *sub)
+
+
+def _check_count(flag: str, value: int | None, available: int, what: str) -> None:
+    if value is not None and value > available:
+        raise UsageError(f"{flag} {value}: the trait has {available} {what}")
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from persona_lens.extract import Thresholds, extract
-
     trait = load_trait_arg(args.trait, args.model)
+    _check_count("--questions", args.questions, len(trait.questions), "extraction questions")
+    _check_count("--instructions", args.instructions, len(trait.instructions), "instruction pairs")
     judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
                        args.judge_retries)
+    check_judge(judge, args)
+    check_device(args.device)
     probe = _load_probe(args)
+    from persona_lens.extract import Thresholds, extract
+
     out = Path(args.out) if args.out else _default_out(trait.name, args.model)
     result = extract(
         probe, trait, judge, out_dir=out, samples=args.samples, questions=args.questions,
@@ -185,21 +381,28 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from persona_lens.sweep import sweep
-    from persona_lens.vectors import PersonaVector
-
     trait = load_trait_arg(args.trait, args.model)
-    vector = PersonaVector.load(args.vector)
+    _check_count("--questions", args.questions, len(trait.eval_questions), "evaluation questions")
     if args.judge is not None and args.judge.lower() == "none":
         raise UsageError("a sweep needs a judge: --judge MODEL or --judge organism")
+    if not Path(args.vector).is_file():
+        raise CommandError(f"--vector {args.vector}: no vector file there")
+    from persona_lens.vectors import PersonaVector
+
+    vector = PersonaVector.load(args.vector)
+    bad = [l for l in args.layers if l > vector.n_layers]
+    if bad:
+        raise UsageError(f"--layers {','.join(map(str, bad))}: the vector has layers 0..{vector.n_layers}")
     judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
                        args.judge_retries)
-    layers = parse_int_list(args.layers)
-    coefs = parse_float_list(args.coefs)
+    check_judge(judge, args)
+    check_device(args.device)
     probe = _load_probe(args)
+    from persona_lens.sweep import sweep
+
     out = Path(args.out) if args.out else _default_out(trait.name, args.model, "sweep")
     result = sweep(
-        probe, vector, trait, layers=layers, coefs=coefs, judge=judge, questions=args.questions,
+        probe, vector, trait, layers=args.layers, coefs=args.coefs, judge=judge, questions=args.questions,
         samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         coherence_floor=args.coherence_floor, positions=args.positions, batch_size=args.batch_size,
         seed=args.seed, out_dir=out, progress=not args.quiet,
@@ -214,15 +417,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_trait(args: argparse.Namespace) -> int:
+    if _api_key(args) is None and not _base_url(args):
+        raise UsageError("writing a trait needs an LLM: pass --api-key KEY or set OPENAI_API_KEY, or --base-url URL "
+                         "for a local OpenAI-compatible server")
     from persona_lens.traits import generate_trait
 
     client = None
     if args.base_url or args.api_key:
         import openai
 
-        client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key or "EMPTY")
+        client = openai.OpenAI(base_url=args.base_url, api_key=_api_key(args) or "EMPTY")
     trait = generate_trait(args.name, args.description, client=client, model=args.model)
-    out = Path(args.out) if args.out else Path("traits")
+    out = Path(args.out)
     extract_path, eval_path = trait.to_json(out)
     print(f"trait {trait.name!r}: {len(trait.instructions)} instruction pairs, "
           f"{len(trait.questions)} extraction + {len(trait.eval_questions)} evaluation questions")
@@ -235,7 +441,7 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
     try:
         from persona_lens.organism.train import train
     except ImportError as e:
-        raise UsageError(f"the organism trainer is not available ({e})") from None
+        raise CommandError(f"the organism trainer is not available ({e})") from None
     kwargs: dict[str, Any] = {"seed": args.seed}
     if args.minutes is not None:
         kwargs["minutes"] = args.minutes
@@ -248,8 +454,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from persona_lens.demo import run_demo
 
     run_demo(
-        args.out, trait=args.trait, samples=args.samples, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, progress=not args.quiet,
+        args.out, trait=args.trait, full=args.full, samples=args.samples, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, threads=args.threads, progress=not args.quiet,
     )
     return 0
 
@@ -257,99 +463,179 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" not in text and action.option_strings and not isinstance(default, list)
+                and not any(default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (status 2), naming the help to read."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    # SUPPRESS: a subcommand that is not given --debug keeps what the main parser read.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of every error")
+    return p
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="HF name, local checkpoint dir, or built-in: smollm2-135m-instruct, persona-organism")
     p.add_argument("--trait", required=True, help="bundled trait name, or a trait JSON file / directory")
     p.add_argument("--judge", default=None,
-                   help=f"judge model on an OpenAI-compatible endpoint (default {DEFAULT_JUDGE}; the organism's "
-                        "exact judge for persona-organism), 'organism', or 'none' (extract: keep every pair)")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint of the judge (default: OpenAI)")
-    p.add_argument("--api-key", default=None, help="judge API key (default: $OPENAI_API_KEY)")
-    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request (60)")
-    p.add_argument("--judge-retries", type=int, default=6, help="tries per judge request, the first included (6)")
-    p.add_argument("--judge-cache", default=None, help="judge cache folder (default ~/.cache/persona_lens/judge)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=32, help="responses per generation batch")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output directory (default persona_runs/TRAIT/MODEL[/sweep])")
+                   help=f"judge model on an OpenAI-compatible endpoint, 'organism' (the organism's exact judge), "
+                        f"or 'none' (extract: keep every pair) (default: {DEFAULT_JUDGE}; organism for "
+                        "--model persona-organism)")
+    p.add_argument("--base-url", default=None,
+                   help="the judge's OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
+    p.add_argument("--api-key", default=None, help="the judge's API key (default: $OPENAI_API_KEY)")
+    p.add_argument("--no-judge-check", action="store_true",
+                   help="do not ask the judge's endpoint before loading the model (e.g. every score is cached)")
+    p.add_argument("--judge-timeout", type=SECONDS, default=60.0, metavar="S", help="seconds per judge request")
+    p.add_argument("--judge-retries", type=POSITIVE, default=6, metavar="N",
+                   help="tries per judge request, the first included")
+    p.add_argument("--judge-cache", default=None, metavar="DIR",
+                   help="judge reply cache folder (default: $PERSONA_LENS_CACHE/judge, else "
+                        "~/.cache/persona_lens/judge)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights' dtype")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, metavar="N", help="responses per generation batch")
+    p.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: persona_runs/TRAIT/MODEL, /sweep for a sweep)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Persona vectors on TransformerLens.")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+    ap = _Parser(prog=PROG, description="Persona vectors on TransformerLens. Start with: persona-lens demo",
+                 formatter_class=_Formatter, epilog="Each command's options: persona-lens COMMAND --help")
+    ap.add_argument("--debug", action="store_true", default=False, help="show the traceback of every error")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("extract", help="extract persona vectors for a trait (the paper's pipeline)")
-    _add_model_args(p)
-    p.add_argument("--samples", type=int, default=10, help="samples per question, instruction and polarity (10)")
-    p.add_argument("--questions", type=int, default=None, help="use the first N extraction questions (all)")
-    p.add_argument("--instructions", type=int, default=None, help="use the first N instruction pairs (all)")
-    p.add_argument("--max-new-tokens", type=int, default=1000)
-    p.add_argument("--pos-threshold", type=float, default=50.0, help="keep pos if trait >= this (50)")
-    p.add_argument("--neg-threshold", type=float, default=50.0, help="keep neg if trait < this (50)")
-    p.add_argument("--coherence-threshold", type=float, default=50.0, help="keep if both coherence >= this (50)")
-    p.set_defaults(func=cmd_extract)
+    def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description or help, parents=[common],
+                              formatter_class=_Formatter)
 
-    p = sub.add_parser("sweep", help="steer at each layer and coefficient, judge, choose a layer")
-    _add_model_args(p)
-    p.add_argument("--vector", required=True, help="a .safetensors PersonaVector (from extract)")
-    p.add_argument("--layers", required=True, help="e.g. 12,16,20 or 8-20 or 8-20:2")
-    p.add_argument("--coefs", default="0,0.5,1,1.5,2,2.5", help="steering coefficients (0,0.5,...,2.5)")
-    p.add_argument("--questions", type=int, default=None, help="use the first N evaluation questions (all)")
-    p.add_argument("--samples", type=int, default=1, help="answers per question and cell (1)")
-    p.add_argument("--max-new-tokens", type=int, default=1000)
-    p.add_argument("--coherence-floor", type=float, default=50.0)
-    p.add_argument("--positions", default="response", choices=["response", "all", "prompt"])
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("generate-trait", help="write a trait's artifacts with an LLM")
-    p.add_argument("name")
-    p.add_argument("description")
-    p.add_argument("--model", default=DEFAULT_JUDGE)
-    p.add_argument("--base-url", default=None)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--out", default=None, help="folder for extract/NAME.json and eval/NAME.json (traits)")
-    p.set_defaults(func=cmd_generate_trait)
-
-    p = sub.add_parser("demo", help="the whole method on the built-in persona organism (offline, CPU, minutes)")
-    p.add_argument("--trait", default="evil", choices=["evil", "sycophantic", "hallucinating"])
-    p.add_argument("--out", default="persona_demo", help="output directory (report.html, figures.json)")
-    p.add_argument("--samples", type=int, default=4, help="samples per question (4)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = add("demo", "the whole method on the built-in persona organism (offline, CPU, about a minute)",
+            "Extract a persona vector on the built-in persona organism, sweep layers and coefficients, "
+            "steer, suppress and monitor, and write an HTML report. Offline, CPU only. The default is a "
+            "short run (2 samples per prompt); --full is the complete one (4 samples, about twice as long).")
+    p.add_argument("--full", action="store_true", help="the complete run: 4 samples per prompt")
+    p.add_argument("--trait", default="evil", choices=list(ORGANISM_TRAITS), help="the organism trait")
+    p.add_argument("--out", default="persona_demo", metavar="DIR",
+                   help="output directory: report.html, figures.json, run.json and the pipeline's files")
+    p.add_argument("--samples", type=POSITIVE, default=None, metavar="N",
+                   help="samples per prompt (default: 2; 4 with --full)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=48, metavar="N", help="response length limit")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
+    p.add_argument("--threads", type=POSITIVE, default=None, metavar="N",
+                   help="torch threads (default: torch's own choice, or $OMP_NUM_THREADS)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("organism", help="the persona organism")
-    osub = p.add_subparsers(dest="organism_command", required=True, metavar="ACTION")
-    t = osub.add_parser("train", help="retrain the organism from a seed")
-    t.add_argument("--out", default="persona_organism", help="output directory")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
+    p = add("extract", "extract persona vectors for a trait (the paper's pipeline)")
+    _add_model_args(p)
+    p.add_argument("--samples", type=POSITIVE, default=10, metavar="N",
+                   help="samples per question, instruction and polarity")
+    p.add_argument("--questions", type=POSITIVE, default=None, metavar="N",
+                   help="use the first N extraction questions (default: all)")
+    p.add_argument("--instructions", type=POSITIVE, default=None, metavar="N",
+                   help="use the first N instruction pairs (default: all)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=1000, metavar="N", help="response length limit")
+    p.add_argument("--pos-threshold", type=SCORE, default=50.0, metavar="SCORE",
+                   help="keep a pair only if its pos answer's trait score is >= this")
+    p.add_argument("--neg-threshold", type=SCORE, default=50.0, metavar="SCORE",
+                   help="keep a pair only if its neg answer's trait score is < this")
+    p.add_argument("--coherence-threshold", type=SCORE, default=50.0, metavar="SCORE",
+                   help="keep a pair only if both answers' coherence is >= this")
+    p.set_defaults(func=cmd_extract)
+
+    p = add("sweep", "steer at each layer and coefficient, judge, choose a layer")
+    _add_model_args(p)
+    p.add_argument("--vector", required=True, metavar="PATH", help="a .safetensors persona vector (from extract)")
+    p.add_argument("--layers", required=True, type=_layers_type, help="layers to try, e.g. 12,16,20 or 8-20 or 8-20:2")
+    p.add_argument("--coefs", type=_coefs_type, default=parse_float_list("0,0.5,1,1.5,2,2.5"),
+                   help="steering coefficients, 0 = unsteered (default: 0,0.5,1,1.5,2,2.5)")
+    p.add_argument("--questions", type=POSITIVE, default=None, metavar="N",
+                   help="use the first N evaluation questions (default: all)")
+    p.add_argument("--samples", type=POSITIVE, default=1, metavar="N", help="answers per question and cell")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=1000, metavar="N", help="response length limit")
+    p.add_argument("--coherence-floor", type=SCORE, default=50.0, metavar="SCORE",
+                   help="only cells with at least this mean coherence can be chosen")
+    p.add_argument("--positions", default="response", choices=["response", "all", "prompt"],
+                   help="where steering adds the vector")
+    p.set_defaults(func=cmd_sweep)
+
+    p = add("generate-trait", "write a trait's artifacts with an LLM",
+            "Ask an LLM for a trait's instruction pairs, questions and evaluation prompt, and write them "
+            "as extract/NAME.json and eval/NAME.json.")
+    p.add_argument("name", help="the trait's name, one word (e.g. curious)")
+    p.add_argument("description", help="what the trait is, in a sentence or two (quote it)")
+    p.add_argument("--model", default=DEFAULT_JUDGE, help="the LLM that writes the trait")
+    p.add_argument("--base-url", default=None,
+                   help="its OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
+    p.add_argument("--api-key", default=None, help="its API key (default: $OPENAI_API_KEY)")
+    p.add_argument("--out", default="traits", metavar="DIR", help="folder for extract/NAME.json and eval/NAME.json")
+    p.set_defaults(func=cmd_generate_trait)
+
+    p = add("organism", "the persona organism: retrain it")
+    osub = p.add_subparsers(dest="organism_command", required=True, metavar="ACTION", parser_class=_Parser)
+    t = osub.add_parser("train", help="retrain the organism from a seed", description="Retrain the organism "
+                        "from a seed.", parents=[common], formatter_class=_Formatter)
+    t.add_argument("--out", default="persona_organism", metavar="DIR", help="output directory")
+    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument("--minutes", type=SECONDS, default=None, help="stop training after this many minutes "
+                   "(default: no limit)")
     t.set_defaults(func=cmd_organism_train)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 1 error, 2 usage, 3 bug, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, already reported)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    debug = getattr(args, "debug", False)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished work is saved, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug or not isinstance(e, _known_errors()):
+        print(f"{PROG}: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as e:
+        if debug:
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if debug:
+            raise
+        if _known(e):
+            print(f"{PROG}: error: {error_message(e)}", file=sys.stderr)
+            return EXIT_ERROR
+        import traceback
+
+        traceback.print_exc()
+        print(f"{PROG}: internal error ({type(e).__name__}): this is a bug in persona_lens; please report it "
+              "with the traceback above", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

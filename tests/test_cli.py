@@ -3,7 +3,9 @@ and its error messages (on a tiny model, fast)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -229,9 +231,207 @@ def test_sweep_argument_errors(tiny_model, capsys, tmp_path):
     pl.PersonaVector(torch.ones(4, 48)).save(tmp_path / "v.safetensors")
     base[-1] = tmp_path / "v.safetensors"
     code, _, err = run(capsys, *base, "--layers", "one", "--judge", "x", "--api-key", "x")
-    assert code == 1 and "cannot read 'one' as layers" in error_line(err)
+    assert code == 2 and "cannot read 'one' as layers" in error_line(err)
     code, _, err = run(capsys, *base, "--layers", "1", "--judge", "none")
-    assert code == 1 and "needs a judge" in error_line(err)
+    assert code == 2 and "needs a judge" in error_line(err)
+    code, _, err = run(capsys, *base, "--layers", "2,9", "--judge", "x", "--api-key", "x")
+    assert code == 2 and "--layers 9: the vector has layers 0..3" in error_line(err)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command gets as far as loading a model."""
+    def refuse(args):
+        raise AssertionError(f"{args.model} was loaded although the command should have stopped before")
+
+    monkeypatch.setattr(cli, "_load_probe", refuse)
+
+
+def bad_flag_cases(tmp_path: Path, tiny_model: str) -> list[list[str]]:
+    trait = str(write_trait(tmp_path / "traits"))
+    ex = ["extract", "--model", tiny_model, "--trait", trait, "--judge", "none"]
+    sw = ["sweep", "--model", tiny_model, "--trait", trait, "--judge", "x", "--api-key", "x", "--vector",
+          str(tmp_path / "v.safetensors"), "--layers", "1"]
+    return [
+        [*ex, "--samples", "0"], [*ex, "--samples", "two"], [*ex, "--samples", "1.5"],
+        [*ex, "--temperature", "nan"], [*ex, "--temperature", "inf"], [*ex, "--temperature", "-1"],
+        [*ex, "--judge-timeout", "nan"], [*ex, "--judge-timeout", "0"], [*ex, "--judge-retries", "0"],
+        [*ex, "--pos-threshold", "101"], [*ex, "--neg-threshold", "-inf"], [*ex, "--coherence-threshold", "NaN"],
+        [*ex, "--batch-size", "-3"], [*ex, "--max-new-tokens", "0"], [*ex, "--questions", "0"],
+        [*ex, "--questions", "99"], [*ex, "--instructions", "9"],
+        [*ex, "--device", "tpu"], [*ex, "--device", "cuda:x"], [*ex, "--dtype", "float8"],
+        [*ex, "--bogus-flag"], ["extract", "--trait", trait], [],
+        [*sw[:-1], "5-2"], [*sw[:-1], "1,,x"], [*sw, "--coefs", "0,nan"], [*sw, "--coefs", "0,inf"],
+        [*sw, "--coefs", ""], [*sw, "--coherence-floor", "nan"], [*sw, "--positions", "middle"],
+        ["demo", "--threads", "0"], ["demo", "--samples", "-1"], ["demo", "--trait", "grumpy"],
+        ["demo", "--max-new-tokens", "inf"],
+        ["organism", "train", "--minutes", "nan"], ["organism", "train", "--minutes", "-5"],
+        ["organism", "fly"], ["generate-trait", "curious"],
+    ]
+
+
+def test_no_bad_flag_gives_a_traceback(tiny_model, capsys, tmp_path, no_model, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    import torch
+
+    import persona_lens as pl
+
+    pl.PersonaVector(torch.ones(4, 48)).save(tmp_path / "v.safetensors")
+    for argv in bad_flag_cases(tmp_path, tiny_model):
+        code, out, err = run(capsys, *argv)
+        assert code == 2, (argv, code, err)
+        assert err.count("\n") == 1 and err.startswith("persona-lens: error: "), (argv, err)
+        assert "Traceback" not in err and not out, argv
+
+
+def test_cuda_that_is_not_there_is_a_flag_error(tiny_model, capsys, tmp_path, no_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "extract", "--model", tiny_model, "--trait", "evil", "--judge", "none",
+                       "--device", "cuda")
+    assert code == 2 and "--device cuda: CUDA is not available here" in error_line(err)
+
+
+def test_missing_and_corrupt_files_are_one_line(tiny_model, capsys, tmp_path, no_model):
+    trait = write_trait(tmp_path / "traits")
+    sweep = ["sweep", "--model", tiny_model, "--trait", trait, "--judge", "x", "--api-key", "x", "--layers", "1"]
+    code, _, err = run(capsys, *sweep, "--vector", tmp_path / "missing.safetensors")
+    assert code == 1 and "missing.safetensors: no vector file there" in error_line(err)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    code, _, err = run(capsys, *sweep, "--vector", tmp_path / "junk.safetensors")
+    assert code == 1 and error_line(err)
+    code, _, err = run(capsys, "extract", "--model", tiny_model, "--trait", tmp_path / "nope.json", "--judge", "none")
+    assert code == 1 and "nope.json" in error_line(err)
+
+
+def test_judge_without_a_key_stops_before_the_model_and_speaks_in_flags(tiny_model, capsys, tmp_path, no_model,
+                                                                         monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    code, _, err = run(capsys, "extract", "--model", tiny_model, "--trait", "evil", "--out", tmp_path)
+    assert code == 2
+    line = error_line(err)
+    assert "--api-key" in line and "OPENAI_API_KEY" in line and "--base-url" in line
+    assert "api_key=" not in line and "base_url=" not in line
+    assert not (tmp_path / "responses.jsonl").exists()
+
+
+def test_judge_endpoint_down_or_refusing_stops_before_the_model(tiny_model, capsys, tmp_path, no_model):
+    import http.server
+    import threading
+
+    base = ["extract", "--model", tiny_model, "--trait", "evil", "--judge", "j", "--api-key", "k"]
+    code, _, err = run(capsys, *base, "--base-url", "http://127.0.0.1:9/v1")
+    assert code == 1
+    line = error_line(err)
+    assert "cannot reach the judge at http://127.0.0.1:9/v1" in line and "--base-url" in line
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://user:secret@127.0.0.1:{server.server_port}/v1"
+        code, _, err = run(capsys, *base, "--base-url", url)
+    finally:
+        server.shutdown()
+    line = error_line(err)
+    assert code == 1 and "refused the API key (HTTP 401)" in line and "--api-key" in line
+    assert "secret" not in line
+
+
+def test_debug_works_before_and_after_the_command(tiny_model, capsys, tmp_path):
+    from persona_lens.traits import TraitError
+
+    argv = ["extract", "--model", tiny_model, "--trait", "no_such_trait", "--judge", "none"]
+    assert run(capsys, *argv)[0] == 1
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"], [argv[0], "--debug", *argv[1:]]):
+        with pytest.raises(TraitError):
+            main(debug_argv)
+
+
+def test_an_unexpected_error_shows_the_traceback_and_says_bug(capsys, monkeypatch):
+    def broken(name, model):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "load_trait_arg", broken)
+    code, _, err = run(capsys, "extract", "--model", "m", "--trait", "evil", "--judge", "none")
+    assert code == 3
+    assert "Traceback" in err and "KeyError: 'boom'" in err
+    assert err.strip().splitlines()[-1].startswith("persona-lens: internal error (KeyError): this is a bug")
+
+
+def test_library_messages_are_put_in_flags():
+    assert cli.error_message(ValueError("set OPENAI_API_KEY, pass api_key=..., or pass base_url=...")) == \
+        "set OPENAI_API_KEY, pass --api-key ..., or pass --base-url ..."
+    assert cli.error_message(ValueError("questions=25: the trait has 20")) == "--questions 25: the trait has 20"
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += all_parsers(sub)
+    return out
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parsers = all_parsers(cli.build_parser())
+    assert {p.prog for p in parsers} >= {"persona-lens demo", "persona-lens extract", "persona-lens sweep",
+                                         "persona-lens generate-trait", "persona-lens organism train"}
+    missing = []
+    for p in parsers:
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                continue
+            if not a.help:
+                missing.append(f"{p.prog} {a.dest}: no help")
+            elif a.option_strings and a.nargs != 0 and not a.required and "default" not in fmt._expand_help(a):
+                missing.append(f"{p.prog} {a.option_strings[0]}: no default shown")
+    assert not missing, missing
+
+
+def test_help_answers_at_once_without_heavy_imports():
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).resolve().parents[1]))
+    code = ("import sys, persona_lens.cli as c; c.build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'transformers', 'transformer_lens', 'plotly') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    t0 = time.perf_counter()
+    help_run = subprocess.run([sys.executable, "-m", "persona_lens.cli", "--help"], capture_output=True,
+                              text=True, env=env)
+    seconds = time.perf_counter() - t0
+    assert help_run.returncode == 0 and "demo" in help_run.stdout
+    assert seconds < 2.0, seconds
+
+
+def test_package_attributes_load_on_first_use():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).resolve().parents[1]))
+    code = ("import sys, persona_lens as pl; assert 'torch' not in sys.modules; "
+            "from persona_lens.extract import Thresholds; import persona_lens.sweep; "
+            "assert callable(pl.extract) and callable(pl.sweep), (pl.extract, pl.sweep); "
+            "assert pl.PersonaProbe.__name__ == 'PersonaProbe' and pl.plot.projection_curve; "
+            "assert set(pl.__all__) <= set(dir(pl)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_parse_lists():
