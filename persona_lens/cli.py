@@ -453,9 +453,12 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from persona_lens.demo import run_demo
 
+    threads = args.threads
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = 1  # the organism is 128 wide: more threads only add synchronisation (docs/organism.md)
     run_demo(
         args.out, trait=args.trait, full=args.full, samples=args.samples, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, threads=args.threads, progress=not args.quiet,
+        seed=args.seed, threads=threads, progress=not args.quiet,
     )
     return 0
 
@@ -545,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=POSITIVE, default=48, metavar="N", help="response length limit")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
     p.add_argument("--threads", type=POSITIVE, default=None, metavar="N",
-                   help="torch threads (default: torch's own choice, or $OMP_NUM_THREADS)")
+                   help="torch threads (default: $OMP_NUM_THREADS if set, else 1: the organism is too small "
+                        "to gain from more)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_demo)
 
