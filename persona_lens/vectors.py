@@ -179,7 +179,7 @@ class PersonaVector:
 
     __rmul__ = __mul__
 
-    def __truediv__(self, scalar: int | float) -> "PersonaVector":
+    def __truediv__(self, scalar: float) -> "PersonaVector":
         return self * (1.0 / scalar)
 
     def __neg__(self) -> "PersonaVector":
