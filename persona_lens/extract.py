@@ -1,4 +1,4 @@
-"""The extraction pipeline: from a trait to persona vectors (shared/paper.md, section 1).
+"""The extraction pipeline: from a trait to persona vectors (docs/method.md, "Extraction").
 
 ::
 

@@ -1,6 +1,6 @@
 """The layer sweep: steer with each layer's vector at several coefficients, judge, choose.
 
-This is the paper's layer choice (shared/paper.md, section 1.7) and experiment E1: for each
+This is the paper's layer choice (docs/method.md, "Extraction", step 7) and experiment E1: for each
 ``(layer, coef)`` cell the model answers the trait's held-out evaluation questions while
 ``coef * vector[layer]`` is added to the residual stream; a judge scores every answer for the
 trait and for coherence. The chosen layer is the one whose steering gives the highest mean
