@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 __all__ = ["quiet", "bar", "note", "Job"]
 
@@ -77,7 +77,7 @@ class Job:
     """
 
     def __init__(self, total: int, *, unit: str = "resp", stages: int | None = None, disable: bool = False,
-                 file: TextIO | None = None):
+                 file: Any = None):
         self.total = int(total)
         self.unit = unit
         self.stages = stages
