@@ -14,6 +14,7 @@ same conclusions; the full run's numbers are tighter. Times are in ``docs/organi
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -196,16 +197,16 @@ def run_demo(
     steered = [c for c in coefs if c != 0]
     has0 = any(c == 0 for c in coefs)
 
-    def planned_sweep(n_sweep_layers: int) -> int:
-        return (n_sweep_layers * len(steered) + has0) * len(eval_q) * samples
+    config = json.loads((organism.checkpoint_dir() / "config.json").read_text())
+    sweep_layers = list(layers) if layers is not None else list(range(1, int(config["num_hidden_layers"])))
+    planned_sweep = (len(sweep_layers) * len(steered) + has0) * len(eval_q) * samples
+    planned = len(t.instructions) * n_q * samples * 2 + 2 * planned_sweep + len(prompts) * len(mq) * monitor_samples
+    lib_progress = bool(progress)
 
-    with Job(total=0, stages=len(STAGES), disable=not progress) as job:
+    with Job(total=planned, stages=len(STAGES), disable=not progress) as job:
         job.stage("load model")
-        probe = PersonaProbe(load_model(ORGANISM, device="cpu"))
-        sweep_layers = list(layers) if layers is not None else list(range(1, probe.n_layers))
-        job.set_total(len(t.instructions) * n_q * samples * 2 + 2 * planned_sweep(len(sweep_layers))
-                      + len(prompts) * len(mq) * monitor_samples)
-        lib_progress = True if progress else False
+        job.detail(f"{ORGANISM}, {torch.get_num_threads()} torch thread(s)")
+        probe = PersonaProbe(_load_quietly(load_model, ORGANISM))
 
         job.stage("extract")
         ex = extract(
@@ -271,6 +272,7 @@ def run_demo(
         r = pearson([c["projection"] for c in ok], [c["trait"] for c in ok])
 
         job.stage("report")
+        job.detail("figures and report.html")
         figures = {
             "kept_pairs": float(ex.stats.kept),
             "layer": float(layer),
@@ -307,12 +309,15 @@ def run_demo(
             "generations": job.total,
         }
         result = DemoResult(out, out / "report.html", layer, coef, figures, n, cell_rows, settings)
-        job_seconds = dict(job.stage_seconds)
-    result.seconds = {**job_seconds, "total": round(time.perf_counter() - t_start, 1)}
+        page, settings_at = _report(result, ex, sw, sup, chosen_sup, readings, [prompts[k[0]][0] for k in keys],
+                                    [c["strength"] for c in ok], ok)
+        # The times go into the page last, so that they include building its figures.
+        job.end_stage()
+        result.seconds = {**job.stage_seconds, "total": round(time.perf_counter() - t_start, 1)}
+        page.settings(_settings_items(result), at=settings_at)
+        page.write(result.report_path)
     write_json(out / "figures.json", figures)
     write_json(out / "run.json", {"settings": settings, "seconds": result.seconds, "n": n})
-    _report(result, ex, sw, sup, chosen_sup, readings, [prompts[k[0]][0] for k in keys],
-            [c["strength"] for c in ok], ok).write(result.report_path)
     if verbose:
         print(result.table())
         print(f"report: {result.report_path}")
@@ -337,10 +342,7 @@ def _report(result: DemoResult, ex, sw, sup, chosen_sup, readings, reading_group
                        "v is the persona vector at the named layer.")
 
     page.section("Run settings and time", anchor="settings")
-    page.settings([(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in s.items()]
-                  + [("wall time", f"{result.seconds.get('total', 0):.1f} s ("
-                                   + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if k != "total")
-                                   + ")")])
+    settings_at = len(page.parts)  # the block goes here once the run's times are known
 
     st = ex.stats
     page.section("1. Extraction", "Contrastive system prompts (pos: encourage the trait, neg: suppress it) x "
@@ -392,4 +394,25 @@ def _report(result: DemoResult, ex, sw, sup, chosen_sup, readings, reading_group
         readings, [_pretty(g) for g in reading_groups], order=order, others=["none"],
         title=f"Projection onto the {trait} vector while answering (layer {result.layer})",
     ))
-    return page
+    return page, settings_at
+
+
+def _settings_items(result: DemoResult) -> list[tuple[str, Any]]:
+    items = [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in result.settings.items()]
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if k != "total")
+    return items + [("wall time", f"{result.seconds.get('total', 0):.1f} s ({stages})")]
+
+
+def _load_quietly(load_model, name: str):
+    """The organism on the CPU, without transformers' own 'Loading weights' bar."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return load_model(name, device="cpu")
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(name, device="cpu")
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -260,7 +260,7 @@ def sweep_figure(
             ), row=1, col=col)
     if coherence_floor is not None:
         fig.add_hline(y=coherence_floor, line_dash="dot", line_color="gray", row=1, col=2,
-                      annotation_text=f"floor {coherence_floor:g}", annotation_position="bottom right")
+                      annotation_text=f"floor {coherence_floor:g}", annotation_position="bottom left")
     for col in (1, 2):
         fig.update_xaxes(title_text=coef_title, row=1, col=col)
         fig.update_yaxes(range=[-2, 102], row=1, col=col)

@@ -64,6 +64,7 @@ class Job:
             conversations) show as the detail but do not advance the count.
         stages: how many stages the job has (shown as ``2/5``).
         disable: show nothing (the job still counts, and its steps draw no bars of their own).
+        file: where the line goes (default: stderr).
 
     Example:
         >>> with Job(total=4, stages=2, disable=True) as job:
@@ -121,6 +122,11 @@ class Job:
             of = f"/{self.stages}" if self.stages else ""
             self._bar.set_description_str(f"[{self.stage_index}{of} {name}] ", refresh=False)
             self._bar.set_postfix_str("", refresh=True)
+
+    def end_stage(self) -> None:
+        """Record the current stage's time now (:attr:`stage_seconds`), before the job ends."""
+        self._close_stage()
+        self.stage_name = ""
 
     def set_total(self, total: int) -> None:
         """Set the units the whole job will do (once it is known)."""

@@ -116,10 +116,11 @@ class Page:
         cap = f"<caption>{esc(caption)}</caption>" if caption else ""
         self.parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
-    def settings(self, items: Sequence[tuple[str, Any]]) -> None:
-        """A block of ``name: value`` lines (run settings, timings)."""
+    def settings(self, items: Sequence[tuple[str, Any]], *, at: int | None = None) -> None:
+        """A block of ``name: value`` lines (run settings, timings); ``at``: the position in
+        :attr:`parts` to put it (default: the end), for a block known only at the end."""
         rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items)
-        self.parts.append(f"<dl class='settings'>{rows}</dl>")
+        self.parts.insert(len(self.parts) if at is None else at, f"<dl class='settings'>{rows}</dl>")
 
     def figure(self, fig: "go.Figure", *, caption: str | None = None) -> None:
         """A plotly figure at its own fixed height; plotly.js goes into the page with the

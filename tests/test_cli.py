@@ -454,7 +454,12 @@ def test_organism_traits_and_default_judge():
     assert cli.make_judge("none", "persona-organism") is None
     # Other models: bundled traits, an OpenAI judge by default.
     assert cli.load_trait_arg("evil", "smollm2-135m-instruct").questions != trait.questions
-    assert cli.make_judge(None, "smollm2-135m-instruct", api_key="x").name == "openai:gpt-4.1-mini"
+    judge = cli.make_judge(None, "smollm2-135m-instruct", api_key="x")
+    assert judge.name == "openai:gpt-4.1-mini"
+    # tests/conftest.py keeps the tests' judge caches out of the user's cache folder
+    assert judge.cache_path.parent == Path(os.environ["PERSONA_LENS_JUDGE_CACHE"])
+    assert Path.home() / ".cache" not in judge.cache_path.parents
+    judge.close()
 
 
 def test_organism_train_delegates(monkeypatch, capsys, tmp_path):
