@@ -16,7 +16,8 @@ from persona_lens.models import load_model
 from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading
 from persona_lens.sweep import sweep
 from persona_lens.traits import Trait, TraitError, generate_trait
-from persona_lens.vectors import PersonaVector, VectorMismatchError
+from persona_lens.validate import ContextLengthError, ContextLengthWarning, InvalidArgument, NumericalError
+from persona_lens.vectors import PersonaVector, VectorFileError, VectorMismatchError
 
 __all__ = [
     "ActivationMean",
@@ -27,6 +28,11 @@ __all__ = [
     "PersonaVector",
     "Reading",
     "VectorMismatchError",
+    "VectorFileError",
+    "InvalidArgument",
+    "ContextLengthError",
+    "ContextLengthWarning",
+    "NumericalError",
     "Judge",
     "JudgeError",
     "OpenAIJudge",
