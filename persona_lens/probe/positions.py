@@ -17,6 +17,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from persona_lens import ops
+from persona_lens import validate as V
 from persona_lens.chat import ChatBatch
 
 
@@ -85,5 +86,14 @@ def caller_positions(prompt_mask: Any, response_mask: Any) -> Positions:
                 "probe.batch() takes (prompt_mask, response_mask), or one object with "
                 f"prompt_mask and response_mask (a ChatBatch or a collated dict); got {type(holder).__name__}"
             )
-    masks = position_masks(torch.as_tensor(prompt_mask), torch.as_tensor(response_mask))
+    tensors = []
+    for name, m in (("prompt_mask", prompt_mask), ("response_mask", response_mask)):
+        try:
+            t = torch.as_tensor(m)
+        except (TypeError, ValueError, RuntimeError):
+            raise V.InvalidArgumentType(name, m, "a [batch, pos] boolean tensor") from None
+        if t.is_complex() or t.is_floating_point() and not bool(((t == 0) | (t == 1)).all()):
+            raise V.InvalidArgument(name, m, "a [batch, pos] tensor of booleans (or 0/1)")
+        tensors.append(t)
+    masks = position_masks(*tensors)
     return Positions(masks, 0, masks["all"].shape[1])
