@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_lens.pipeline_io import write_text
+
 __all__ = ["TraitError", "InstructionPair", "Trait", "fill_template", "resolve_trait", "DATA_DIR"]
 
 #: Where the bundled trait files live: ``DATA_DIR/extract/NAME.json`` and ``DATA_DIR/eval/NAME.json``.
@@ -329,10 +331,8 @@ class Trait:
         for split, questions in (("extract", self.questions), ("eval", self.eval_questions)):
             doc = dict(common, questions=list(questions), eval_prompt=self.eval_prompt)
             path = directory / split / f"{self.name}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, path)  # never leave a half-written trait behind
+            # Atomic, under a temporary name of its own: never a half-written trait behind.
+            write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
             out.append(path)
         return out[0], out[1]
 
