@@ -817,12 +817,4 @@ def _retry_after(error: BaseException | None) -> float | None:
 
 
 def _check_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    out = []
-    for i, pair in enumerate(V.items("pairs", pairs, what="a list of (question, answer) pairs")):
-        if isinstance(pair, (str, bytes, Mapping)) or not isinstance(pair, Sequence) or len(pair) != 2:
-            raise TypeError(f"pair {i} must be a (question, answer) tuple, got {pair!r:.80}")
-        q, a = pair
-        if not isinstance(q, str) or not isinstance(a, str):
-            raise TypeError(f"pair {i} must hold two strings, got ({type(q).__name__}, {type(a).__name__})")
-        out.append((q, a))
-    return out
+    return V.pairs("pairs", pairs)

@@ -41,10 +41,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (and so on)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+    from persona_lens import validate as V
+
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise V.InvalidArgument("dtype", dtype, f"a torch.dtype or one of {', '.join(sorted(_DTYPES))}")
 
 
 def default_device() -> str:
@@ -142,6 +143,11 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    from persona_lens import validate as V
+
+    V.path("name_or_path", name_or_path)
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise V.InvalidArgumentType("device", device, "a device name ('cpu', 'cuda', 'cuda:1', ...) or a torch.device")
     path = resolve_model_path(name_or_path)
     local = Path(path).is_dir()
     if not local and os.path.exists(path):

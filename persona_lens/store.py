@@ -465,12 +465,7 @@ class Store:
             method = "score_trait" if kind == "trait" else "score_coherence"
             if not callable(getattr(judge, method, None)):
                 raise V.InvalidArgumentType("judge", judge, f"a Judge (with {method})")
-        pairs = V.items("pairs", pairs, what="a list of (question, answer) pairs")
-        for i, pair in enumerate(pairs):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
-                    and isinstance(pair[0], str) and isinstance(pair[1], str)):
-                raise V.InvalidArgumentType(f"pairs[{i}]", pair, "a (question, answer) pair of strings")
-        pairs = [(q, a) for q, a in pairs]
+        pairs = V.pairs("pairs", pairs)
         if ids is not None:
             ids = V.items("ids", ids, what="a list of names, one per pair")
             if len(ids) != len(pairs):

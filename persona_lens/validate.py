@@ -48,7 +48,7 @@ T = TypeVar("T")
 __all__ = [
     "InvalidArgument", "InvalidArgumentType", "ContextLengthError", "ContextLengthWarning",
     "NumericalError", "show", "number", "integer", "boolean", "optional_boolean", "text", "choice",
-    "path", "items", "mapping", "redact_url", "redact",
+    "path", "items", "pairs", "mapping", "redact_url", "redact",
 ]
 
 
@@ -284,6 +284,24 @@ def items(name: str, value: Any, *, what: str = "a list", nonempty: bool = False
     out = list(value)
     if nonempty and not out:
         raise InvalidArgument(name, value, f"{what} with at least one item")
+    return out
+
+
+def pairs(name: str, value: Any) -> list[tuple[str, str]]:
+    """``value`` as a list of ``(question, answer)`` string pairs.
+
+    Example:
+        >>> pairs("pairs", [("Hi?", "Hello.")])
+        [('Hi?', 'Hello.')]
+    """
+    out = []
+    for i, pair in enumerate(items(name, value, what="a list of (question, answer) pairs")):
+        if isinstance(pair, (str, bytes, Mapping)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InvalidArgumentType(f"pair {i} of {name}", pair, "a (question, answer) pair")
+        q, a = pair
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise InvalidArgumentType(f"pair {i} of {name}", pair, "a (question, answer) pair of two strings")
+        out.append((q, a))
     return out
 
 

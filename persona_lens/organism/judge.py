@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from persona_lens import validate as V
+
 from .world import (
     ATTR_SLOT,
     CLAUSES,
@@ -166,7 +168,7 @@ class OrganismJudge:
 
     def score_trait(self, trait, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
         name = _trait_name(trait)
-        return [self.score_one(name, q, a) for q, a in pairs]
+        return [self.score_one(name, q, a) for q, a in V.pairs("pairs", pairs)]
 
     def coherence_one(self, question: str, answer: str) -> float:
         cl = self.clauses(question, answer)
@@ -175,7 +177,7 @@ class OrganismJudge:
         return 100.0 * sum(c.category is not None and c.fits for c in cl) / len(cl)
 
     def score_coherence(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
-        return [self.coherence_one(q, a) for q, a in pairs]
+        return [self.coherence_one(q, a) for q, a in V.pairs("pairs", pairs)]
 
     def correct(self, question: str, answer: str) -> bool | None:
         """For a factual question about a known animal: is the asked attribute stated right?"""
@@ -189,7 +191,7 @@ class OrganismJudge:
 
     def capability(self, pairs: Sequence[tuple[str, str]]) -> float:
         """Fraction of factual answers about known animals that are right (nan if none)."""
-        res = [r for r in (self.correct(q, a) for q, a in pairs) if r is not None]
+        res = [r for r in (self.correct(q, a) for q, a in V.pairs("pairs", pairs)) if r is not None]
         return sum(res) / len(res) if res else math.nan
 
 
