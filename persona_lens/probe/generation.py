@@ -51,7 +51,7 @@ class GenerationSettings:
         set_(self, "max_new_tokens", V.integer("max_new_tokens", self.max_new_tokens, min=1))
         set_(self, "temperature", V.number("temperature", self.temperature, min=0))
         set_(self, "top_p", V.number("top_p", self.top_p, min=0, max=1, min_open=True))
-        set_(self, "seed", V.integer("seed", self.seed, none_ok=True))
+        set_(self, "seed", V.integer("seed", self.seed, min=-(2**63), max=2**64 - 1, none_ok=True))  # torch's range
         set_(self, "batch_size", V.integer("batch_size", self.batch_size, min=1))
         set_(self, "use_cache", V.boolean("use_cache", self.use_cache))
         set_(self, "progress", V.optional_boolean("progress", self.progress))
@@ -290,11 +290,15 @@ class GenerationMixin:
 
         def fn(h: Tensor) -> None:
             pos = self._positions
-            buffers["proj"][:, pos.start : pos.stop] = read.read(h)
+            proj = buffers["proj"]
+            if pos.stop > proj.shape[1]:  # grow with what is generated, not with max_new_tokens
+                more = proj.new_full((proj.shape[0], max(pos.stop, 2 * proj.shape[1]) - proj.shape[1]), math.nan)
+                proj = buffers["proj"] = torch.cat([proj, more], dim=1)
+            proj[:, pos.start : pos.stop] = read.read(h)
             return None
 
         def reader(batch: ChatBatch, idx: list[int]):
-            width = batch.input_ids.shape[1] + settings.max_new_tokens
+            width = batch.input_ids.shape[1] + min(settings.max_new_tokens, 64)
             buffers["proj"] = torch.full((len(idx), width), math.nan, device=self.device)
 
             def finish(new_ids: Tensor) -> None:

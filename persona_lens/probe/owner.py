@@ -201,7 +201,7 @@ class HookOwner:
         interventions and the positions of the columns this step sees."""
         if run.takes == "specs":
             pos = self._positions
-            masks = {k: m[:, pos.start : pos.stop] for k, m in pos.masks.items()}
+            masks = {k: pos.columns(k) for k in list(pos.masks)}
             run.receive([iv.spec() for iv in self._interventions], masks)
         return run.logits(input_ids, attention_mask, cache, last_only)
 
