@@ -368,6 +368,8 @@ def extract(
     model = probe.model_name or "unnamed-model"
     judge_name = None if judge is None else _judge_name(judge)
     out = V.path("out_dir", out_dir) if out_dir is not None else Path("persona_runs") / slug(trait.name) / slug(model)
+    if out.exists() and not out.is_dir():
+        raise V.InvalidArgument("out_dir", str(out), "a folder (this is a file)")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
                 "top_p": gen.top_p, "seed": gen.seed}

@@ -567,6 +567,34 @@ class OpenAIJudge:
 
     def score_prompts(self, prompts: Sequence[str], *, desc: str = "judging") -> list[float | None]:
         """Scores of already-filled rubric prompts (for custom rubrics); same rules as above."""
+        try:
+            return self._score_prompts(prompts, desc)
+        except JudgeError as e:
+            # A server may echo the key or the URL's password in its error text: never pass
+            # on a message (or a cause) that holds one.
+            clean = self._scrub(str(e))
+            if clean == str(e) and not any(sec in repr(e.__cause__) for sec in self._secrets()):
+                raise
+            raise JudgeError(clean) from None
+
+    def _secrets(self) -> list[str]:
+        """The credentials this judge knows of: its API key, and user and password of its URL."""
+        from urllib.parse import urlsplit
+
+        found = [self._api_key or os.environ.get("OPENAI_API_KEY") or ""]
+        for url in (self.base_url, os.environ.get("OPENAI_BASE_URL"),
+                    getattr(self._user_client, "base_url", None)):
+            with contextlib.suppress(ValueError, TypeError):
+                parts = urlsplit(str(url or ""))
+                found += [parts.username or "", parts.password or ""]
+        return [s for s in found if len(s) >= 6 and s != "EMPTY"]
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets():
+            text = text.replace(secret, "REDACTED")
+        return redact(text)
+
+    def _score_prompts(self, prompts: Sequence[str], desc: str) -> list[float | None]:
         prompts = V.items("prompts", prompts, what="a list of filled rubric prompts")
         for i, p in enumerate(prompts):
             V.text(f"prompts[{i}]", p)

@@ -280,6 +280,8 @@ def sweep(
 
     out = V.path("out_dir", out_dir, none_ok=True)
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise V.InvalidArgument("out_dir", str(out), "a folder (this is a file)")
         out.mkdir(parents=True, exist_ok=True)
     store = Store(out, generations="sweep_responses.jsonl")
 

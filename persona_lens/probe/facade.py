@@ -143,18 +143,20 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         vector.check_compatible(self.n_layers, self.d_model, self.model_name)
         return vector
 
-    def _steer_plan(self, layer: Any, coef: Any, layers: Any) -> dict[int, float]:
-        """``{layer: coef}`` from steer's arguments, every value checked."""
+    def _steer_plan(self, layer: Any, coef: Any, layers: Any) -> tuple[dict[int, float], dict[int, str]]:
+        """``{layer: coef}`` from steer's arguments, every value checked, and the name each
+        coefficient was given under (for errors)."""
         if layers is None:
             if layer is None:
                 raise V.InvalidArgument("layer", None, "given (layer= with coef=, or layers={layer: coef})")
-            return {self.check_layer(layer): V.number("coef", coef)}
+            return {self.check_layer(layer): V.number("coef", coef)}, {}
         if layer is not None:
             raise ValueError("give either layer= or layers=, not both")
         if isinstance(layers, Mapping):
-            items = list(layers.items())
-            plan = {self.check_layer(l, name="layers key"): V.number(f"layers[{l!r}]", c) for l, c in items}
+            plan = {self.check_layer(l, name="layers key"): V.number(f"layers[{l!r}]", c) for l, c in layers.items()}
+            names = {l: f"layers[{l!r}]" for l in plan}
         else:
+            names = {}
             coef = V.number("coef", coef)
             if _is_int(layers):
                 layers = [layers]
@@ -162,7 +164,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
                     for i, l in enumerate(V.items("layers", layers, what="a {layer: coef} dict or a list of layers"))}
         if not plan:
             raise V.InvalidArgument("layers", layers, "a non-empty {layer: coef} dict or list of layers")
-        return plan
+        return plan, names
 
     @contextlib.contextmanager
     def steer(
@@ -201,7 +203,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         if positions == "last_prompt":
             raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
         V.boolean("include_last_prompt", include_last_prompt)
-        plan = self._steer_plan(layer, coef, layers)
+        plan, coef_names = self._steer_plan(layer, coef, layers)
         device, dtype = self.device, self.backend.dtype
         kinds = (positions, "last_prompt") if positions == "response" and include_last_prompt else (positions,)
         for l, c in plan.items():
@@ -211,7 +213,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             delta = c * vec[l]
             if not (bool(torch.isfinite(delta.to(dtype)).all()) and math.isfinite(float(delta.pow(2).sum()))):
                 raise V.InvalidArgument(
-                    "coef", c, f"small enough that coef * vector[{l}] and its square stay finite in "
+                    coef_names.get(l, "coef"), c, f"small enough that coef * vector[{l}] and its square stay finite in "
                     f"{str(dtype).split('.')[-1]} (the direction's norm at layer {l} is {float(vec[l].norm()):.3g}; "
                     f"|coef| * norm must stay below {_MAX_NORM:.2g})")
         edits = [Steer(l, vec[l].to(device=device, dtype=dtype), c, kinds) for l, c in plan.items()]

@@ -345,9 +345,11 @@ def sample(
         return logits.argmax(-1)
     scaled = logits / temperature
     if not bool(torch.isfinite(scaled).all()):
-        # A tiny temperature overflows the division (inf - inf is NaN in the softmax);
-        # subtracting the maximum first keeps it exact: the limit is greedy decoding.
-        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+        # A tiny temperature overflows the division (inf - inf is NaN in the softmax, and
+        # below float32's range it is a division by zero): subtract the maximum first, in
+        # float64, so the limit is what it should be, greedy decoding.
+        shifted = logits.double() - logits.double().max(dim=-1, keepdim=True).values
+        scaled = (shifted / temperature).to(logits.dtype)
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
