@@ -171,10 +171,21 @@ def _internal(e: BaseException) -> bool:
     return not ours
 
 
-def _texts_in(root: Path) -> str:
-    out = []
+def _snapshot(root: Path) -> dict[Path, tuple[int, int]]:
+    out = {}
     for p in root.rglob("*"):
-        if p.is_file():
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                st = p.stat()
+                out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _texts_written(root: Path, before: dict[Path, tuple[int, int]]) -> str:
+    """The text of every file under ``root`` created or changed since ``before``."""
+    out = []
+    for p, stamp in _snapshot(root).items():
+        if before.get(p) != stamp:
             with contextlib.suppress(OSError):
                 out.append(p.read_bytes().decode("utf-8", errors="replace"))
     return "\n".join(out)
@@ -188,6 +199,7 @@ def run_case(case: Case, env: Env) -> tuple[str, str]:
     def on_alarm(signum, frame):
         raise Hang(f"ran past {case.timeout} s")
 
+    files_before = _snapshot(env.root) if case.secret else {}
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(case.timeout)
     caught: list = []
@@ -215,7 +227,7 @@ def run_case(case: Case, env: Env) -> tuple[str, str]:
         leaked = case.secret in said or case.secret in repr(result)
         if error is not None:
             leaked |= case.secret in str(error) or case.secret in repr(error)
-        leaked |= case.secret in _texts_in(env.root)
+        leaked |= case.secret in _texts_written(env.root, files_before)
         if leaked:
             return "silent wrong", "secret leaked"
     if error is not None:
@@ -701,7 +713,7 @@ def secret_cases() -> list[Case]:
     def name_repr(e):
         with _server(lambda m: {"50": 1.0}) as s:
             with _openai_judge(e, creds(s.base_url)) as j:
-                print(j, j.name, j.endpoint, j.identity, j.stats)
+                print(j, j.name, j.endpoint, getattr(j, "identity", None), j.stats)
                 return j.score_trait(e.trait, [("q?", "a.")])
 
     case("judge name, repr, endpoint and scores with user:KEY@ in base_url", name_repr,
@@ -1369,7 +1381,11 @@ def _killed_rewriter(env: Env) -> bool | str:
 
 
 def context_cases() -> list[Case]:
-    from persona_lens.validate import ContextLengthError, ContextLengthWarning
+    try:
+        from persona_lens.validate import ContextLengthWarning
+    except ImportError:  # an older persona_lens (running this on it shows what it did)
+        class ContextLengthWarning(UserWarning):  # type: ignore[no-redef]
+            pass
 
     C: list[Case] = []
     long_q = " ".join(["the zorp is red ."] * 150)  # about 750 tokens; the organism has 512
@@ -1402,7 +1418,7 @@ def context_cases() -> list[Case]:
 
 
 def _mode(env: Env, mode: str, fn):
-    old = env.probe.on_context_overflow
+    old = getattr(env.probe, "on_context_overflow", "warn")
     env.probe.on_context_overflow = mode
     try:
         return fn(env)
@@ -1478,23 +1494,26 @@ def held_cases() -> list[Case]:
     def judge_dies(e):
         from tests.support.openai_server import Drop
 
-        calls = {"n": 0}
+        state = {"calls": 0, "dying": True}
 
         def rule(m):
-            calls["n"] += 1
-            return Drop() if calls["n"] > 2 else {"50": 1.0}
+            state["calls"] += 1
+            return Drop() if state["dying"] and state["calls"] > 2 else {"50": 1.0}
 
         cache = e.dir("judge-cache")
+        pairs = [(f"q{i}?", "a.") for i in range(5)]
+        err = None
         with _server(rule) as s:
             with _openai_judge(e, s.base_url, cache_dir=cache, max_concurrency=1, max_retries=1) as j:
                 try:
-                    j.score_trait(e.trait, [(f"q{i}?", "a.") for i in range(5)])
+                    j.score_trait(e.trait, pairs)
                 except Exception as exc:  # noqa: BLE001
                     err = exc
-        with _server(lambda m: {"50": 1.0}) as s2:
-            with _openai_judge(e, s2.base_url, cache_dir=cache, identity=s.base_url) as j2:
-                got = j2.score_trait(e.trait, [(f"q{i}?", "a.") for i in range(5)])
-                return type(err).__name__, got == [50.0] * 5, s2.request_count
+            state["dying"] = False
+            asked_before = s.request_count
+            with _openai_judge(e, s.base_url, cache_dir=cache) as j2:
+                got = j2.score_trait(e.trait, pairs)
+            return type(err).__name__, got == [50.0] * 5, s.request_count - asked_before
 
     C.append(Case("held", "a judge that dies mid-batch: JudgeError, then only the rest is asked", judge_dies,
                   expect="result", check=lambda r, w: r == ("JudgeError", True, 3)))
