@@ -124,7 +124,7 @@ def prompt_ids(tokenizer: Any, messages: Conversation) -> list[int]:
 
 
 def chat_rows(
-    tokenizer: Any, conversations: Sequence[ConversationLike], *, with_response: bool
+    tokenizer: Any, conversations: Sequence[ConversationLike], *, with_response: bool, name: str = "conversations"
 ) -> list[tuple[list[int], list[int]]]:
     """``(prompt_ids, response_ids)`` per conversation, unpadded: what a model sees.
 
@@ -146,14 +146,14 @@ def chat_rows(
             "(persona_lens works on chat conversations)"
         )
     prompts, responses = [], []
-    for i, conv in enumerate(V.items("conversations", conversations)):
-        messages = as_conversation(conv, name=f"conversations[{i}]")
+    for i, conv in enumerate(V.items(name, conversations)):
+        messages = as_conversation(conv, name=f"{name}[{i}]")
         if with_response:
-            prompt, response = split_conversation(messages)
+            prompt, response = split_conversation(messages, name=f"{name}[{i}]")
         else:
             if messages[-1]["role"] == "assistant":
                 raise ValueError(
-                    "a prompt for generation must not end with an assistant message "
+                    f"{name}[{i}] ends with an assistant message: a prompt for generation must not "
                     "(to capture a given response, use capture/project)"
                 )
             prompt, response = messages, ""
@@ -169,12 +169,12 @@ def chat_rows(
     return [(list(p), list(r)) for p, r in zip(prompt_tokens, response_tokens)]
 
 
-def split_conversation(conv: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+def split_conversation(conv: list[dict[str, str]], name: str = "the conversation") -> tuple[list[dict[str, str]], str]:
     """(prompt messages, response text) of a conversation ending in an assistant turn."""
     if not conv or conv[-1]["role"] != "assistant":
         raise ValueError(
-            "to capture a response the conversation must end with an assistant message; "
-            f"this one ends with {conv[-1]['role'] if conv else 'nothing'!r}"
+            f"to capture a response the conversation must end with an assistant message; "
+            f"{name} ends with {conv[-1]['role'] if conv else 'nothing'!r}"
         )
     return conv[:-1], conv[-1]["content"]
 

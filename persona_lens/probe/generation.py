@@ -179,7 +179,7 @@ class GenerationMixin:
         top_p, seed, batch_size, use_cache, progress = (
             settings.top_p, settings.seed, settings.batch_size, settings.use_cache, settings.progress)
         convs = as_conversations(prompts, name="prompts", system=system)
-        rows = chat_rows(self.tokenizer, convs, with_response=False)
+        rows = chat_rows(self.tokenizer, convs, with_response=False, name="prompts")
         self._check_context([len(p) for p, _ in rows], "prompts")
         gens: list[Generation | None] = [None] * len(rows)
         generator = None
