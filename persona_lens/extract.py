@@ -108,10 +108,10 @@ class Thresholds:
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+            unknown = sorted(set(value) - set(cls.__dataclass_fields__), key=str)
             if unknown:
-                raise V.InvalidArgument(f"thresholds[{unknown[0]!r}]", value[unknown[0]],
-                                        f"left out: the thresholds are {', '.join(cls.__dataclass_fields__)}")
+                raise V.InvalidArgument.unknown(str(unknown[0]), value[unknown[0]], cls.__dataclass_fields__,
+                                                "threshold")
             return cls(**value)
         raise V.InvalidArgumentType("thresholds", value, "a Thresholds, a dict of its fields, or None")
 

@@ -142,9 +142,13 @@ def logprob_score(top_logprobs: Mapping[str, float], *, min_mass: float = 0.25) 
     for token, logprob in top_logprobs.items():
         # A log-probability is a number <= 0 (-inf: probability 0). NaN, a positive number
         # or a non-number means the reply is not a distribution: garbage, never "no score".
-        lp = V.number(f"top_logprobs[{token!r}]", logprob if logprob != -math.inf else -1.0, max=_LOGPROB_SLACK)
         if logprob == -math.inf:
             continue
+        try:
+            lp = V.number(f"top_logprobs[{token!r}]", logprob, max=_LOGPROB_SLACK)
+        except V.InvalidArgument:
+            raise V.InvalidArgument(f"top_logprobs[{token!r}]", logprob,
+                                    "a log-probability: a number <= 0 (or -inf)") from None
         value = _as_score_token(token) if isinstance(token, str) else None
         if value is None:
             continue

@@ -356,7 +356,8 @@ class Store:
         settings.setdefault("seed", 0)
         for k in ("batch_size", "progress"):
             if k in settings:
-                raise V.InvalidArgument(f"settings[{k!r}]", settings[k], "left out: the store sets it")
+                raise V.InvalidArgument(f"settings[{k!r}]", settings[k], "", message=(
+                    f"settings[{k!r}] is not a setting of the answers: give it as Store.generate's {k}= instead"))
         GenerationSettings.from_kwargs(settings)  # every setting checked before any work
         gen_kwargs = {k: v for k, v in settings.items() if k != "seed"}
         model = probe.model_name or "unnamed-model"

@@ -254,6 +254,10 @@ def sweep(
               enumerate(V.items("layers", layers, what="a list of layers", nonempty=True))]
     coefs = [V.number(f"coefs[{i}]", c) for i, c in
              enumerate(V.items("coefs", coefs, what="a list of steering coefficients", nonempty=True))]
+    checked = probe._vector(vector)
+    for i, c in enumerate(coefs):
+        for layer in layers:
+            probe._check_steer_size(checked, layer, c, f"coefs[{i}]")
     samples = V.integer("samples", samples, min=1)
     gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     V.integer("seed", seed)

@@ -65,9 +65,21 @@ class InvalidArgument(ValueError):
         allowed: what is allowed, in words.
     """
 
-    def __init__(self, argument: str, value: Any, allowed: str, hint: str = ""):
+    def __init__(self, argument: str, value: Any, allowed: str, hint: str = "", *, message: str | None = None):
         self.argument, self.value, self.allowed = argument, value, allowed
-        super().__init__(f"{argument} must be {allowed}, got {show(value)}{hint}")
+        super().__init__(message or f"{argument} must be {allowed}, got {show(value)}{hint}")
+
+    @classmethod
+    def unknown(cls, argument: str, value: Any, known: Iterable[str], what: str = "argument") -> "InvalidArgument":
+        """An argument (or a key) of a name nobody takes, and the names that are taken.
+
+        Example:
+            >>> str(InvalidArgument.unknown("temprature", 1.0, ["temperature", "top_p"], "generation setting"))
+            "unknown generation setting 'temprature' (= 1.0 (float)); the generation settings are temperature, top_p"
+        """
+        known = sorted(known)
+        return cls(argument, value, f"one of {', '.join(known)}",
+                   message=f"unknown {what} {argument!r} (= {show(value)}); the {what}s are {', '.join(known)}")
 
 
 class InvalidArgumentType(InvalidArgument, TypeError):
@@ -95,7 +107,7 @@ def show(value: Any, width: int = 80) -> str:
         ("'2.0' (str)", 'inf (float)')
     """
     try:
-        r = repr(value)
+        r = " ".join(repr(value).split())  # one line, whatever the repr
     except Exception:  # a repr that raises must not hide the real error
         r = f"<{type(value).__name__}>"
     if len(r) > width:
@@ -107,11 +119,14 @@ def show(value: Any, width: int = 80) -> str:
 
 
 def _range_words(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    def fmt(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
     parts = []
     if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+        parts.append(f"{'>' if lo_open else '>='} {fmt(lo)}")
     if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+        parts.append(f"{'<' if hi_open else '<='} {fmt(hi)}")
     return " and ".join(parts)
 
 

@@ -505,10 +505,12 @@ def test_judge_cache_rows_that_do_not_decode_are_asked_again(openai_server, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", ["numbers", "types", "secrets", "files", "context", "held"])
-def test_adversarial_catalogue_has_no_traceback_silent_wrong_hang_or_lost_data(cls):
+def test_adversarial_catalogue_has_no_traceback_silent_wrong_hang_or_lost_data():
+    """Every case of ``python -m benchmarks.adversarial`` (about 360, half a minute on the
+    organism) ends in a clear error or a correct result."""
     import benchmarks.adversarial as adv
 
-    res = adv.run([cls])
+    res = adv.run()
     bad = [r for r in res["rows"] if r["outcome"] in adv.BAD]
     assert bad == [], json.dumps(bad, indent=1)[:4000]
+    assert sum(res["table"][c].get("clear error", 0) for c in res["table"]) > 250

@@ -166,6 +166,19 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             raise V.InvalidArgument("layers", layers, "a non-empty {layer: coef} dict or list of layers")
         return plan, names
 
+    def _check_steer_size(self, vec: PersonaVector, layer: int, coef: float, name: str = "coef") -> None:
+        """Refuse a coefficient whose steering vector overflows: what is added must be a
+        number in the model's dtype, and its square too (normalisations square the residual
+        stream in float32, where a norm above ~1.8e19 overflows and the normalised stream
+        becomes zero or NaN)."""
+        dtype = self.backend.dtype
+        delta = coef * vec[layer]
+        if not (bool(torch.isfinite(delta.to(dtype)).all()) and math.isfinite(float(delta.pow(2).sum()))):
+            raise V.InvalidArgument(
+                name, coef, f"small enough that coef * vector[{layer}] and its square stay finite in "
+                f"{str(dtype).split('.')[-1]} (the direction's norm at layer {layer} is {float(vec[layer].norm()):.3g}; "
+                f"|coef| * norm must stay below {_MAX_NORM:.2g})")
+
     @contextlib.contextmanager
     def steer(
         self,
@@ -207,15 +220,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         device, dtype = self.device, self.backend.dtype
         kinds = (positions, "last_prompt") if positions == "response" and include_last_prompt else (positions,)
         for l, c in plan.items():
-            # What is added must be a number in the model's dtype, and its square too: the
-            # model's normalisations square the residual stream in float32, where a norm
-            # above ~1.8e19 overflows (and the normalised stream becomes zero or NaN).
-            delta = c * vec[l]
-            if not (bool(torch.isfinite(delta.to(dtype)).all()) and math.isfinite(float(delta.pow(2).sum()))):
-                raise V.InvalidArgument(
-                    coef_names.get(l, "coef"), c, f"small enough that coef * vector[{l}] and its square stay finite in "
-                    f"{str(dtype).split('.')[-1]} (the direction's norm at layer {l} is {float(vec[l].norm()):.3g}; "
-                    f"|coef| * norm must stay below {_MAX_NORM:.2g})")
+            self._check_steer_size(vec, l, c, coef_names.get(l, "coef"))
         edits = [Steer(l, vec[l].to(device=device, dtype=dtype), c, kinds) for l, c in plan.items()]
         with self._intervening(edits):
             yield self

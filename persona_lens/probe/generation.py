@@ -59,11 +59,10 @@ class GenerationSettings:
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "GenerationSettings":
         """Settings from keyword arguments; an unknown name is an error naming it."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__))
         if unknown:
-            raise V.InvalidArgumentType(unknown[0], kwargs[unknown[0]],
-                                        f"left out: it is not a generation setting (known: {', '.join(sorted(known))})")
+            raise V.InvalidArgumentType.unknown(unknown[0], kwargs[unknown[0]], cls.__dataclass_fields__,
+                                                "generation setting")
         return cls(**kwargs)
 
 
