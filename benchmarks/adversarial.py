@@ -623,6 +623,15 @@ def type_cases() -> list[Case]:
     bad("judge.score_prompts('a prompt')", lambda e: _judge_call(e, lambda j: j.score_prompts("a prompt")),
         ("prompts",))
     bad("OrganismJudge.score_trait(pairs='qa')", lambda e: e.judge.score_trait("evil", "qa"), ("pairs",))
+    # traits
+    bad("Trait.load(5)", lambda e: e.pl.Trait.load(5), ("name_or_path",))
+    bad("extract(trait=5)", lambda e: _extract(e, trait=5), ("trait",))
+    bad("extract(trait='no-such-trait')", lambda e: _extract(e, trait="no-such-trait"), ("no-such-trait",))
+    bad("generate_trait(name='')", lambda e: e.pl.generate_trait("", "a trait", client=object()), ("name",))
+    bad("generate_trait(description=None)", lambda e: e.pl.generate_trait("x", None, client=object()),
+        ("description",))
+    bad("generate_trait(n_pairs=0)", lambda e: e.pl.generate_trait("x", "y", client=object(), n_pairs=0),
+        ("n_pairs",), 0)
     return C
 
 

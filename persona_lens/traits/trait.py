@@ -171,6 +171,10 @@ class Trait:
             >>> evil = Trait.load("evil")
             >>> mine = Trait.load("my_traits/extract/curious.json")  # doctest: +SKIP
         """
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            from persona_lens.validate import InvalidArgumentType
+
+            raise InvalidArgumentType("name_or_path", name_or_path, "a bundled trait name or a path")
         raw = os.fspath(name_or_path)
         looks_like_path = isinstance(name_or_path, os.PathLike) or any(
             sep in raw for sep in ("/", os.sep)
@@ -438,6 +442,10 @@ def resolve_trait(trait: "Trait | str | os.PathLike") -> Trait:
     """
     if isinstance(trait, Trait):
         return trait
+    if not isinstance(trait, (str, os.PathLike)):
+        from persona_lens.validate import InvalidArgumentType
+
+        raise InvalidArgumentType("trait", trait, "a Trait, a bundled trait name or a path to trait files")
     return Trait.load(trait, n_pairs=None)
 
 
