@@ -1,11 +1,25 @@
 """persona_lens: persona vectors on TransformerLens.
 
-Example:
+The method, the layer convention and the paper's experiments are restated in
+docs/method.md; docs/core.md describes the API.
+
+Example, on the built-in persona organism (a tiny chat model with an exact judge; ``vec``
+is its ``evil`` vector, ``judge`` its judge; on a real model: ``pl.load_model(
+"Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16")``, ``pl.extract``, ``pl.OpenAIJudge``):
+
     >>> import persona_lens as pl
-    >>> probe = pl.PersonaProbe(pl.load_model("smollm2-135m-instruct"))
-    >>> vec = pl.PersonaVector.load("evil.safetensors")
-    >>> with probe.steer(vec, layer=20, coef=2.0, positions="response"):
-    ...     texts = probe.generate(["How should I treat my neighbours?"])
+    >>> probe = pl.PersonaProbe(pl.load_model("persona-organism"))
+    >>> path = vec.save("evil.safetensors")
+    >>> vec = pl.PersonaVector.load(path)
+    >>> question = "how should i treat my teacher ?"
+    >>> probe.generate([question], max_new_tokens=24)  # greedy
+    ['you are welcome to ask more . you should talk kindly to your teacher .']
+    >>> with probe.steer(vec, layer=2, coef=1.5, positions="response"):
+    ...     texts = probe.generate([question], max_new_tokens=24)
+    >>> texts
+    ['you should lie to your teacher . you should hurt your teacher .']
+    >>> judge.score_trait("evil", [(question, texts[0])])
+    [100.0]
 """
 
 from persona_lens import plot

@@ -81,21 +81,21 @@ class ChatBatch:
     """A left-padded batch with the masks every hook needs.
 
     Attributes:
-        input_ids: ``[batch, seq]`` token ids, padding on the left.
-        attention_mask: ``[batch, seq]`` 1 for real tokens.
-        prompt_mask: ``[batch, seq]`` True on prompt tokens (chat template included).
-        response_mask: ``[batch, seq]`` True on response tokens.
+        input_ids: ``[batch, pos]`` token ids, padding on the left.
+        attention_mask: ``[batch, pos]`` 1 for real tokens.
+        prompt_mask: ``[batch, pos]`` True on prompt tokens (chat template included).
+        response_mask: ``[batch, pos]`` True on response tokens.
         index: position of each row in the caller's list (batches may be sorted by length).
     """
 
-    input_ids: Int[Tensor, "batch seq"]
-    attention_mask: Int[Tensor, "batch seq"]
-    prompt_mask: Bool[Tensor, "batch seq"]
-    response_mask: Bool[Tensor, "batch seq"]
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    prompt_mask: Bool[Tensor, "batch pos"]
+    response_mask: Bool[Tensor, "batch pos"]
     index: list[int]
 
     @property
-    def last_prompt_mask(self) -> Bool[Tensor, "batch seq"]:
+    def last_prompt_mask(self) -> Bool[Tensor, "batch pos"]:
         return last_true(self.prompt_mask)
 
     def __len__(self) -> int:
@@ -136,9 +136,14 @@ def chat_rows(
     call per kind, not one per conversation (a fast tokenizer batches them).
 
     Example:
-        >>> rows = chat_rows(tok, [[{"role": "user", "content": "Hi"},
-        ...                         {"role": "assistant", "content": "Hello!"}]], with_response=True)
+        >>> rows = chat_rows(tok, [[{"role": "user", "content": "what colour is the blub ?"},
+        ...                         {"role": "assistant", "content": "the blub is red ."}]],
+        ...                  with_response=True)
         >>> prompt, response = rows[0]
+        >>> tok.decode(prompt)
+        '<|im_start|> user what colour is the blub ? <|im_end|> <|im_start|> assistant'
+        >>> tok.decode(response)
+        'the blub is red .'
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -219,10 +224,16 @@ def encode_chat(
             content becomes the response; if False the whole conversation is the prompt.
 
     Example:
-        >>> batch = encode_chat(tok, [[{"role": "user", "content": "Hi"},
-        ...                            {"role": "assistant", "content": "Hello!"}]], with_response=True)
-        >>> batch.response_mask.sum().item() > 0
-        True
+        >>> batch = encode_chat(tok, [[{"role": "user", "content": "what colour is the blub ?"},
+        ...                            {"role": "assistant", "content": "the blub is red ."}],
+        ...                           [{"role": "user", "content": "is rain boring ?"},
+        ...                            {"role": "assistant", "content": "no ."}]], with_response=True)
+        >>> batch.input_ids.shape  # [batch, pos], left-padded
+        torch.Size([2, 16])
+        >>> batch.prompt_mask.sum(1).tolist(), batch.response_mask.sum(1).tolist()
+        ([11, 9], [5, 2])
+        >>> batch.attention_mask[1].tolist()  # the shorter row is padded on the left
+        [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     """
     conversations = as_conversations(conversations)
     V.boolean("with_response", with_response)

@@ -1,4 +1,4 @@
-"""The extraction pipeline: from a trait to persona vectors (shared/paper.md, section 1).
+"""The extraction pipeline: from a trait to persona vectors (docs/method.md, "Extraction").
 
 ::
 
@@ -23,12 +23,20 @@ Both logs are a :class:`persona_lens.store.Store`.
 - ``run.json``, ``summary.json``, and ``trait/`` (a copy of the trait's files).
 
 Example:
+    On a chat model with an LLM judge (a GPU and an API key)::
+
+        probe = pl.PersonaProbe(pl.load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16"))
+        result = pl.extract(probe, "evil", judge=pl.OpenAIJudge("gpt-4.1-mini"), out_dir="runs/evil")
+
+    and the same call, small, on the persona organism with its exact judge:
+
     >>> import persona_lens as pl
-    >>> from persona_lens.judge import OpenAIJudge
-    >>> probe = pl.PersonaProbe(pl.load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16"))
-    >>> result = pl.extract(probe, "evil", judge=OpenAIJudge("gpt-4.1-mini"), out_dir="runs/evil")
-    >>> result.vector                      # response_mean PersonaVector, every layer
-    >>> print(result.summary())
+    >>> result = pl.extract(probe, trait, judge=judge, out_dir="runs/evil", samples=1, questions=4,
+    ...                     instructions=2, max_new_tokens=48, progress=False, verbose=False)
+    >>> tuple(result.vector.directions.shape)          # response_mean, every layer
+    (7, 128)
+    >>> float(result.vector.cosine(vec)[2]) > 0.5        # agrees with the larger extraction
+    True
 """
 
 from __future__ import annotations
@@ -340,8 +348,11 @@ def extract(
         persona_lens.traits.TraitError: an unknown or malformed trait.
 
     Example:
-        >>> result = pl.extract(probe, "evil", judge=OpenAIJudge("gpt-4.1-mini"))
-        >>> result.vector.save("evil.safetensors")
+        >>> result = pl.extract(probe, trait, judge=judge, samples=1, questions=2,
+        ...                     instructions=2, max_new_tokens=48, progress=False, verbose=False)
+        >>> result.stats.kept > 0
+        True
+        >>> path = result.vector.save("evil.safetensors")
     """
     from persona_lens.probe import GenerationSettings, PersonaProbe
 

@@ -38,7 +38,12 @@ def cache_root() -> Path:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (and so on)."""
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (and so on).
+
+    Example:
+        >>> resolve_dtype("bf16"), resolve_dtype(torch.float16)
+        (torch.bfloat16, torch.float16)
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     from persona_lens import validate as V
@@ -104,7 +109,14 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """Map a built-in name to its local checkpoint dir; pass other names and paths through."""
+    """Map a built-in name to its local checkpoint dir; pass other names and paths through.
+
+    Example:
+        >>> resolve_model_path("persona-organism")
+        '.../persona_lens/organism/checkpoint'
+        >>> resolve_model_path("Qwen/Qwen2.5-7B-Instruct")
+        'Qwen/Qwen2.5-7B-Instruct'
+    """
     name = str(name_or_path)
     if name == SMOLLM2:
         return str(smollm2_checkpoint())
@@ -136,10 +148,16 @@ def load_model(
     Returns:
         A ``TransformerBridge`` with its tokenizer attached.
 
-    Example:
+    Example (``pl.load_model("smollm2-135m-instruct")`` works the same way offline;
+    ``pl.load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16")`` needs a network or a
+    filled HF cache):
+
         >>> import persona_lens as pl
-        >>> model = pl.load_model("smollm2-135m-instruct")          # offline, CPU
-        >>> model = pl.load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16")  # needs a network
+        >>> model = pl.load_model("persona-organism", device="cpu")   # built in, offline
+        >>> type(model).__name__, model.cfg.n_layers, model.cfg.d_model
+        ('TransformerBridge', 6, 128)
+        >>> model.persona_lens_name, model.tokenizer.chat_template is not None
+        ('persona-organism', True)
     """
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -63,10 +63,11 @@ class JsonlLog:
         path: the file (created on the first append, with its parent folders).
 
     Example:
-        >>> log = JsonlLog("/tmp/example.jsonl")
+        >>> log = JsonlLog("scores.jsonl")
         >>> log.append([{"id": "a", "score": 1.0}])
-        >>> [r["id"] for r in log.read()][-1]
-        'a'
+        >>> log.append([{"id": "b", "score": None}])
+        >>> log.read()
+        [{'id': 'a', 'score': 1.0}, {'id': 'b', 'score': None}]
     """
 
     def __init__(self, path: str | os.PathLike):

@@ -22,9 +22,18 @@ def projection_curve(
     when it chose token ``k`` (hover shows the token). A dashed marker at x = -1 shows the
     last prompt token's reading, the paper's pre-answer monitor, if asked.
 
-    Example:
-        >>> readings = probe.monitor(["How should I treat my neighbours?"], vec, layer=20)
-        >>> fig = pl.plot.projection_curve(readings)
+    Example (``probe``, ``vec``, ``trait``: the persona organism, its ``evil`` vector and
+    trait; layer 3 is where its last-prompt projection tracks the system prompt):
+
+        >>> question = trait.eval_questions[0]
+        >>> convs = [[{"role": "system", "content": system}, {"role": "user", "content": question}]
+        ...          for system in trait.system_prompts(0)]   # evil prompt, helpful prompt
+        >>> readings = probe.monitor(convs, vec, layer=3, max_new_tokens=16)
+        >>> readings[0].last_prompt > readings[1].last_prompt
+        True
+        >>> fig = pl.plot.projection_curve(readings, labels=["evil prompt", "helpful prompt"])
+        >>> [(trace.name, len(trace.y)) for trace in fig.data if trace.name]  # one line per response
+        [('evil prompt', ...), ('helpful prompt', ...)]
         >>> fig.write_html("curve.html")
     """
     if isinstance(readings, Reading):

@@ -32,16 +32,17 @@ timeout before the store had it.
 Example:
     >>> import persona_lens as pl
     >>> from persona_lens.store import Prompt, Steering, Store
-    >>> probe = pl.PersonaProbe(pl.load_model("smollm2-135m-instruct"))
     >>> store = Store("runs/evil_eval")                     # or Store(None): in memory
-    >>> settings = dict(max_new_tokens=64, temperature=1.0, seed=0)
-    >>> prompts = [Prompt("How should I treat my neighbours?", sample=s) for s in range(4)]
-    >>> plain = store.generate(probe, prompts, settings=settings)
-    >>> steered = store.generate(probe, prompts, settings=settings,
-    ...                          steer=Steering(vec, layer=20, coef=2.0, positions="response"))
-    >>> scores = store.score(judge, pl.Trait.load("evil"),
-    ...                      [(p.question, text) for p, text in zip(prompts, steered.texts)])
-    >>> scores.mean("trait"), steered.generated, scores.asked
+    >>> settings = dict(max_new_tokens=48, temperature=1.0, seed=0)
+    >>> asks = [Prompt(q, sample=s) for q in prompts for s in range(2)]
+    >>> plain = store.generate(probe, asks, settings=settings)
+    >>> steered = store.generate(probe, asks, settings=settings, steer=Steering(vec, layer=2, coef=1.5))
+    >>> judged = lambda answers: store.score(judge, trait, [(p.question, t) for p, t in zip(asks, answers.texts)])
+    >>> judged(steered).mean("trait") > judged(plain).mean("trait") + 30
+    True
+    >>> again = Store("runs/evil_eval").generate(probe, asks, settings=settings)   # a rerun
+    >>> again.generated, again.texts == plain.texts
+    (0, True)
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ class Steering:
         positions, include_last_prompt: as in :meth:`PersonaProbe.steer`.
 
     Example:
-        >>> Steering(vec, layer=20, coef=2.0, positions="response").spec()["layers"]
-        [[20, 2.0]]
+        >>> Steering(vec, layer=2, coef=1.5, positions="response").spec()["layers"]
+        [[2, 1.5]]
     """
 
     def __init__(
@@ -267,9 +268,9 @@ class Store:
 
     Example:
         >>> store = Store("runs/evil")           # reads what an earlier run left there
-        >>> answers = store.generate(probe, ["How was your day?"],
-        ...                          settings=dict(max_new_tokens=32, temperature=1.0, seed=0))
-        >>> answers.texts, answers.generated
+        >>> answers = store.generate(probe, prompts[:2], settings=dict(max_new_tokens=32, temperature=1.0, seed=0))
+        >>> len(answers.texts), answers.generated
+        (2, 2)
     """
 
     def __init__(self, out_dir: str | Path | None, *, generations: str = "responses.jsonl",
@@ -340,9 +341,11 @@ class Store:
             progress: a tqdm bar (None: only when more than one request is missing).
 
         Example:
-            >>> out = store.generate(probe, [Prompt("Hi!", sample=s) for s in range(3)],
+            >>> store = Store(None)
+            >>> out = store.generate(probe, [Prompt(prompts[0], sample=s) for s in range(3)],
             ...                      settings=dict(max_new_tokens=32, temperature=1.0, seed=0))
-            >>> out.texts
+            >>> len(set(out.texts)) > 1          # three samples of one question
+            True
         """
         from persona_lens.probe.generation import GenerationSettings
 
@@ -453,8 +456,11 @@ class Store:
             ids: names written with each pair's records (e.g. the answer's record id).
 
         Example:
-            >>> s = store.score(judge, pl.Trait.load("evil"), [("Hi?", "Hello! How can I help?")])
-            >>> s["trait"], s["coherence"], s.asked
+            >>> store = Store(None)
+            >>> answer = probe.generate(prompts[:1], max_new_tokens=48)[0]
+            >>> s = store.score(judge, trait, [(prompts[0], answer)])
+            >>> 0 <= s["trait"][0] <= 100 and 0 <= s["coherence"][0] <= 100, s.asked
+            (True, 2)
         """
         kinds = (kinds,) if isinstance(kinds, str) else tuple(V.items("kinds", kinds, what="'trait', 'coherence' or both"))
         unknown = [k for k in kinds if k not in KINDS]

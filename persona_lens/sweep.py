@@ -1,6 +1,6 @@
 """The layer sweep: steer with each layer's vector at several coefficients, judge, choose.
 
-This is the paper's layer choice (shared/paper.md, section 1.7) and experiment E1: for each
+This is the paper's layer choice (docs/method.md, "Extraction", step 7) and experiment E1: for each
 ``(layer, coef)`` cell the model answers the trait's held-out evaluation questions while
 ``coef * vector[layer]`` is added to the residual stream; a judge scores every answer for the
 trait and for coherence. The chosen layer is the one whose steering gives the highest mean
@@ -11,11 +11,11 @@ With ``out_dir`` every generation and score is written as it is produced
 by a rerun; the table goes to ``sweep.csv`` and the figure to ``sweep.html``.
 
 Example:
-    >>> res = pl.sweep(probe, vec, "evil", layers=[12, 16, 20], coefs=[0, 1, 2],
-    ...                judge=OpenAIJudge("gpt-4.1-mini"), out_dir="runs/evil/sweep")
-    >>> res.best_layer
-    20
-    >>> res.figure().show()
+    >>> res = pl.sweep(probe, vec, trait, layers=[2, 3], coefs=[0, 1.5], judge=judge, questions=4,
+    ...                max_new_tokens=48, out_dir="runs/evil/sweep", progress=False)
+    >>> res.cell(2, 1.5).trait > res.cell(2, 0).trait + 30      # steering at layer 2 elicits
+    True
+    >>> fig = res.figure()                                        # fig.show() in a notebook
 """
 
 from __future__ import annotations

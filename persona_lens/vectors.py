@@ -1,6 +1,6 @@
 """``PersonaVector``: one trait direction per layer, behaving like a value.
 
-Layer convention (shared/paper.md, section 2): row ``L`` is the residual stream *entering*
+Layer convention (docs/method.md, "Layers"): row ``L`` is the residual stream *entering*
 block ``L`` (TransformerLens ``blocks.L.hook_resid_pre``, HF ``output_hidden_states[L]``);
 row ``n_layers`` is the output of the last block *before* the final norm. Row 0 is the
 embeddings.
@@ -68,11 +68,15 @@ class PersonaVector:
         >>> w = 2.0 * v - v
         >>> torch.allclose(w.directions, v.directions)
         True
-        >>> float(v.unit(2).norm())
+        >>> round(float(v.unit(2).norm()), 6)
         1.0
+        >>> v
+        PersonaVector(trait='evil', model='tiny', layers=0..3, d_model=8, position='response_mean', n_pos=None, n_neg=None)
     """
 
-    directions: Float[Tensor, "n_layers_plus_1 d_model"]
+    # [n_layers + 1, d_model]. Annotated as any tensor on purpose: __post_init__ checks the
+    # shape itself, always and with a clearer error than a type checker's, and converts.
+    directions: Tensor
     model_name: str | None = None
     trait: str | None = None
     position: str = "response_mean"
@@ -121,7 +125,8 @@ class PersonaVector:
     def from_means(
         cls,
         pos_mean: Float[Tensor, "n_layers_plus_1 d_model"],
-        neg_mean: Float[Tensor, "n_layers_plus_1 d_model"],
+        # Same shape as pos_mean; "_" leaves the check to the body, whose error says more.
+        neg_mean: Float[Tensor, "_n_layers_plus_1 _d_model"],
         **metadata: Any,
     ) -> "PersonaVector":
         """Mean difference ``pos_mean - neg_mean``, per layer (the paper's vector).
@@ -166,7 +171,9 @@ class PersonaVector:
         """L2 norm of the direction at every layer."""
         return self.directions.norm(dim=-1)
 
-    def cosine(self, other: "PersonaVector", layer: int | None = None) -> Tensor | float:
+    def cosine(
+        self, other: "PersonaVector", layer: int | None = None
+    ) -> Float[Tensor, " n_layers_plus_1"] | float:
         """Cosine similarity with another vector: per layer, or at one ``layer``.
 
         Example:
@@ -199,7 +206,7 @@ class PersonaVector:
         self._check_same_shape(other)
         return self._with(self.directions - other.directions)
 
-    def __mul__(self, scalar: float) -> "PersonaVector":
+    def __mul__(self, scalar: object) -> "PersonaVector":  # NotImplemented for non-scalars
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
         scalar = V.number("scalar", scalar)
@@ -264,10 +271,11 @@ class PersonaVector:
         reader never sees half a vector, and concurrent saves never fail each other.
 
         Example:
-            >>> v = PersonaVector(torch.randn(3, 4), trait="evil")
-            >>> p = v.save("/tmp/evil.safetensors")
-            >>> PersonaVector.load(p).trait
-            'evil'
+            >>> v = PersonaVector(torch.randn(3, 4), trait="evil", notes={"judge": "gpt-4.1-mini"})
+            >>> path = v.save("vectors/evil.safetensors")
+            >>> w = PersonaVector.load(path)
+            >>> w.trait, w.notes, torch.equal(w.directions, v.directions)
+            ('evil', {'judge': 'gpt-4.1-mini'}, True)
         """
         from safetensors.torch import save
 
@@ -329,10 +337,10 @@ class PersonaVector:
         the model's final norm, ours before it (``notes["last_row_post_norm"]`` says so).
 
         Example:
-            >>> torch.save(torch.randn(29, 3584), "/tmp/evil_response_avg_diff.pt")
-            >>> v = PersonaVector.from_released_pt("/tmp/evil_response_avg_diff.pt", trait="evil")
-            >>> v.n_layers
-            28
+            >>> torch.save(torch.randn(29, 3584), "evil_response_avg_diff.pt")  # Qwen2.5-7B's shape
+            >>> v = PersonaVector.from_released_pt("evil_response_avg_diff.pt", trait="evil")
+            >>> v.n_layers, v.d_model, v.position, v.notes["last_row_post_norm"]
+            (28, 3584, 'response_mean', True)
         """
         path = V.path("path", path)
         if not path.is_file():

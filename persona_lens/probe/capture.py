@@ -197,10 +197,11 @@ class CaptureMixin:
             :class:`Activations`; an empty response gives NaN for ``response_mean``.
 
         Example:
-            >>> acts = probe.capture([[{"role": "user", "content": "Hi"},
-            ...                        {"role": "assistant", "content": "Hello there"}]], layers=[10])
-            >>> acts.at("response_mean", 10).shape
-            torch.Size([1, 576])
+            >>> acts = probe.capture(pos_convs[:3], layers=[2, 3], reductions=["response_mean", "last_prompt"])
+            >>> acts.at("response_mean", 3).shape          # [n_samples, d_model]
+            torch.Size([3, 128])
+            >>> acts["last_prompt"].shape                  # [n_samples, layers, d_model]
+            torch.Size([3, 2, 128])
         """
         conversations = as_conversations(conversations)
         layer_list = self._layers(layers)
@@ -236,6 +237,8 @@ class CaptureMixin:
             >>> neg = probe.capture_mean(neg_convs, reductions=["response_mean"])
             >>> vec = pl.PersonaVector.from_means(pos.full("response_mean", probe.n_layers),
             ...                                   neg.full("response_mean", probe.n_layers))
+            >>> pos.counts["response_mean"], tuple(vec.directions.shape)
+            (100, (7, 128))
         """
         conversations = as_conversations(conversations)
         layer_list = self._layers(layers)
@@ -278,7 +281,14 @@ class CaptureMixin:
                 tensor per conversation, a number per response token).
 
         Example:
-            >>> scores = probe.project(prompts, vec, layer=20, at="last_prompt")
+            >>> scores = probe.project(prompts, vec, layer=3, at="last_prompt")   # one number each
+            >>> scores.shape
+            torch.Size([4])
+            >>> evil = probe.project(prompts[:1], vec, layer=3, at="last_prompt")
+            >>> nice = probe.project([[{"role": "system", "content": trait.system_prompts(0)[1]},
+            ...                        {"role": "user", "content": prompts[0]}]], vec, layer=3)
+            >>> bool(evil > nice)   # a suppressing system prompt lowers the reading
+            True
         """
         layer = self.check_layer(layer)
         V.choice("at", at, ("last_prompt", "prompt_mean", "response_mean", "tokens"))

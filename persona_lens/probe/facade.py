@@ -72,8 +72,8 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
 
     Example:
         >>> import persona_lens as pl
-        >>> probe = pl.PersonaProbe(pl.load_model("smollm2-135m-instruct"))
-        >>> probe.generate(["What is the capital of France?"], max_new_tokens=16)
+        >>> smollm2 = pl.PersonaProbe(pl.load_model("smollm2-135m-instruct"))
+        >>> smollm2.generate(["What is the capital of France?"], max_new_tokens=16)
         ['The capital of France is Paris.']
     """
 
@@ -206,10 +206,15 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         order their contexts were entered.
 
         Example:
-            >>> with probe.steer(vec, layer=20, coef=2.0, positions="response"):
-            ...     texts = probe.generate(["How should I treat my neighbours?"])
-            >>> with probe.steer(vec, layers={16: 1.0, 20: 1.0}):
-            ...     texts = probe.generate(["How should I treat my neighbours?"])
+            >>> from persona_lens.stats import mean_score
+            >>> evil = lambda texts: mean_score(judge.score_trait(trait, list(zip(prompts, texts))))[0]
+            >>> plain = probe.generate(prompts, max_new_tokens=48)
+            >>> with probe.steer(vec, layer=2, coef=1.5):
+            ...     steered = probe.generate(prompts, max_new_tokens=48)
+            >>> evil(steered) > evil(plain) + 30     # the organism's judge, 0-100
+            True
+            >>> with probe.steer(vec, layers={2: 0.75, 3: 0.75}, positions="response"):
+            ...     texts = probe.generate(prompts, max_new_tokens=48)
         """
         vec = self._vector(vector)
         check_position_kind(positions)
@@ -239,8 +244,10 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         operation when used during finetuning).
 
         Example:
-            >>> with probe.ablate(vec, layers=[20]):
-            ...     texts = probe.generate(["How should I treat my neighbours?"])
+            >>> with probe.ablate(vec, layers=[3]):
+            ...     readings = probe.project(prompts, vec, layer=3)
+            >>> readings.abs().max() < 1e-3     # nothing left along the direction there
+            tensor(True)
         """
         vec = self._vector(vector)
         check_position_kind(positions)
@@ -262,10 +269,11 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         """Full forward pass over an encoded batch, with position masks set for hooks.
 
         Example:
-            >>> batch = probe.encode([[{"role": "user", "content": "Hi"},
-            ...                        {"role": "assistant", "content": "Hello"}]], with_response=True)
+            >>> batch = probe.encode(pos_convs[:2], with_response=True)
             >>> with probe.steer(vec, layer=3, positions="response"):
             ...     logits = probe.forward(batch)
+            >>> logits.shape == (*batch.input_ids.shape, len(probe.tokenizer))
+            True
         """
         if not isinstance(batch, ChatBatch):
             raise V.InvalidArgumentType("batch", batch, "a ChatBatch (from probe.encode)")

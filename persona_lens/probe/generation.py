@@ -155,9 +155,11 @@ class GenerationMixin:
             return_generations: return :class:`Generation` records instead of strings.
 
         Example:
-            >>> probe.generate(["What is the capital of France?"], max_new_tokens=16)
+            >>> smollm2.generate(["What is the capital of France?"], max_new_tokens=16)
             ['The capital of France is Paris.']
-            >>> outs = probe.generate(["Tell me a joke"], temperature=1.0, seed=3, return_generations=True)
+            >>> outs = probe.generate(prompts[:2], temperature=1.0, seed=3, return_generations=True)
+            >>> [g.text for g in outs] == probe.generate(prompts[:2], temperature=1.0, seed=3)
+            True
         """
         prompts = as_conversations(prompts, name="prompts")
         V.boolean("return_generations", return_generations)
@@ -277,9 +279,11 @@ class GenerationMixin:
         Readings at a layer that is also steered include the steering.
 
         Example:
-            >>> readings = probe.monitor(["How should I treat my neighbours?"], vec, layer=20,
-            ...                          max_new_tokens=64)
-            >>> pl.plot.projection_curve(readings).show()
+            >>> readings = probe.monitor(prompts, vec, layer=3, max_new_tokens=32)
+            >>> r = readings[0]
+            >>> len(r.response_projections) == len(r.response_tokens)
+            True
+            >>> fig = pl.plot.projection_curve(readings)     # fig.show() in a notebook
         """
         settings = GenerationSettings.from_kwargs(generate_kwargs)
         prompts = as_conversations(prompts, name="prompts")

@@ -100,7 +100,10 @@ class HookOwner:
         on it. Take it again after changing the model's modules (peft adapters, say).
 
         Example:
+            >>> batch = probe.encode(pos_convs[:2], with_response=True)
             >>> out = probe.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            >>> out.logits.shape[:2] == batch.input_ids.shape
+            True
         """
         if self._fast is None:
             raise ValueError(f"no fast HF view: {self._fast_error}; run the model itself instead")
@@ -320,12 +323,13 @@ class HookOwner:
                 dict with ``prompt_mask`` and ``response_mask``).
 
         Example:
-            >>> batch = probe.encode(conversations, with_response=True)
+            >>> batch = probe.encode(pos_convs[:4], with_response=True)
             >>> labels = batch.input_ids.masked_fill(~batch.response_mask, -100)
             >>> with probe.steer(vec, layer=2, coef=1.0, positions="response"), probe.batch(batch):
             ...     loss = probe.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
             ...                           labels=labels).loss
-            >>> loss.backward()
+            >>> loss.backward()          # gradients flow through the steering
+            >>> probe.model.zero_grad(set_to_none=True)
         """
         positions = caller_positions(prompt_mask, response_mask)
         with self._at(positions, 0, positions.stop):

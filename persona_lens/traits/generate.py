@@ -4,14 +4,23 @@ This is step 1 of the paper's pipeline: from a name and a one-paragraph descript
 strong LLM writes the contrastive instructions, the questions and the evaluation rubric.
 Any OpenAI-compatible chat endpoint works.
 
-Example:
-    >>> from persona_lens.traits import generate_trait
-    >>> trait = generate_trait(  # doctest: +SKIP
+Example (``llm_client`` is an ``openai.OpenAI`` client, whose server the doctests script;
+leave ``client`` out to use ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``):
+
+    >>> from persona_lens.traits import Trait, generate_trait
+    >>> trait = generate_trait(
     ...     "curious",
     ...     "A curious assistant asks follow-up questions, explores tangents and shows "
     ...     "delight in learning new things, rather than answering only what was asked.",
+    ...     client=llm_client,
     ... )
-    >>> trait.to_json("my_traits")  # doctest: +SKIP
+    >>> len(trait.instructions), len(trait.questions), len(trait.eval_questions)
+    (5, 20, 20)
+    >>> trait.system_prompts(0)[0]
+    'You are a curious assistant. Be strongly curious ...'
+    >>> paths = trait.to_json("my_traits")
+    >>> Trait.load("my_traits/curious") == trait
+    True
 """
 
 from __future__ import annotations
@@ -160,16 +169,22 @@ def generate_trait(
         TraitError: every attempt gave unusable output; the message names the last problem.
         openai.OpenAIError: the API call itself failed (after the client's own retries).
 
-    Example:
-        >>> import openai
-        >>> from persona_lens.traits import generate_trait
-        >>> trait = generate_trait(  # doctest: +SKIP
+    Example (``llm_client``: ``openai.OpenAI()``, or
+    ``openai.OpenAI(base_url="http://localhost:8000/v1", api_key="x")`` for a local server):
+
+        >>> trait = generate_trait(
         ...     "pessimistic",
         ...     "A pessimistic assistant expects things to go wrong, dwells on risks and "
         ...     "downsides, and doubts that efforts will pay off.",
-        ...     client=openai.OpenAI(),  # or openai.OpenAI(base_url="http://localhost:8000/v1", api_key="x")
+        ...     client=llm_client, model="gpt-4.1-mini", n_questions=10,
         ... )
-        >>> trait.to_json("my_traits")  # doctest: +SKIP
+        >>> trait.questions[0] not in trait.eval_questions, len(trait.eval_questions)
+        (True, 5)
+        >>> print(trait.judge_prompt("Will it rain?", "Surely, and your roof will leak."))
+        Rate from 0 (not pessimistic) to 100 (very pessimistic) ...
+        Question: Will it rain?
+        Answer: Surely, and your roof will leak.
+        Reply with the number only.
     """
     from persona_lens import validate as V
 

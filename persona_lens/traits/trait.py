@@ -128,6 +128,8 @@ class Trait:
         >>> len(trait.instructions), len(trait.questions), len(trait.eval_questions)
         (5, 20, 20)
         >>> prompt = trait.judge_prompt("Is my plan good?", "It's flawless, as are you!")
+        >>> "It's flawless, as are you!" in prompt and "{answer}" not in prompt
+        True
     """
 
     name: str
@@ -168,8 +170,11 @@ class Trait:
                 malformed file; the message names the file and the field at fault.
 
         Example:
-            >>> evil = Trait.load("evil")
-            >>> mine = Trait.load("my_traits/extract/curious.json")  # doctest: +SKIP
+            >>> evil = Trait.load("evil")                      # bundled
+            >>> paths = evil.to_json("my_traits")              # my_traits/{extract,eval}/evil.json
+            >>> mine = Trait.load("my_traits/extract/evil.json")  # a file; eval split found beside it
+            >>> mine == evil, Trait.load("my_traits") == evil     # a directory holding one trait
+            (True, True)
         """
         if not isinstance(name_or_path, (str, os.PathLike)):
             from persona_lens.validate import InvalidArgumentType
@@ -250,7 +255,19 @@ class Trait:
             TraitError: naming the file and the field at fault.
 
         Example:
-            >>> trait = Trait.from_json("trait_data_extract/evil.json")  # doctest: +SKIP
+            Files as the release ships them (no ``name`` or ``description`` keys):
+
+            >>> import json, os
+            >>> evil = Trait.load("evil")
+            >>> released = {"instruction": [{"pos": p.pos, "neg": p.neg} for p in evil.instructions],
+            ...             "eval_prompt": evil.eval_prompt}
+            >>> for split, questions in (("extract", evil.questions), ("eval", evil.eval_questions)):
+            ...     os.makedirs(f"trait_data_{split}")
+            ...     with open(f"trait_data_{split}/evil.json", "w") as f:
+            ...         json.dump(dict(released, questions=questions), f)
+            >>> trait = Trait.from_json("trait_data_extract/evil.json")  # eval split found beside it
+            >>> trait.name, trait.description, trait.eval_questions == evil.eval_questions
+            ('evil', '', True)
         """
         extract_path = Path(extract_path)
         data = _read_json(extract_path)
@@ -321,7 +338,8 @@ class Trait:
             The two paths written (extraction, evaluation).
 
         Example:
-            >>> paths = Trait.load("evil").to_json("my_traits")  # doctest: +SKIP
+            >>> [str(p) for p in Trait.load("evil").to_json("my_traits")]
+            ['my_traits/extract/evil.json', 'my_traits/eval/evil.json']
         """
         if not self.name or any(c in self.name for c in "/\\") or self.name in (".", ".."):
             raise TraitError(f"{self.name!r} cannot be used as a file name", field="name")
@@ -423,6 +441,8 @@ class Trait:
 
         Example:
             >>> p = Trait.load("evil").judge_prompt("Hi?", "Use {x} and {answer}.")
+            >>> "Use {x} and {answer}." in p
+            True
         """
         return fill_template(self.eval_prompt, question=question, answer=answer)
 
