@@ -1219,28 +1219,37 @@ def _reader_process(root: str, done: Any, out: Any) -> None:
 
     root_p = Path(root)
     problems = reads = 0
+    first = ""
     while True:
         finished = done.is_set()  # one more pass after the writers are done: at least one read
         try:
             if (root_p / "run.json").exists():
                 doc = read_json(root_p / "run.json")
-                problems += len(doc.get("pad", "")) != 50_000
+                if len(doc.get("pad", "")) != 50_000:
+                    problems += 1
+                    first = first or f"run.json read back with a pad of {len(doc.get('pad', ''))}"
             if (root_p / "vectors" / "evil_response_mean.safetensors").exists():
                 v = PersonaVector.load(root_p / "vectors" / "evil_response_mean.safetensors")
-                problems += not bool((v.directions == v.notes["worker"] + 1).all())
+                if not bool((v.directions == v.notes["worker"] + 1).all()):
+                    problems += 1
+                    first = first or (f"a vector of worker {v.notes['worker']} read back with "
+                                      f"{sorted(set(v.directions.flatten().tolist()))[:5]}")
             log = JsonlLog(root_p / "responses.jsonl")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 log.read()
             problems += log.bad_lines
             reads += 1
+            if log.bad_lines:
+                first = first or f"responses.jsonl read back with {log.bad_lines} bad lines"
         except FileNotFoundError:
             pass
-        except Exception:  # noqa: BLE001 - any failure to read is what this counts
+        except Exception as e:  # noqa: BLE001 - any failure to read is what this counts
             problems += 1
+            first = first or f"{type(e).__name__}: {e}"[:500]
         if finished:
             break
-    out.put((problems, reads))
+    out.put((problems, reads, first))
 
 
 def _concurrent_files(env: Env) -> bool | str:
@@ -1260,7 +1269,7 @@ def _concurrent_files(env: Env) -> bool | str:
         w.join(240)
     failed_writers = sum(w.exitcode != 0 for w in writers)
     done.set()
-    problems, reads = q.get(timeout=60)
+    problems, reads, first = q.get(timeout=60)
     reader.join()
     log = JsonlLog(root / "responses.jsonl")
     records = log.read()
@@ -1276,7 +1285,8 @@ def _concurrent_files(env: Env) -> bool | str:
     }
     failed = [k for k, ok in checks.items() if not ok]
     if failed:
-        print(f"concurrent writers: {failed} (reader: {problems} problems in {reads} reads)", file=sys.stderr)
+        print(f"concurrent writers: {failed} (reader: {problems} problems in {reads} reads; first: {first})",
+              file=sys.stderr)
     return True if not failed else "lost"
 
 

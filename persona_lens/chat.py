@@ -29,7 +29,7 @@ Conversation = Sequence[Message]
 ConversationLike = Union[str, Conversation]
 
 
-def as_conversation(item: ConversationLike, system: str | None = None, *, name: str = "conversation") -> list[dict[str, str]]:
+def as_conversation(item: Any, system: str | None = None, *, name: str = "conversation") -> list[dict[str, str]]:
     """Normalise a user message string or a message list into a list of message dicts.
 
     Every message needs a string ``role`` and a string ``content``; ``name`` is how errors
@@ -124,7 +124,7 @@ def prompt_ids(tokenizer: Any, messages: Conversation) -> list[int]:
 
 
 def chat_rows(
-    tokenizer: Any, conversations: Sequence[ConversationLike], *, with_response: bool, name: str = "conversations"
+    tokenizer: Any, conversations: Sequence, *, with_response: bool, name: str = "conversations"
 ) -> list[tuple[list[int], list[int]]]:
     """``(prompt_ids, response_ids)`` per conversation, unpadded: what a model sees.
 
@@ -211,7 +211,7 @@ def encode_rows(
 
 def encode_chat(
     tokenizer: Any,
-    conversations: Sequence[ConversationLike],
+    conversations: Sequence,
     *,
     with_response: bool,
 ) -> ChatBatch:

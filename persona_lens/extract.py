@@ -275,7 +275,7 @@ class ExtractionResult:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _select(what: str, sel: int | Sequence[int] | None, total: int) -> list[int]:
+def _select(what: str, sel: Any, total: int) -> list[int]:
     if sel is None:
         return list(range(total))
     allowed = f"a count (1..{total}), a list of indices (0..{total - 1}) or None"
@@ -297,16 +297,16 @@ def extract(
     *,
     out_dir: str | Path | None = None,
     samples: int = 10,
-    questions: int | Sequence[int] | None = None,
-    instructions: int | Sequence[int] | None = None,
+    questions: int | Sequence | None = None,
+    instructions: int | Sequence | None = None,
     max_new_tokens: int = 1000,
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 32,
     capture_batch_size: int = 16,
     judge_batch_size: int = 64,
-    thresholds: Thresholds | dict[str, float] | None = None,
-    layers: Sequence[int] | None = None,
+    thresholds: Thresholds | Mapping | None = None,
+    layers: int | Sequence | None = None,
     seed: int = 0,
     progress: bool | None = True,
     verbose: bool = True,

@@ -47,7 +47,7 @@ from persona_lens import validate as V
 Masks = Mapping
 
 
-def position_kinds(positions: str | Sequence[str]) -> tuple[str, ...]:
+def position_kinds(positions: str | Sequence) -> tuple[str, ...]:
     """Normalise one position kind or several into a sorted tuple, checking each.
 
     Example:

@@ -117,7 +117,7 @@ def _as_score_token(token: str) -> int | None:
     return None
 
 
-def logprob_score(top_logprobs: Mapping[str, float], *, min_mass: float = 0.25) -> float | None:
+def logprob_score(top_logprobs: Mapping, *, min_mass: float = 0.25) -> float | None:
     """The paper's judge score from one token position's top log-probabilities.
 
     Tokens that parse as integers 0..100 (after stripping whitespace) are kept; the score is
@@ -571,7 +571,7 @@ class OpenAIJudge:
         prompts = [fill_template(self.coherence_prompt, question=q, answer=a) for q, a in pairs]
         return self.score_prompts(prompts, desc="judging coherence")
 
-    def score_prompts(self, prompts: Sequence[str], *, desc: str = "judging") -> list[float | None]:
+    def score_prompts(self, prompts: Sequence, *, desc: str = "judging") -> list[float | None]:
         """Scores of already-filled rubric prompts (for custom rubrics); same rules as above."""
         try:
             return self._score_prompts(prompts, desc)
@@ -600,7 +600,7 @@ class OpenAIJudge:
             text = text.replace(secret, "REDACTED")
         return redact(text)
 
-    def _score_prompts(self, prompts: Sequence[str], desc: str) -> list[float | None]:
+    def _score_prompts(self, prompts: Sequence, desc: str) -> list[float | None]:
         prompts = V.items("prompts", prompts, what="a list of filled rubric prompts")
         for i, p in enumerate(prompts):
             V.text(f"prompts[{i}]", p)

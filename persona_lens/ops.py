@@ -10,6 +10,8 @@ Shapes: ``h`` is a residual-stream activation ``[batch, pos, d_model]``; masks a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -20,7 +22,7 @@ POSITION_KINDS = ("all", "prompt", "response", "last_prompt")
 REDUCTIONS = ("response_mean", "prompt_mean", "last_prompt")
 
 
-def check_position_kind(kind: str, name: str = "positions") -> str:
+def check_position_kind(kind: Any, name: str = "positions") -> str:
     """Return ``kind`` if it is a known position type, else raise a ``ValueError`` naming
     the argument ``name``."""
     if not isinstance(kind, str) or kind not in POSITION_KINDS:
@@ -29,7 +31,7 @@ def check_position_kind(kind: str, name: str = "positions") -> str:
     return kind
 
 
-def check_reduction(name: str, argument: str = "reductions") -> str:
+def check_reduction(name: Any, argument: str = "reductions") -> str:
     """Return ``name`` if it is a known reduction, else raise a ``ValueError`` naming the
     argument."""
     if not isinstance(name, str) or name not in REDUCTIONS:

@@ -25,7 +25,7 @@ _FORMAT = "persona_lens.PersonaVector/1"
 _POSITIONS = ("response_mean", "prompt_mean", "last_prompt")
 
 
-def check_layer(layer: int, n_layers: int, owner: str, hint: str = "", name: str = "layer") -> int:
+def check_layer(layer: Any, n_layers: int, owner: str, hint: str = "", name: str = "layer") -> int:
     """Return ``layer`` as an int if it is one in ``0..n_layers``, else raise naming ``owner``."""
     layer = V.integer(name, layer)
     if not 0 <= layer <= n_layers:
@@ -295,23 +295,26 @@ class PersonaVector:
                 file, a corrupt or truncated one, metadata that is not ours); the message
                 names the file.
         """
-        from safetensors import safe_open
+        from safetensors.torch import load as load_tensors
 
         path = V.path("path", path)
         if not path.exists():
             raise FileNotFoundError(f"no vector file at {path}")
         if path.is_dir():
             raise VectorFileError(f"{path} is a folder, not a vector file")
+        # One read of the whole file, header and tensors from the same bytes: safetensors'
+        # own reader opens the path twice, and a file replaced in between (another process
+        # saving the same vector) would pair one file's metadata with the other's tensors.
+        data = path.read_bytes()
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if "directions" not in f.keys():
-                    raise VectorFileError(f"{path} holds no 'directions' tensor (tensors: {sorted(f.keys())})")
-                directions = f.get_tensor("directions")
-        except VectorFileError:
-            raise
+            tensors = load_tensors(data)
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise VectorFileError(f"{path} is not a persona_lens vector file: {exc}") from exc
+        if "directions" not in tensors:
+            raise VectorFileError(f"{path} holds no 'directions' tensor (tensors: {sorted(tensors)})")
+        directions = tensors["directions"]
         if meta.get("format") != _FORMAT:
             raise VectorFileError(f"{path} is not a persona_lens vector file (format {meta.get('format')!r})")
         try:

@@ -79,7 +79,7 @@ class ActivationMean:
         return out
 
 
-def _reductions(reductions: Sequence[str] | str) -> tuple[str, ...]:
+def _reductions(reductions: Any) -> tuple[str, ...]:
     """One reduction name or several, each checked (a bare name is one reduction)."""
     if isinstance(reductions, str):
         reductions = [reductions]
@@ -177,10 +177,10 @@ class CaptureMixin:
     @torch.no_grad()
     def capture(
         self,
-        conversations: Sequence[ConversationLike],
+        conversations: Sequence,
         *,
-        layers: Sequence[int] | None = None,
-        reductions: Sequence[str] = ("response_mean",),
+        layers: int | Sequence | None = None,
+        reductions: str | Sequence = ("response_mean",),
         batch_size: int = 16,
         progress: bool | None = None,
     ) -> Activations:
@@ -219,10 +219,10 @@ class CaptureMixin:
     @torch.no_grad()
     def capture_mean(
         self,
-        conversations: Sequence[ConversationLike],
+        conversations: Sequence,
         *,
-        layers: Sequence[int] | None = None,
-        reductions: Sequence[str] = ("response_mean",),
+        layers: int | Sequence | None = None,
+        reductions: str | Sequence = ("response_mean",),
         batch_size: int = 16,
         into: ActivationMean | None = None,
         progress: bool | None = None,
@@ -263,7 +263,7 @@ class CaptureMixin:
     @torch.no_grad()
     def project(
         self,
-        conversations: Sequence[ConversationLike],
+        conversations: Sequence,
         vector: PersonaVector | Tensor,
         layer: int,
         *,

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from persona_lens import validate as V
 from persona_lens.backends import Backend
-from persona_lens.chat import ChatBatch, ConversationLike
+from persona_lens.chat import ChatBatch
 from persona_lens.interventions import Ablate, Steer
 from persona_lens.ops import check_position_kind
 from persona_lens.probe.capture import CaptureMixin
@@ -113,7 +113,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             f"d_model={self.d_model}, active_hooks={len(self._handles)})"
         )
 
-    def check_layer(self, layer: int, *, name: str = "layer") -> int:
+    def check_layer(self, layer: Any, *, name: str = "layer") -> int:
         """Return ``layer`` if valid for this model (``0..n_layers``), else raise naming ``name``."""
         return check_layer(
             layer, self.n_layers, "this model",
@@ -121,7 +121,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             "block's output)", name=name,
         )
 
-    def _layers(self, layers: Sequence[int] | int | None, name: str = "layers") -> list[int]:
+    def _layers(self, layers: Any, name: str = "layers") -> list[int]:
         if layers is None:
             return list(range(self.n_layers + 1))
         if not isinstance(layers, (str, bytes)) and _is_int(layers):
@@ -186,7 +186,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         layer: int | None = None,
         coef: float = 1.0,
         *,
-        layers: Mapping[int, float] | Sequence[int] | None = None,
+        layers: Mapping | Sequence | int | None = None,
         positions: str = "all",
         include_last_prompt: bool = False,
     ) -> Iterator["PersonaProbe"]:
@@ -234,7 +234,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
     def ablate(
         self,
         vector: PersonaVector | Tensor,
-        layers: Sequence[int] | int,
+        layers: Sequence | int,
         *,
         positions: str = "all",
     ) -> Iterator["PersonaProbe"]:
@@ -257,7 +257,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             yield self
 
     # -- forward passes -------------------------------------------------------------------
-    def encode(self, conversations: Sequence[ConversationLike], *, with_response: bool) -> ChatBatch:
+    def encode(self, conversations: Sequence, *, with_response: bool) -> ChatBatch:
         """Encode conversations with this model's tokenizer (see ``persona_lens.chat``)."""
         from persona_lens.chat import encode_chat
 

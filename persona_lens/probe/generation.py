@@ -131,7 +131,7 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[ConversationLike],
+        prompts: Sequence,
         *,
         system: str | None = DEFAULTS.system,
         max_new_tokens: int = DEFAULTS.max_new_tokens,
@@ -267,7 +267,7 @@ class GenerationMixin:
     @torch.no_grad()
     def monitor(
         self,
-        prompts: Sequence[ConversationLike],
+        prompts: Sequence,
         vector: PersonaVector | Tensor,
         layer: int,
         **generate_kwargs: Any,

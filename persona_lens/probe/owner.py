@@ -165,7 +165,7 @@ class HookOwner:
                 self._interventions.remove(iv)
 
     @contextlib.contextmanager
-    def add_hooks(self, fwd_hooks: Sequence[tuple[str, Callable[[Tensor, Any], Any]]]) -> Iterator["HookOwner"]:
+    def add_hooks(self, fwd_hooks: Sequence) -> Iterator["HookOwner"]:
         """Attach your own hooks to named TransformerLens hook points for the block.
 
         Hook functions follow TransformerLens's convention ``fn(activation, hook)`` and may
