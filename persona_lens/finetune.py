@@ -542,8 +542,19 @@ def save_adapter(model: Any, out: Path, config: FinetuneConfig, base: str, targe
 
 
 def save_full(model: Any, probe: "PersonaProbe", out: Path) -> None:
-    """The whole finetuned model as an HF checkpoint (with the tokenizer)."""
-    model.save_pretrained(str(out), safe_serialization=True)
+    """The whole finetuned model as an HF checkpoint (config, safetensors, tokenizer)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    cfg = copy.deepcopy(model.config)
+    cfg.output_attentions = False  # the bridge asks for attention weights; a checkpoint should not
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out))
+    state = {_clean(k): v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if getattr(cfg, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     probe.tokenizer.save_pretrained(str(out))
 
 
