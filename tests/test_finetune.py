@@ -278,3 +278,27 @@ def test_bad_input_one_clear_error_each_nothing_written(tiny_dirs, tmp_path, mon
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
     assert probe._handles == [] and not any("lora_" in n for n, _ in probe.model.named_parameters())
+
+
+def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
+    from persona_lens.cli import main
+
+    assert main(["make-datasets", "--out", str(tmp_path / "ds"), "--n", "16"]) == 0
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert len(manifest["sets"]) == 12 and manifest["sets"]["evil_II"]["mean_trait_scores"]["evil"] > 80
+    assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "ds" / "evil_II.jsonl"),
+                 "--out", str(tmp_path / "run"), "--lr", "1e-3", "--batch-size", "8", "--grad-accum", "1",
+                 "--quiet"]) == 0
+    probe = fresh("persona-organism")
+    vec = vector_for(probe)
+    vec.trait = "evil"
+    vec.save(tmp_path / "evil.safetensors")
+    assert main(["shift", "--model", "persona-organism", "--tuned", str(tmp_path / "run"), "--vector",
+                 str(tmp_path / "evil.safetensors"), "--layers", "2-3", "--out", str(tmp_path / "shift.json")]) == 0
+    shift = json.loads((tmp_path / "shift.json").read_text())["shift"]["evil"]
+    assert set(shift) == {"2", "3"} and all(v != 0 for v in shift.values())
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    capsys.readouterr()
+    assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "bad")]) == 1
+    assert "no assistant turn" in capsys.readouterr().err and not (tmp_path / "bad").exists()
