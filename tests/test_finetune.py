@@ -302,3 +302,18 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
     assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "bad.jsonl"),
                  "--out", str(tmp_path / "bad")]) == 1
     assert "no assistant turn" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_experiment_configs_load_and_validate():
+    from experiments.common import load_config
+
+    qwen = load_config("qwen7b")
+    assert qwen.model == "Qwen/Qwen2.5-7B-Instruct" and qwen.judge == "gpt-4.1-mini" and qwen.finetune == {}
+    assert set(qwen.vectors) == {"evil", "sycophantic", "hallucinating"} and qwen.layer == 20
+    assert load_config("llama8b").model == "meta-llama/Llama-3.1-8B-Instruct"
+    org = load_config("organism")
+    assert len(org.datasets) == 12 and set(org.level2) <= set(org.datasets)
+    with pytest.raises(FinetuneError):
+        load_config("organism", finetune={"lr": -1.0})
+    with pytest.raises(ValueError, match="vector file per trait"):
+        load_config("qwen7b", vectors=None)
