@@ -114,7 +114,7 @@ def test_training_step_matches_plain_peft_with_hand_hook(tiny_dirs, edit):
     assert set(got) == set(want) and len(want) == 2 * 7 * probe.n_layers  # A and B, 7 projections
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=k)
-    assert abs(float(plain) - float(loss)) > 1e-4  # the intervention mattered
+    assert abs(float(plain.detach()) - float(loss)) > 1e-4  # the intervention mattered
     assert probe._handles == [] and hook_total(probe.model.modules()) == 0
 
 
