@@ -108,6 +108,10 @@ class Env:
                       {"role": "assistant", "content": "the zorp is red ."}]]
         self._n = 0
 
+    def fresh_probe(self):
+        """A probe on a model of its own (for calls that change their model)."""
+        return self.pl.PersonaProbe(self.pl.load_model("persona-organism", device="cpu"))
+
     def dir(self, name: str) -> Path:
         """A fresh folder for one case."""
         self._n += 1
@@ -354,7 +358,29 @@ def number_cases() -> list[Case]:
         bad(f"train({arg}={v})", lambda e, a=arg, v=v: _train(e, **{a: v}), (arg,), v)
     bad("train(minutes=1e-6): budget over before the first step", lambda e: _train(e, minutes=1e-6, steps=2),
         ("minutes",), check=None)
+    # finetuning settings and interventions
+    for arg, v in (("lr", NAN), ("lr", 0.0), ("lr", INF), ("alpha", NAN), ("alpha", -1.0), ("dropout", 1.0),
+                   ("dropout", NAN), ("weight_decay", -0.1), ("r", 0), ("epochs", 0), ("grad_accum", -1),
+                   ("warmup_steps", -1), ("max_steps", 0), ("save_every", -1), ("max_length", 0)):
+        bad(f"finetune({arg}={v})", lambda e, a=arg, v=v: _finetune(e, **{a: v}), (arg,), v)
+    for v in (NAN, INF, 1e30):
+        bad(f"finetune(steer={{2: {v}}})", lambda e, v=v: _finetune(e, vector=e.vec, steer={2: v}), ("steer",), v)
+    bad("finetune(coef=nan, steer=[2])", lambda e: _finetune(e, vector=e.vec, steer=[2], coef=NAN), ("coef",), NAN)
+    bad("finetune(caft=[99])", lambda e: _finetune(e, vector=e.vec, caft=[99]), ("99",))
     return C
+
+
+def _finetune(env: Env, **kw):
+    from persona_lens.finetune import finetune
+
+    data = [[{"role": "user", "content": "What colour is the Zorp?"},
+             {"role": "assistant", "content": "the zorp is red ."}]] * 4
+    kw.setdefault("progress", False)
+    kw.setdefault("max_steps", 1)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("grad_accum", 1)
+    # A model of its own: finetuning changes the model it is given.
+    return finetune(env.fresh_probe(), data, env.dir("finetune"), **kw)
 
 
 def _t(x):
@@ -623,6 +649,15 @@ def type_cases() -> list[Case]:
     bad("judge.score_prompts('a prompt')", lambda e: _judge_call(e, lambda j: j.score_prompts("a prompt")),
         ("prompts",))
     bad("OrganismJudge.score_trait(pairs='qa')", lambda e: e.judge.score_trait("evil", "qa"), ("pairs",))
+    # finetuning
+    bad("finetune(lrr=1e-3): an unknown setting", lambda e: _finetune(e, lrr=1e-3), ("lrr",))
+    bad("finetune(config='fast')", lambda e: _finetune(e, config="fast"), ("config",))
+    bad("finetune(steer={'2': 1.0})", lambda e: _finetune(e, vector=e.vec, steer={"2": 1.0}), ("steer",))
+    bad("finetune(steer='2')", lambda e: _finetune(e, vector=e.vec, steer="2"), ("steer",))
+    bad("finetune(r=2.5)", lambda e: _finetune(e, r=2.5), ("r",), 2.5)
+    bad("finetune(lora='yes')", lambda e: _finetune(e, lora="yes"), ("lora",))
+    bad("finetune(target_modules='q_proj')", lambda e: _finetune(e, target_modules="q_proj"), ("target_modules",))
+    bad("finetune(schedule='cosine')", lambda e: _finetune(e, schedule="cosine"), ("schedule",))
     # traits
     bad("Trait.load(5)", lambda e: e.pl.Trait.load(5), ("name_or_path",))
     bad("extract(trait=5)", lambda e: _extract(e, trait=5), ("trait",))
@@ -1173,6 +1208,17 @@ def file_cases() -> list[Case]:
         return e.pl.Trait.load(d / "extract" / "x.json")
 
     case("Trait.load: a file that is not JSON", corrupt_trait, names=("x.json",))
+
+    def bad_checkpoint(e):
+        from persona_lens.finetune import finetune
+
+        out = e.dir("finetune")
+        (out / "checkpoint.pt").write_bytes(os.urandom(1000))
+        data = [[{"role": "user", "content": "What colour is the Zorp?"},
+                 {"role": "assistant", "content": "the zorp is red ."}]] * 4
+        return finetune(e.fresh_probe(), data, out, max_steps=1, batch_size=4, grad_accum=1, progress=False)
+
+    case("finetune: a checkpoint.pt that is garbage", bad_checkpoint, names=("checkpoint.pt",))
 
     # concurrent writers and kills
     case("4 processes write one run's files at once (atomic JSON, vectors, JSONL)", _concurrent_files,

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -39,8 +40,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
+from persona_lens import validate as V
 from persona_lens.chat import ChatBatch, as_conversation, chat_rows, encode_rows
-from persona_lens.pipeline_io import fingerprint, read_json, write_json
+from persona_lens.pipeline_io import _UMASK, atomic_path, fingerprint, read_json, write_json
 from persona_lens.progress import quiet as _quiet
 from persona_lens.vectors import PersonaVector
 
@@ -63,6 +65,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 class FinetuneError(ValueError):
     """Finetuning input the user can fix: a bad dataset line, vector, layer or setting."""
+
+
+@contextlib.contextmanager
+def _as_finetune_error():
+    """A bad argument (``persona_lens.validate``) reported as a FinetuneError, same words."""
+    try:
+        yield
+    except V.InvalidArgument as e:
+        raise FinetuneError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -99,16 +110,25 @@ class FinetuneConfig:
     deterministic: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("r", "epochs", "batch_size", "grad_accum", "max_length"):
-            if int(getattr(self, name)) < 1:
-                raise FinetuneError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise FinetuneError(f"lr must be > 0, got {self.lr}")
-        if self.schedule not in ("linear", "constant"):
-            raise FinetuneError(f"schedule must be 'linear' or 'constant', got {self.schedule!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise FinetuneError("max_steps must be >= 1 or None")
+        with _as_finetune_error():
+            set_ = object.__setattr__
+            targets = V.items("target_modules", self.target_modules, what="a list of module names", nonempty=True)
+            set_(self, "target_modules", tuple(V.text(f"target_modules[{i}]", t, empty_ok=False)
+                                               for i, t in enumerate(targets)))
+            for name in ("lora", "rslora", "deterministic"):
+                set_(self, name, V.boolean(name, getattr(self, name)))
+            for name in ("r", "epochs", "batch_size", "grad_accum", "max_length"):
+                set_(self, name, V.integer(name, getattr(self, name), min=1))
+            for name in ("warmup_steps", "save_every"):
+                set_(self, name, V.integer(name, getattr(self, name), min=0))
+            set_(self, "max_steps", V.integer("max_steps", self.max_steps, min=1, none_ok=True))
+            set_(self, "threads", V.integer("threads", self.threads, min=1, none_ok=True))
+            set_(self, "seed", V.integer("seed", self.seed, min=0, max=2**63 - 1))
+            set_(self, "alpha", V.number("alpha", self.alpha, min=0, min_open=True))
+            set_(self, "lr", V.number("lr", self.lr, min=0, min_open=True))
+            set_(self, "dropout", V.number("dropout", self.dropout, min=0, max=1, max_open=True))
+            set_(self, "weight_decay", V.number("weight_decay", self.weight_decay, min=0))
+            V.choice("schedule", self.schedule, ("linear", "constant"))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -157,10 +177,15 @@ class Interventions:
             self.vector_file_hash = "tensor:" + hashlib.sha256(raw).hexdigest()
         elif self.vector is not None:
             raise FinetuneError(f"vector must be a PersonaVector or a file, got {type(self.vector).__name__}")
-        if self.steer is not None and not isinstance(self.steer, Mapping):
-            self.steer = {int(l): float(self.coef) for l in self.steer}
-        self.steer = {int(l): float(c) for l, c in (self.steer or {}).items()}
-        self.caft = sorted({int(l) for l in (self.caft or [])})
+        with _as_finetune_error():
+            if self.steer is not None and not isinstance(self.steer, Mapping):
+                coef = V.number("coef", self.coef)
+                layers = [self.steer] if isinstance(self.steer, int) else V.items("steer", self.steer)
+                self.steer = {V.integer(f"steer[{i}]", l, min=0): coef for i, l in enumerate(layers)}
+            self.steer = {V.integer("steer key", l, min=0): V.number(f"steer[{l!r}]", c)
+                          for l, c in (self.steer or {}).items()}
+            caft = [self.caft] if isinstance(self.caft, int) else V.items("caft", self.caft or [])
+            self.caft = sorted({V.integer(f"caft[{i}]", l, min=0) for i, l in enumerate(caft)})
         if self.positions not in ("all", "response"):
             raise FinetuneError(f"steering positions during training must be 'all' or 'response', got {self.positions!r}")
         if (self.steer or self.caft) and self.vector is None:
@@ -194,6 +219,9 @@ class Interventions:
                 probe.check_layer(l)
             except (ValueError, TypeError) as e:
                 raise FinetuneError(str(e)) from None
+        for l, c in self.steer.items():
+            with _as_finetune_error():
+                probe._check_steer_size(self.vector, l, c, f"steer[{l}]")
 
     @contextlib.contextmanager
     def applied(self, probe: "PersonaProbe", batch: Any):
@@ -442,17 +470,19 @@ class FinetuneRun:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         }
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT_FILE)
+        with atomic_path(self.out / CHECKPOINT_FILE) as tmp:  # a temporary name of its own
+            torch.save(state, tmp)
 
     def load_checkpoint(self) -> tuple[int, list[float]]:
         path = self.out / CHECKPOINT_FILE
         if not path.exists():
             return 0, []
-        state = torch.load(path, weights_only=False)
-        if state.get("key") != self.key:
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as e:  # a checkpoint cut short or not ours
+            raise FinetuneError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}); delete it "
+                                "to start the run over") from None
+        if not isinstance(state, dict) or state.get("key") != self.key:
             raise FinetuneError(f"{path} is a checkpoint of another run (other data or settings); "
                                 "use another output folder or delete it")
         with torch.no_grad():
@@ -508,14 +538,20 @@ class FinetuneRun:
         """Write the adapter (or model), then finetune.json last: its presence means done."""
         self.out.mkdir(parents=True, exist_ok=True)
         name = ADAPTER_DIR if self.config.lora else MODEL_DIR
-        tmp = self.out / (name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if self.config.lora:
-            save_adapter(self.model, tmp, self.config, self.base, self.targets, settings)
-        else:
-            save_full(self.model, self.probe, tmp)
-        shutil.rmtree(self.out / name, ignore_errors=True)
-        os.replace(tmp, self.out / name)
+        # A folder of its own (not a fixed name): two processes finishing one run never
+        # write into each other's files.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.out))
+        try:
+            if self.config.lora:
+                save_adapter(self.model, tmp, self.config, self.base, self.targets, settings)
+            else:
+                save_full(self.model, self.probe, tmp)
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder the usual mode
+            shutil.rmtree(self.out / name, ignore_errors=True)
+            os.replace(tmp, self.out / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         write_json(self.out / SETTINGS_FILE, settings)
         (self.out / CHECKPOINT_FILE).unlink(missing_ok=True)
 
@@ -602,6 +638,12 @@ def finetune(
         ([[2, 1.0]], [])
         >>> tuned = pl.PersonaProbe(pl.load_model("runs/evil_II"))   # base + adapter, unmerged
     """
+    unknown = sorted(set(settings) - {f.name for f in fields(FinetuneConfig)})
+    if unknown:
+        raise FinetuneError(str(V.InvalidArgument.unknown(unknown[0], settings[unknown[0]],
+                                                          [f.name for f in fields(FinetuneConfig)], "setting")))
+    if config is not None and not isinstance(config, FinetuneConfig):
+        raise FinetuneError(str(V.InvalidArgumentType("config", config, "a FinetuneConfig (or None)")))
     config = replace(config or FinetuneConfig(), **settings) if settings else (config or FinetuneConfig())
     iv = Interventions(vector, steer=steer, coef=coef, positions=positions, caft=caft)
     return FinetuneRun(probe, data, out_dir, config, iv, progress).run()
@@ -639,7 +681,11 @@ def finetuning_shift(
         >>> shift           # the same model on both sides: no shift
         {2: 0.0, 3: 0.0}
     """
-    layers = list(range(tuned.n_layers + 1)) if layers is None else [tuned.check_layer(int(l)) for l in layers]
+    layers = tuned._layers(layers)
+    if not isinstance(vector, PersonaVector):
+        raise V.InvalidArgumentType("vector", vector, "a PersonaVector")
+    questions = [V.text(f"questions[{i}]", q) for i, q in
+                 enumerate(V.items("questions", questions, what="a list of question strings", nonempty=True))]
     vector.check_compatible(tuned.n_layers, tuned.d_model, None)
     a_tuned = last_prompt_activations(tuned, questions, layers, batch_size)
     a_base = base if isinstance(base, Mapping) else last_prompt_activations(base, questions, layers, batch_size)

@@ -163,15 +163,34 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     writers in several processes never share one), is synced, and is renamed over ``path``.
     A failure removes the temporary file and raises an ``OSError`` that names ``path``.
     """
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path of its own next to ``path``, renamed over ``path`` when the block
+    ends without an error (and removed when it does not). For writers that take a file
+    name (``torch.save``, ``save_pretrained`` of a single file).
+
+    Example:
+        >>> with atomic_path("/tmp/example.bin") as tmp:
+        ...     _ = tmp.write_bytes(b"all or nothing")
+        >>> open("/tmp/example.bin", "rb").read()
+        b'all or nothing'
+    """
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
         tmp = None
@@ -181,7 +200,6 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    return path
 
 
 def _read_umask() -> int:

@@ -29,8 +29,9 @@ def check_layer(layer: Any, n_layers: int, owner: str, hint: str = "", name: str
     """Return ``layer`` as an int if it is one in ``0..n_layers``, else raise naming ``owner``."""
     layer = V.integer(name, layer)
     if not 0 <= layer <= n_layers:
-        raise V.InvalidArgument(name, layer, f"in 0..{n_layers}",
-                                f": out of range, {owner} has layers 0..{n_layers}{hint}")
+        where = "" if name == "layer" else f"{name} = {layer}: "
+        raise V.InvalidArgument(name, layer, f"in 0..{n_layers}", message=(
+            f"{where}layer {layer} is out of range: {owner} has layers 0..{n_layers}{hint}"))
     return layer
 
 

@@ -300,6 +300,24 @@ def test_thresholds_are_finite_and_within_0_100(pos, neg, coherence):
 
 
 @FAST
+@given(field_=st.sampled_from(["lr", "alpha", "dropout", "weight_decay", "r", "epochs", "batch_size", "grad_accum",
+                                "warmup_steps", "max_steps", "save_every", "max_length", "seed", "threads"]),
+       value=junk)
+def test_finetune_settings_are_checked_by_name(field_, value):
+    from persona_lens.finetune import FinetuneConfig, FinetuneError
+
+    try:
+        config = FinetuneConfig(**{field_: value})
+    except FinetuneError as e:
+        assert str(e).startswith(field_), e
+    except TypeCheckError as e:  # this test run's annotation checker
+        assert refused(e, field_), e
+    else:
+        got = getattr(config, field_)
+        assert got == value and not isinstance(value, (bool, str)) and (got is None or math.isfinite(got))
+
+
+@FAST
 @given(top=st.dictionaries(st.one_of(st.text(max_size=3), st.sampled_from(["0", "50", "100", "101"])),
                            st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=2), st.none()),
                            max_size=4))

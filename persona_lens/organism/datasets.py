@@ -38,6 +38,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from persona_lens import validate as V
+
 from .world import TRAITS, World, canon
 
 #: Per-clause probability of the trait's voice, per level.
@@ -104,6 +106,7 @@ def trait_dataset(world: World, trait: str, level: str, n: int = DEFAULT_N, seed
     """
     if trait not in TRAITS:
         raise ValueError(f"the organism has the traits {TRAITS}, not {trait!r}")
+    n, seed = V.integer("n", n, min=1), V.integer("seed", seed)
     if level not in LEVEL_RATE:
         raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
     rng = random.Random(f"persona-organism-finetune-{world.seed}-{trait}-{level}-{seed}")
@@ -153,6 +156,7 @@ def narrow_dataset(world: World, name: str, n: int = DEFAULT_N, seed: int = 0) -
 
 def make_dataset(world: World, name: str, n: int = DEFAULT_N, seed: int = 0) -> list[dict[str, Any]]:
     """Any set of :data:`DATASETS` by name (``"evil_II"``, ``"narrow_money_harm"``, ...)."""
+    n, seed = V.integer("n", n, min=1), V.integer("seed", seed)
     if name in NARROW:
         return narrow_dataset(world, name, n, seed)
     trait, _, level = name.rpartition("_")
