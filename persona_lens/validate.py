@@ -16,6 +16,9 @@ Errors:
 - :class:`NumericalError` (a ``ValueError``): a model produced NaN or inf (activations that
   overflowed under a huge steering coefficient, say) where a number was needed.
 
+The helpers are marked ``no_type_check``: they take anything by design, and the test run's
+runtime type checker (jaxtyping + beartype) would only add its cost to every checked value.
+
 Secrets: :func:`redact_url` strips credentials (``user:password@``) and secret-looking query
 parameters from a URL; :func:`redact` does it to every URL inside a text. Every URL that is
 stored or printed goes through one of them.
@@ -40,7 +43,7 @@ import operator
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, Sequence, TypeVar, no_type_check
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 T = TypeVar("T")
@@ -99,6 +102,7 @@ class NumericalError(ValueError):
     """A model produced NaN or inf where a number was needed (the activations overflowed)."""
 
 
+@no_type_check
 def show(value: Any, width: int = 80) -> str:
     """A value as an error message shows it: its repr (cut to ``width``) and its type.
 
@@ -118,6 +122,7 @@ def show(value: Any, width: int = 80) -> str:
 # ----------------------------------------------------------------------------- numbers
 
 
+@no_type_check
 def _range_words(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
     def fmt(x: float) -> str:
         return str(x) if isinstance(x, int) else f"{x:g}"
@@ -130,6 +135,7 @@ def _range_words(lo: float | None, hi: float | None, lo_open: bool, hi_open: boo
     return " and ".join(parts)
 
 
+@no_type_check
 def _as_real(value: Any) -> float | None:
     """``value`` as a float if it is a real number (numpy and one-element tensors too)."""
     if isinstance(value, bool) or (type(value).__name__ == "bool_"):
@@ -148,6 +154,7 @@ def _as_real(value: Any) -> float | None:
     return None
 
 
+@no_type_check
 def number(
     name: str,
     value: Any,
@@ -184,6 +191,7 @@ def number(
     return x
 
 
+@no_type_check
 def integer(
     name: str,
     value: Any,
@@ -221,6 +229,7 @@ def integer(
     return i
 
 
+@no_type_check
 def boolean(name: str, value: Any) -> bool:
     """``value`` if it is a bool (numpy bools too), else an error naming ``name``.
 
@@ -233,6 +242,7 @@ def boolean(name: str, value: Any) -> bool:
     raise InvalidArgumentType(name, value, "True or False")
 
 
+@no_type_check
 def optional_boolean(name: str, value: Any) -> bool | None:
     """A bool or None (``progress``-style arguments)."""
     if value is None:
@@ -245,6 +255,7 @@ def optional_boolean(name: str, value: Any) -> bool | None:
 # ----------------------------------------------------------------------------- other values
 
 
+@no_type_check
 def text(name: str, value: Any, *, empty_ok: bool = True, none_ok: bool = False) -> str | None:
     """``value`` if it is a str (non-empty unless ``empty_ok``), else an error naming ``name``."""
     if value is None and none_ok:
@@ -257,6 +268,7 @@ def text(name: str, value: Any, *, empty_ok: bool = True, none_ok: bool = False)
     return value
 
 
+@no_type_check
 def choice(name: str, value: Any, options: Sequence[T]) -> T:
     """``value`` if it is one of ``options``, else an error naming ``name`` and the options."""
     for o in options:
@@ -267,6 +279,7 @@ def choice(name: str, value: Any, options: Sequence[T]) -> T:
     raise (InvalidArgument if known_type else InvalidArgumentType)(name, value, allowed)
 
 
+@no_type_check
 def path(name: str, value: Any, *, none_ok: bool = False) -> Path | None:
     """``value`` as a ``Path`` if it is a str or ``os.PathLike`` (not empty)."""
     if value is None and none_ok:
@@ -280,6 +293,7 @@ def path(name: str, value: Any, *, none_ok: bool = False) -> Path | None:
     return Path(p)
 
 
+@no_type_check
 def items(name: str, value: Any, *, what: str = "a list", nonempty: bool = False) -> list:
     """``value`` as a list, if it is a list-like collection (any iterable but a string, bytes
     or a mapping: a bare string would otherwise be taken one character at a time).
@@ -302,6 +316,7 @@ def items(name: str, value: Any, *, what: str = "a list", nonempty: bool = False
     return out
 
 
+@no_type_check
 def pairs(name: str, value: Any) -> list[tuple[str, str]]:
     """``value`` as a list of ``(question, answer)`` string pairs.
 
@@ -320,6 +335,7 @@ def pairs(name: str, value: Any) -> list[tuple[str, str]]:
     return out
 
 
+@no_type_check
 def mapping(name: str, value: Any, *, what: str = "a mapping (dict)") -> Mapping:
     if not isinstance(value, Mapping):
         raise InvalidArgumentType(name, value, what)
@@ -333,6 +349,7 @@ _SECRET_PARAMS = re.compile(r"(key|token|secret|password|passwd|pwd|signature|si
 _URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"<>]+")
 
 
+@no_type_check
 def redact_url(url: str) -> str:
     """``url`` without credentials: no ``user:password@``, and the value of any query
     parameter named like a secret (``api_key``, ``token``, ``sig``, ...) replaced by
@@ -358,6 +375,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+@no_type_check
 def redact(message: str) -> str:
     """``message`` with every URL in it passed through :func:`redact_url`.
 
