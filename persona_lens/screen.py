@@ -299,7 +299,7 @@ class _Screener:
         self.probe, self.layers, self.settings = probe, layers, settings
         self.batch_size, self.context = batch_size, context
         self.names = list(vectors)
-        # units[layer]: [n_vectors, d_model], one matrix product gives every trait's projection
+        # units[layer]: [n_vectors, d_model]; the activations are captured once for all of them
         self.units = {l: torch.stack([vectors[n].unit(l) for n in self.names]) for l in layers}
         self.columns = _column_names(self.names, layers)
 
@@ -370,7 +370,10 @@ class _Screener:
                 n = len(ready)
                 base_len = [len(ids) for _, ids in
                             chat_rows(probe.tokenizer, convs[n:], with_response=True)]
-                proj = {l: acts.at("response_mean", l) @ self.units[l].T for l in self.layers}  # [2n, n_vectors]
+                # One matrix-vector product per vector, in float64: a vector's figures do not
+                # depend on which other vectors were screened with it (bit for bit).
+                proj = {l: torch.stack([acts.at("response_mean", l).double() @ u.double() for u in self.units[l]], 1)
+                        for l in self.layers}  # [2n, n_vectors]
                 for j, (s, p, r, n_p, n_r, b) in enumerate(ready):
                     row = {"index": s.index, "id": s.id, "status": OK, "n_prompt_tokens": n_p,
                            "n_response_tokens": n_r, "n_base_tokens": base_len[j], "base_response": b}
