@@ -449,7 +449,9 @@ class OpenAIJudge:
 
     # ------------------------------------------------------------------ public API
 
-    def score_trait(self, trait: Trait, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+    # ``pairs`` is left unparametrised: _check_pairs names the bad pair and what it should be,
+    # which a runtime type checker's report of the whole argument does not.
+    def score_trait(self, trait: Trait, pairs: Sequence) -> list[float | None]:
         """Trait scores (0-100, or None) of (question, answer) pairs, judged with ``trait.eval_prompt``.
 
         Raises:
@@ -463,7 +465,7 @@ class OpenAIJudge:
         pairs = _check_pairs(pairs)
         return self.score_prompts([trait.judge_prompt(q, a) for q, a in pairs], desc=f"judging {trait.name}")
 
-    def score_coherence(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+    def score_coherence(self, pairs: Sequence) -> list[float | None]:
         """Coherence scores (0 = gibberish or off-topic, 100 = fluent and on-topic) of (question, answer) pairs.
 
         Example:
@@ -717,7 +719,7 @@ def _retry_after(error: BaseException | None) -> float | None:
     return None
 
 
-def _check_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+def _check_pairs(pairs: Sequence) -> list[tuple[str, str]]:
     out = []
     for i, pair in enumerate(pairs):
         if isinstance(pair, (str, bytes)) or len(pair) != 2:
