@@ -279,3 +279,44 @@ def test_cli_screen(vec, data, tmp_path, capsys):
     assert main(args[:-1] + ["--layer", "2"]) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert not math.isnan(summary["figures"]["dP_evil_L1"]["mean"])
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(vec, doctest_world, tmp_path):
+    """A real kill (SIGKILL of the command in the middle of the run), then the same command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(7)
+    rows = []
+    for i in range(48):
+        q = doctest_world.question(rng)
+        rows.append({"messages": [{"role": "user", "content": q.text},
+                                  {"role": "assistant", "content": doctest_world.respond(q, {}, rng).text}]})
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    vpath = vec.save(tmp_path / "evil.safetensors")
+
+    def args(out):
+        return ["screen", str(path), "--vector", str(vpath), "--layer", "3", "--model", "persona-organism",
+                "--out", str(out), "--chunk-size", "4", "--batch-size", "2", "--max-new-tokens", "40",
+                "--format", "jsonl", "--quiet"]
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "persona_lens.cli", *args(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((killed / "parts").glob("*.jsonl"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((killed / "parts").glob("*.jsonl")))
+    assert 3 <= done < 12
+    assert main(args(killed)) == 0
+    assert main(args(tmp_path / "whole")) == 0
+    assert (killed / "screen.jsonl").read_text() == (tmp_path / "whole" / "screen.jsonl").read_text()
