@@ -483,6 +483,11 @@ def screen(
         raise ValueError("give drop_top or threshold, not both")
     if drop_top is not None and drop_top < 0:
         raise ValueError(f"drop_top must be >= 0, got {drop_top}")
+    if out_dir is None and n_shards != 1:
+        raise ValueError("sharding needs out_dir (the shards meet there)")
+    if (drop_top is not None or threshold is not None) and not isinstance(data, (str, os.PathLike)) \
+            and iter(data) is data:
+        raise ValueError("a filtered copy reads the data twice: give a file, a dataset or a list, not an iterator")
     layer_list = probe._layers([layers] if isinstance(layers, int) else layers)
     named = {n: probe._vector(v) for n, v in _named_vectors(vectors).items()}
     settings = {**BASE_SETTINGS, **dict(settings or {})}
@@ -543,8 +548,6 @@ def screen(
         bar.close()
 
     if out is None:
-        if n_shards != 1:
-            raise ValueError("sharding needs out_dir (the shards meet there)")
         summary = _summarise(iter(memory_rows), screener.columns, config)
         dropped = _choose_dropped(iter(memory_rows), by, drop_top, threshold)
         filtered = None
@@ -608,7 +611,7 @@ def _schema(columns: Sequence[str]):
     return pa.schema(fields + [(c, pa.float64()) for c in columns])
 
 
-def _write_table(path: Path, rows: Iterator[dict[str, Any]], columns: Sequence[str], every: int = 4096) -> None:
+def _write_table(path: Path, rows: Iterator[dict[str, Any]], columns: Sequence[str], every: int = 1024) -> None:
     """Write rows as Parquet (pyarrow, one row group per ``every`` rows) or JSON lines,
     streaming, to a temporary name renamed at the end."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

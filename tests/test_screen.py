@@ -224,6 +224,15 @@ def test_vector_of_another_model_is_refused_before_any_work(probe, data, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_arguments_that_cannot_work_are_refused_up_front(probe, vec, data):
+    with pytest.raises(ValueError, match="not an iterator"):
+        run(probe, iter(data), vec, drop_top=1)
+    with pytest.raises(ValueError, match="sharding needs out_dir"):
+        run(probe, data, vec, shard=(0, 2))
+    with pytest.raises(ValueError, match="by="):
+        run(probe, data, vec, by="dP_evil_L4")
+
+
 def test_empty_base_response_is_a_row(probe, vec, data, monkeypatch):
     real = type(probe).generate
 
