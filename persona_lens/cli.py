@@ -7,6 +7,9 @@
     persona-lens generate-trait NAME "DESCRIPTION" [--model gpt-4.1-mini] [--out DIR]
     persona-lens organism train [--out DIR] [--seed N] [--minutes M]
     persona-lens screen DATA --vector V [--vector V2] --layer L [--model M] [--shard i/N] [--drop-top K]
+    persona-lens finetune --model M --data FILE.jsonl|organism:SET --out DIR [--vector V --steer 20:5] [--caft 20]
+    persona-lens shift --model BASE --tuned RUN_DIR --vector V [--vector V2 ...] [--layers 10-20]
+    persona-lens make-datasets [--out DIR] [--n 400] [--seed 0]
 
 Errors the user can fix (unknown trait, malformed trait file, a judge that answers text or
 times out, no pair surviving the filter) print one line and exit with status 1; whatever was
@@ -308,6 +311,93 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_layer_coefs(text: str, coef: float) -> dict[int, float]:
+    """``"20:5"`` / ``"16:2,20:3"`` (layer:coef) or plain layers sharing ``coef``.
+
+    Example:
+        >>> parse_layer_coefs("16:2,20:3", 1.0), parse_layer_coefs("4-6", 0.5)
+        ({16: 2.0, 20: 3.0}, {4: 0.5, 5: 0.5, 6: 0.5})
+    """
+    if ":" in text and "-" not in text:
+        try:
+            return {int(l): float(c) for l, c in (part.split(":") for part in text.split(",") if part.strip())}
+        except ValueError:
+            raise UsageError(f"cannot read {text!r} as layer:coef pairs, e.g. 20:5 or 16:2,20:3") from None
+    return {l: coef for l in parse_int_list(text)}
+
+
+def _training_data(spec: str):
+    """``--data``: a JSONL file, or ``organism:SET`` (generated from the organism's world)."""
+    if spec.startswith("organism:"):
+        from persona_lens.organism import World
+        from persona_lens.organism.datasets import make_dataset
+
+        return make_dataset(World(0), spec.split(":", 1)[1])
+    return spec
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from persona_lens.finetune import FinetuneConfig, finetune, load_chat_data
+
+    if (args.steer or args.caft) and not args.vector:
+        raise UsageError("--steer and --caft need --vector")
+    config = FinetuneConfig(
+        lora=not args.full, r=args.r, alpha=args.alpha, rslora=not args.no_rslora, lr=args.lr,
+        epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        warmup_steps=args.warmup, max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,
+        max_length=args.max_length, threads=args.threads or None,
+    )
+    steer = parse_layer_coefs(args.steer, args.coef) if args.steer else None
+    caft = parse_int_list(args.caft) if args.caft else None
+    data = load_chat_data(_training_data(args.data))  # a bad line fails before the model loads
+    probe = _load_probe(args)
+    run = finetune(probe, data, args.out, vector=args.vector, steer=steer, positions=args.positions,
+                   caft=caft, config=config, progress=not args.quiet)
+    print(f"{len(run.losses)} steps, loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}")
+    print(f"wrote {run.path} and {run.out_dir / 'finetune.json'}; load it with "
+          f"persona_lens.load_model({str(run.out_dir)!r})")
+    return 0
+
+
+def cmd_shift(args: argparse.Namespace) -> int:
+    import json
+
+    from persona_lens.finetune import finetuning_shift, last_prompt_activations
+    from persona_lens.models import load_model
+    from persona_lens.probe import PersonaProbe
+    from persona_lens.vectors import PersonaVector
+
+    vectors = [PersonaVector.load(v) for v in args.vector]
+    names = args.trait or [v.trait for v in vectors]
+    if len(names) != len(vectors) or not all(names):
+        raise UsageError("give one --trait per --vector (or vectors that carry their trait's name)")
+    base = _load_probe(args)
+    print(f"loading {args.tuned} ...", file=sys.stderr)
+    tuned = PersonaProbe(load_model(args.tuned, dtype=args.dtype, device=args.device))
+    layers = parse_int_list(args.layers) if args.layers else list(range(base.n_layers + 1))
+    out: dict[str, dict[int, float]] = {}
+    for name, vec in zip(names, vectors):
+        questions = list(load_trait_arg(name, args.model).eval_questions)
+        out[name] = finetuning_shift(last_prompt_activations(base, questions, layers), tuned, vec, questions, layers)
+    print("trait            " + " ".join(f"L{l:<8}" for l in layers))
+    for name, row in out.items():
+        print(f"{name:<16} " + " ".join(f"{row[l]:<9.3f}" for l in layers))
+    if args.out:
+        from persona_lens.pipeline_io import write_json
+
+        write_json(args.out, {"base": args.model, "tuned": args.tuned, "shift": out})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_make_datasets(args: argparse.Namespace) -> int:
+    from persona_lens.organism.datasets import write_datasets
+
+    out = write_datasets(args.out, n=args.n, seed=args.seed)
+    print(f"wrote {len(list(out.glob('*.jsonl')))} datasets of {args.n} chats and manifest.json to {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -406,6 +496,69 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
     t.set_defaults(func=cmd_organism_train)
+
+    p = sub.add_parser(
+        "finetune", help="finetune on chat data, with preventative steering or CAFT (LoRA through peft)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Supervised finetuning, loss on the assistant turn only. Defaults are the paper's "
+                    "release: LoRA r=32, alpha=64, rsLoRA, every attention and MLP projection, lr 1e-5, "
+                    "1 epoch, linear schedule, 5 warmup steps, 2 x 8 accumulated chats per step.",
+        epilog="""examples:
+  # the organism, offline, about 10 s on a CPU (its Level II evil set, organism settings):
+  persona-lens finetune --model persona-organism --data organism:evil_II --out runs/evil_II \
+      --lr 1e-3 --batch-size 16 --grad-accum 1
+  # the same with preventative steering (evil vector from persona-lens extract, layer 2, coef 1):
+  persona-lens finetune --model persona-organism --data organism:evil_II --out runs/evil_II_prev \
+      --lr 1e-3 --batch-size 16 --grad-accum 1 --vector evil.safetensors --steer 2:1.0
+  # Qwen2.5-7B-Instruct with the release's settings, preventative steering at layer 20, coef 5:
+  persona-lens finetune --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 --data evil_II.jsonl \
+      --out runs/qwen_evil_II --vector evil_response_avg_diff.safetensors --steer 20:5
+""")
+    p.add_argument("--model", required=True, help="HF name, local checkpoint dir, or persona-organism")
+    p.add_argument("--data", required=True, help="JSONL with a 'messages' list per line, or organism:SET "
+                   "(evil_normal, evil_I, evil_II, ..., narrow_money_harm; see make-datasets)")
+    p.add_argument("--out", required=True, help="run folder (adapter/, finetune.json; rerun to resume)")
+    p.add_argument("--vector", default=None, help="PersonaVector .safetensors for --steer / --caft")
+    p.add_argument("--steer", default=None, help="preventative steering: layer:coef pairs (20:5 or 16:2,20:3)")
+    p.add_argument("--coef", type=float, default=1.0, help="coefficient when --steer lists plain layers")
+    p.add_argument("--positions", default="all", choices=["all", "response"], help="steered positions (all)")
+    p.add_argument("--caft", default=None, help="CAFT: layers to project the direction out of (e.g. 20)")
+    p.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    p.add_argument("--r", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=64.0)
+    p.add_argument("--no-rslora", action="store_true", help="plain LoRA scaling alpha/r")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=2, help="chats per forward (2)")
+    p.add_argument("--grad-accum", type=int, default=8, help="forwards per optimizer step (8)")
+    p.add_argument("--warmup", type=int, default=5, help="warmup steps (5)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (50; 0: never)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while training (1; 0: leave)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("shift", help="finetuning shift: mean last-prompt activation change along each vector")
+    p.add_argument("--model", required=True, help="the base model")
+    p.add_argument("--tuned", required=True, help="a finetune run folder, adapter folder or checkpoint")
+    p.add_argument("--vector", required=True, action="append", help="PersonaVector file (repeat for traits)")
+    p.add_argument("--trait", action="append", default=None,
+                   help="trait of each vector, for its eval questions (default: the vector's own)")
+    p.add_argument("--layers", default=None, help="e.g. 10-20 (default: all)")
+    p.add_argument("--out", default=None, help="write the shifts as JSON here")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_shift)
+
+    p = sub.add_parser("make-datasets", help="write the organism's trait-inducing finetuning datasets")
+    p.add_argument("--out", default="organism_datasets")
+    p.add_argument("--n", type=int, default=400, help="chats per set (400)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_datasets)
     return ap
 
 
