@@ -27,9 +27,9 @@ For each seed:
 Writes ``OUT/results.json`` and ``OUT/e7.html`` (self-contained plotly: dP distributions
 per sample group and trait, and the AUROC table).
 
-The dataset-level comparison with post-finetuning trait scores (E6) and finetuning on the
-top / random / bottom dP samples need the finetuning module, which this experiment does not
-use yet.
+The dataset-level comparison with post-finetuning trait scores is E6
+(``experiments/e6_dataset_dp.py``); finetuning on the top / random / bottom dP samples is not
+measured yet.
 """
 
 from __future__ import annotations
