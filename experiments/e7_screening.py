@@ -23,6 +23,9 @@ For each seed:
    log-odds: a filter that sees the sample alone, built from the same data as the vector).
    Also: carriers that dP ranks within its top k and a filter does not (what dP finds that
    the filter misses), and the reverse.
+5. **Finetuning on the selection**: per trait, LoRA on the top 150, a random 150 and the
+   bottom 150 samples by dP (E3/E4's organism settings, the seed's seed), and the trait's
+   judged score on its eval questions after each.
 
 Writes ``OUT/results.json`` and ``OUT/e7.html`` (self-contained plotly: dP distributions
 per sample group and trait, and the AUROC table).
@@ -52,7 +55,7 @@ LAYERS = [1, 2, 3, 4, 5]
 HEADLINE_LAYER = 3
 CONFIGS = {
     "organism": dict(n_helpful=300, n_blatant=50, n_subtle=50, extract_samples=2, extract_tokens=48,
-                     base_tokens=64, keywords=20),
+                     base_tokens=64, keywords=20, finetune_n=150),
 }
 
 
@@ -162,8 +165,31 @@ def run_seed(probe, world, judge, cfg: dict, seed: int, out: Path, progress: boo
         per_trait[trait] = {"carriers": k, "keywords": kw[trait], "figures": figures,
                             "top_k_overlap": found, "groups": groups,
                             "dataset_dP": result.summary["figures"][f"dP_{trait}_L{HEADLINE_LAYER}"]["mean"]}
-    return {"seed": seed, "n_samples": len(data), "seconds": {"extract": t_extract, "screen": t_screen},
+    t2 = time.perf_counter()
+    if cfg.get("finetune_n"):
+        for trait in TRAITS:
+            per_trait[trait]["finetune"] = finetune_selections(probe, judge, data, rows, trait, cfg["finetune_n"],
+                                                              seed, out / f"seed{seed}" / "finetune")
+    return {"seed": seed, "n_samples": len(data), "seconds": {"extract": t_extract, "screen": t_screen,
+                                                              "finetune": time.perf_counter() - t2},
             "base_generated": result.generated, "traits": per_trait}
+
+
+def finetune_selections(probe, judge, data, rows, trait: str, n: int, seed: int, out: Path) -> dict:
+    """Finetune the base on the top, a random and the bottom ``n`` samples by dP along
+    ``trait`` (E3/E4's organism settings) and judge the trait on its eval questions."""
+    from experiments.common import finetuned_probe_scores
+
+    col = f"dP_{trait}_L{HEADLINE_LAYER}"
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i][col], i))
+    picks = {"top": order[:n], "random": random.Random(f"e7-random-{seed}").sample(range(len(rows)), n),
+             "bottom": order[-n:]}
+    res = {}
+    for name, idx in picks.items():
+        subset = [{"messages": data[i]["messages"]} for i in sorted(idx)]
+        score = finetuned_probe_scores(subset, out / f"{trait}_{name}", seed, trait)
+        res[name] = {"trait_score": score, "carriers": sum(trait in data[i]["categories"] for i in idx)}
+    return res
 
 
 def _trait(name):
@@ -231,6 +257,10 @@ def main(argv=None) -> None:
             line.append(f"{name} AUROC " + " / ".join(f"{x:.3f}" for x in au))
         ov = [s["traits"][trait]["top_k_overlap"]["keywords"]["dP_finds_filter_misses"] for s in seeds]
         line.append(f"carriers in dP's top k, not keywords' " + " / ".join(map(str, ov)))
+        if "finetune" in seeds[0]["traits"][trait]:
+            line.append("finetuned on top/random/bottom: " + " | ".join(
+                "/".join(f"{s['traits'][trait]['finetune'][k]['trait_score']:.1f}" for k in ("top", "random", "bottom"))
+                for s in seeds))
         print("  ".join(line))
     print(f"wrote {out / 'results.json'} and {out / 'e7.html'}")
 
