@@ -291,3 +291,16 @@ def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]
                 f"{t} {row['scores'][t]['trait']:.1f} (shift {row['shift'][t][cfg.layer]:+.2f})" for t in TRAITS),
                 flush=True)
     return rows, base_row
+
+
+def finetuned_probe_scores(data, out: Path, seed: int, trait: str, config: str = "organism") -> float:
+    """Finetune the config's base model on ``data`` (a list of chats; a finished run is
+    reused) and return ``trait``'s mean score on its eval questions, no system prompt."""
+    from persona_lens.finetune import finetune
+    from persona_lens.store import Store
+
+    cfg = load_config(config)
+    if not (out / "finetune.json").exists():
+        finetune(base_probe(cfg), data, out, progress=False, **dict(cfg.finetune, seed=seed))
+    tuned = pl.PersonaProbe(pl.load_model(out, dtype=cfg.dtype))
+    return trait_scores(cfg, tuned, make_judge(cfg), Store(out / "eval"), traits=(trait,), seed=seed)[trait]["trait"]

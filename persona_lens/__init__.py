@@ -28,6 +28,7 @@ from persona_lens.extract import extract
 from persona_lens.judge import Judge, JudgeError, OpenAIJudge
 from persona_lens.models import load_model
 from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading
+from persona_lens.screen import ScreenResult, screen
 from persona_lens.sweep import sweep
 from persona_lens.traits import Trait, TraitError, generate_trait
 from persona_lens.validate import ContextLengthError, ContextLengthWarning, InvalidArgument, NumericalError
@@ -41,6 +42,7 @@ __all__ = [
     "PersonaProbe",
     "PersonaVector",
     "Reading",
+    "ScreenResult",
     "VectorMismatchError",
     "VectorFileError",
     "InvalidArgument",
@@ -57,6 +59,7 @@ __all__ = [
     "extract",
     "load_model",
     "plot",
+    "screen",
     "sweep",
 ]
 __version__ = "0.1.0"

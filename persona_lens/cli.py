@@ -6,6 +6,7 @@
     persona-lens sweep --model M --trait T --vector PATH --layers 10-20:2 --coefs 0,1,2 [--out DIR]
     persona-lens generate-trait NAME "DESCRIPTION" [--model gpt-4.1-mini] [--out DIR]
     persona-lens organism train [--out DIR] [--seed N] [--minutes M]
+    persona-lens screen DATA --vector V [--vector V2] --layer L [--model M] [--shard i/N] [--drop-top K]
     persona-lens finetune --model M --data FILE.jsonl|organism:SET --out DIR [--vector V --steer 20:5] [--caft 20]
     persona-lens shift --model BASE --tuned RUN_DIR --vector V [--vector V2 ...] [--layers 10-20]
     persona-lens make-datasets [--out DIR] [--n 400] [--seed 0]
@@ -257,6 +258,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``: shard 1 of 4 (shards count from 0).
+
+    Example:
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as a shard: use i/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UsageError(f"shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from persona_lens.screen import screen
+    from persona_lens.vectors import PersonaVector
+
+    vectors = [PersonaVector.load(v) for v in args.vector]
+    if args.model is None:
+        args.model = vectors[0].model_name
+        if not args.model:
+            raise UsageError("the vector records no model: give --model")
+    layers = parse_int_list(args.layer)
+    if args.drop_top is not None and args.threshold is not None:
+        raise UsageError("give --drop-top or --threshold, not both")
+    probe = _load_probe(args)
+    out = Path(args.out) if args.out else Path("persona_runs", "screen", slug(Path(args.data).stem), slug(args.model))
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    result = screen(
+        probe, args.data, vectors, layers, out_dir=out, shard=parse_shard(args.shard), settings=settings,
+        chunk_size=args.chunk_size, batch_size=args.batch_size, table_format=args.format,
+        drop_top=args.drop_top, threshold=args.threshold, by=args.by, progress=not args.quiet,
+    )
+    print(f"base responses: {result.generated} generated, {result.reused} reused")
+    if not result.complete:
+        s = result.summary
+        print(f"shard {args.shard} done ({s['chunks_done']} of {s['chunks']} chunks in {out}); the last shard to "
+              "finish writes the table")
+        return 0
+    s = result.summary
+    print(f"{s['samples']} samples: " + ", ".join(f"{k} {v}" for k, v in sorted(s["status"].items())))
+    print(f"{'column':<24} {'mean dP':>9} {'sem':>8} {'dP > 0':>7}")
+    for col, f in s["figures"].items():
+        print(f"{col:<24} {f['mean']:>9.3f} {f['sem']:>8.3f} {f['share_positive']:>7.1%}")
+    print(f"wrote {result.table} and {out / 'summary.json'}")
+    if result.filtered is not None:
+        print(f"wrote {result.filtered} without {len(result.dropped)} samples ({s['filter']['by']})")
+    return 0
+
+
 def parse_layer_coefs(text: str, coef: float) -> dict[int, float]:
     """``"20:5"`` / ``"16:2,20:3"`` (layer:coef) or plain layers sharing ``coef``.
 
@@ -413,6 +467,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("screen", help="per-sample projection difference of chat data (screen before finetuning)")
+    p.add_argument("data", help="chat data: JSON lines with 'messages', Parquet, or a saved HF dataset folder")
+    p.add_argument("--vector", required=True, action="append", help="a .safetensors PersonaVector (repeatable)")
+    p.add_argument("--layer", required=True, help="layer(s): 20, or 16,20 or 12-20:4")
+    p.add_argument("--model", default=None, help="the base model (default: the model the vector records)")
+    p.add_argument("--out", default=None, help="output directory (default persona_runs/screen/DATA/MODEL)")
+    p.add_argument("--shard", default="0/1", help="i/N: screen shard i of N into the same --out (0/1)")
+    p.add_argument("--drop-top", type=int, default=None, help="write a copy without the K highest-dP samples")
+    p.add_argument("--threshold", type=float, default=None, help="write a copy without samples with dP above T")
+    p.add_argument("--by", default=None, help="column to filter by, e.g. dP_evil_L20 (first vector, first layer)")
+    p.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="table format (parquet)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="length cap of the base responses (256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="base responses: 0 is greedy (0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="conversations per batch (16)")
+    p.add_argument("--chunk-size", type=int, default=256, help="samples per resumable chunk (256)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("organism", help="the persona organism")
     osub = p.add_subparsers(dest="organism_command", required=True, metavar="ACTION")
