@@ -367,7 +367,24 @@ def number_cases() -> list[Case]:
         bad(f"finetune(steer={{2: {v}}})", lambda e, v=v: _finetune(e, vector=e.vec, steer={2: v}), ("steer",), v)
     bad("finetune(coef=nan, steer=[2])", lambda e: _finetune(e, vector=e.vec, steer=[2], coef=NAN), ("coef",), NAN)
     bad("finetune(caft=[99])", lambda e: _finetune(e, vector=e.vec, caft=[99]), ("99",))
+    # screening
+    for arg, v in (("chunk_size", 0), ("batch_size", -1), ("drop_top", -1), ("threshold", NAN), ("threshold", INF)):
+        bad(f"screen({arg}={v})", lambda e, a=arg, v=v: _screen(e, **{a: v}), (arg,), v)
+    bad("screen(shard=(2, 2))", lambda e: _screen(e, shard=(2, 2)), ("shard",), 2)
+    bad("screen(layers=[99])", lambda e: _screen(e, layers=[99]), ("layers",), 99)
+    bad("screen(settings={'temperature': nan})", lambda e: _screen(e, settings={"temperature": NAN}),
+        ("temperature",), NAN)
     return C
+
+
+def _screen(env: Env, **kw):
+    import persona_lens as pl
+
+    data = [[{"role": "user", "content": "What colour is the Zorp?"},
+             {"role": "assistant", "content": "the zorp is red ."}]] * 3
+    kw.setdefault("layers", [2])
+    kw.setdefault("progress", False)
+    return pl.screen(env.probe, data, env.vec, **kw)
 
 
 def _finetune(env: Env, **kw):
@@ -658,6 +675,12 @@ def type_cases() -> list[Case]:
     bad("finetune(lora='yes')", lambda e: _finetune(e, lora="yes"), ("lora",))
     bad("finetune(target_modules='q_proj')", lambda e: _finetune(e, target_modules="q_proj"), ("target_modules",))
     bad("finetune(schedule='cosine')", lambda e: _finetune(e, schedule="cosine"), ("schedule",))
+    # screening
+    bad("screen(shard='0/2')", lambda e: _screen(e, shard="0/2"), ("shard",))
+    bad("screen(chunk_size=2.5)", lambda e: _screen(e, chunk_size=2.5), ("chunk_size",), 2.5)
+    bad("screen(table_format='csv')", lambda e: _screen(e, table_format="csv"), ("table_format",))
+    bad("screen(layers='2')", lambda e: _screen(e, layers="2"), ("layers",))
+    bad("screen(settings={'temprature': 1.0})", lambda e: _screen(e, settings={"temprature": 1.0}), ("temprature",))
     # traits
     bad("Trait.load(5)", lambda e: e.pl.Trait.load(5), ("name_or_path",))
     bad("extract(trait=5)", lambda e: _extract(e, trait=5), ("trait",))
@@ -1219,6 +1242,13 @@ def file_cases() -> list[Case]:
         return finetune(e.fresh_probe(), data, out, max_steps=1, batch_size=4, grad_accum=1, progress=False)
 
     case("finetune: a checkpoint.pt that is garbage", bad_checkpoint, names=("checkpoint.pt",))
+
+    def bad_screen_manifest(e):
+        out = e.dir("screen")
+        (out / "screen.json").write_text('{"config": ')
+        return _screen(e, out_dir=out)
+
+    case("screen: a screen.json cut short", bad_screen_manifest, names=("screen.json",))
 
     # concurrent writers and kills
     case("4 processes write one run's files at once (atomic JSON, vectors, JSONL)", _concurrent_files,

@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from persona_lens import validate as V
 from persona_lens.chat import chat_rows
-from persona_lens.pipeline_io import fingerprint
+from persona_lens.pipeline_io import atomic_path, fingerprint, read_json, write_text
 from persona_lens.progress import quiet
 from persona_lens.store import Prompt, Store
 
@@ -283,13 +284,7 @@ def _context_length(probe: "PersonaProbe") -> int | None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, text)  # a temporary name of its own, synced, then renamed
 
 
 class _Screener:
@@ -416,7 +411,7 @@ def screen(
     probe: "PersonaProbe",
     data: Any,
     vectors: "PersonaVector | Sequence[PersonaVector] | Mapping[str, PersonaVector]",
-    layers: int | Sequence[int],
+    layers: int | Sequence,
     *,
     out_dir: str | os.PathLike | None = None,
     shard: tuple[int, int] = (0, 1),
@@ -472,23 +467,32 @@ def screen(
         >>> sorted(result.summary["figures"]["dP_evil_L3"])
         ['mean', 'mean_proj', 'mean_proj_base', 'n', 'sem', 'share_positive', 'std']
     """
-    i_shard, n_shards = (int(x) for x in shard)
-    if n_shards < 1 or not 0 <= i_shard < n_shards:
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
-    if chunk_size < 1 or batch_size < 1:
-        raise ValueError("chunk_size and batch_size must be >= 1")
-    if table_format not in ("parquet", "jsonl"):
-        raise ValueError(f"table_format must be 'parquet' or 'jsonl', got {table_format!r}")
+    shard = V.items("shard", shard, what="a pair (i, n) with 0 <= i < n")
+    if len(shard) != 2:
+        raise V.InvalidArgument("shard", shard, "a pair (i, n) with 0 <= i < n")
+    n_shards = V.integer("shard[1]", shard[1], min=1)
+    i_shard = V.integer("shard[0]", shard[0], min=0, max=n_shards - 1)
+    chunk_size = V.integer("chunk_size", chunk_size, min=1)
+    batch_size = V.integer("batch_size", batch_size, min=1)
+    V.choice("table_format", table_format, ("parquet", "jsonl"))
     if drop_top is not None and threshold is not None:
         raise ValueError("give drop_top or threshold, not both")
-    if drop_top is not None and drop_top < 0:
-        raise ValueError(f"drop_top must be >= 0, got {drop_top}")
+    drop_top = V.integer("drop_top", drop_top, min=0, none_ok=True)
+    threshold = V.number("threshold", threshold, none_ok=True)
+    V.optional_boolean("progress", progress)
+    V.text("messages_field", messages_field, empty_ok=False)
+    V.text("id_field", id_field, empty_ok=False)
+    if settings is not None:
+        from persona_lens.probe.generation import GenerationSettings
+
+        V.mapping("settings", settings, what="a dict of generation settings")
+        GenerationSettings.from_kwargs({k: v for k, v in settings.items()})  # each setting checked by name
     if out_dir is None and n_shards != 1:
         raise ValueError("sharding needs out_dir (the shards meet there)")
     if (drop_top is not None or threshold is not None) and not isinstance(data, (str, os.PathLike)) \
             and iter(data) is data:
         raise ValueError("a filtered copy reads the data twice: give a file, a dataset or a list, not an iterator")
-    layer_list = probe._layers([layers] if isinstance(layers, int) else layers)
+    layer_list = probe._layers(layers)
     named = {n: probe._vector(v) for n, v in _named_vectors(vectors).items()}
     settings = {**BASE_SETTINGS, **dict(settings or {})}
     screener = _Screener(probe, named, layer_list, settings, batch_size, _context_length(probe))
@@ -505,7 +509,7 @@ def screen(
     if out is not None:
         manifest = out / "screen.json"
         if manifest.exists():
-            old = json.loads(manifest.read_text(encoding="utf-8"))
+            old = read_json(manifest)  # a file cut short is a ValueError that names it
             if old.get("config") != config:
                 raise ValueError(
                     f"{out} holds a screen with other settings (model, vectors, layers, generation, chunk or "
@@ -614,26 +618,25 @@ def _schema(columns: Sequence[str]):
 def _write_table(path: Path, rows: Iterator[dict[str, Any]], columns: Sequence[str], every: int = 1024) -> None:
     """Write rows as Parquet (pyarrow, one row group per ``every`` rows) or JSON lines,
     streaming, to a temporary name renamed at the end."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        schema = _schema(columns)
-        with pq.ParquetWriter(tmp, schema) as writer:
-            buf: list[dict[str, Any]] = []
-            for row in rows:
-                buf.append(row)
-                if len(buf) == every:
+            schema = _schema(columns)
+            with pq.ParquetWriter(tmp, schema) as writer:
+                buf: list[dict[str, Any]] = []
+                for row in rows:
+                    buf.append(row)
+                    if len(buf) == every:
+                        writer.write_table(pa.Table.from_pylist(buf, schema=schema))
+                        buf = []
+                if buf:
                     writer.write_table(pa.Table.from_pylist(buf, schema=schema))
-                    buf = []
-            if buf:
-                writer.write_table(pa.Table.from_pylist(buf, schema=schema))
-    else:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+        else:
+            with tmp.open("w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _read_table(path: Path) -> Iterator[dict[str, Any]]:
@@ -724,32 +727,31 @@ def write_filtered(data: Any, dropped: set[int], out: str | os.PathLike) -> Path
         >>> path.read_text()
         '{"messages": []}\\n'
     """
-    out = Path(out)
+    out = V.path("out", out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     if isinstance(data, (str, os.PathLike)) and not Path(data).is_dir():
         path = Path(data)
-        if path.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        with atomic_path(out) as tmp:
+            if path.suffix == ".parquet":
+                import pyarrow as pa
+                import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(path)
-            with pq.ParquetWriter(tmp, pf.schema_arrow) as writer:
-                start = 0
-                for batch in pf.iter_batches(batch_size=4096):
-                    keep = [start + j not in dropped for j in range(batch.num_rows)]
-                    writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)))
-                    start += batch.num_rows
-        else:
-            with path.open(encoding="utf-8", errors="replace") as src, tmp.open("w", encoding="utf-8") as dst:
-                index = 0
-                for line in src:
-                    if not line.strip():
-                        continue
-                    if index not in dropped:
-                        dst.write(line if line.endswith("\n") else line + "\n")
-                    index += 1
-        os.replace(tmp, out)
+                pf = pq.ParquetFile(path)
+                with pq.ParquetWriter(tmp, pf.schema_arrow) as writer:
+                    start = 0
+                    for batch in pf.iter_batches(batch_size=4096):
+                        keep = [start + j not in dropped for j in range(batch.num_rows)]
+                        writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)))
+                        start += batch.num_rows
+            else:
+                with path.open(encoding="utf-8", errors="replace") as src, tmp.open("w", encoding="utf-8") as dst:
+                    index = 0
+                    for line in src:
+                        if not line.strip():
+                            continue
+                        if index not in dropped:
+                            dst.write(line if line.endswith("\n") else line + "\n")
+                        index += 1
         return out
     if _is_hf_dataset(data) or isinstance(data, (str, os.PathLike)):
         import datasets
@@ -757,9 +759,8 @@ def write_filtered(data: Any, dropped: set[int], out: str | os.PathLike) -> Path
         ds = datasets.load_from_disk(str(data)) if isinstance(data, (str, os.PathLike)) else data
         ds.select([i for i in range(len(ds)) if i not in dropped]).save_to_disk(str(out))
         return out
-    with tmp.open("w", encoding="utf-8") as dst:
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as dst:
         for i, row in enumerate(data):
             if i not in dropped:
                 dst.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     return out
