@@ -39,7 +39,13 @@ _EXPORTS = {
     "PersonaProbe": "persona_lens.probe",
     "PersonaVector": "persona_lens.vectors",
     "Reading": "persona_lens.probe",
+    "ScreenResult": "persona_lens.screen",
     "VectorMismatchError": "persona_lens.vectors",
+    "VectorFileError": "persona_lens.vectors",
+    "InvalidArgument": "persona_lens.validate",
+    "ContextLengthError": "persona_lens.validate",
+    "ContextLengthWarning": "persona_lens.validate",
+    "NumericalError": "persona_lens.validate",
     "Judge": "persona_lens.judge",
     "JudgeError": "persona_lens.judge",
     "OpenAIJudge": "persona_lens.judge",
@@ -50,12 +56,13 @@ _EXPORTS = {
     "extract": "persona_lens.extract",
     "load_model": "persona_lens.models",
     "plot": "persona_lens.plot",
+    "screen": "persona_lens.screen",
     "sweep": "persona_lens.sweep",
 }
 
-# ``persona_lens.extract`` and ``persona_lens.sweep`` are the functions; the modules of the same
+# ``persona_lens.extract``, ``.screen`` and ``.sweep`` are the functions; the modules of the same
 # name are reached with ``from persona_lens.extract import ...``.
-_FUNCTION_OVER_MODULE = ("extract", "sweep")
+_FUNCTION_OVER_MODULE = ("extract", "screen", "sweep")
 
 __all__ = [
     "ActivationMean",
@@ -65,7 +72,13 @@ __all__ = [
     "PersonaProbe",
     "PersonaVector",
     "Reading",
+    "ScreenResult",
     "VectorMismatchError",
+    "VectorFileError",
+    "InvalidArgument",
+    "ContextLengthError",
+    "ContextLengthWarning",
+    "NumericalError",
     "Judge",
     "JudgeError",
     "OpenAIJudge",
@@ -76,6 +89,7 @@ __all__ = [
     "extract",
     "load_model",
     "plot",
+    "screen",
     "sweep",
 ]
 __version__ = "0.1.0"
@@ -117,6 +131,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from persona_lens.judge import Judge, JudgeError, OpenAIJudge
     from persona_lens.models import load_model
     from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading
+    from persona_lens.screen import ScreenResult, screen
     from persona_lens.sweep import sweep
     from persona_lens.traits import Trait, TraitError, generate_trait
-    from persona_lens.vectors import PersonaVector, VectorMismatchError
+    from persona_lens.validate import ContextLengthError, ContextLengthWarning, InvalidArgument, NumericalError
+    from persona_lens.vectors import PersonaVector, VectorFileError, VectorMismatchError

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from persona_lens import validate as V
 from persona_lens.ops import last_true
 
 Message = Mapping[str, str]
@@ -28,30 +29,51 @@ Conversation = Sequence[Message]
 ConversationLike = Union[str, Conversation]
 
 
-def as_conversation(item: ConversationLike, system: str | None = None) -> list[dict[str, str]]:
+def as_conversation(item: Any, system: str | None = None, *, name: str = "conversation") -> list[dict[str, str]]:
     """Normalise a user message string or a message list into a list of message dicts.
+
+    Every message needs a string ``role`` and a string ``content``; ``name`` is how errors
+    refer to ``item`` (``"prompts[3]"``).
 
     Example:
         >>> as_conversation("Hi!", system="You are terse.")
         [{'role': 'system', 'content': 'You are terse.'}, {'role': 'user', 'content': 'Hi!'}]
     """
+    allowed = "a string (one user message) or a list of {'role', 'content'} dicts"
     if isinstance(item, str):
         messages = [{"role": "user", "content": item}]
-    elif isinstance(item, Sequence) and all(isinstance(m, Mapping) for m in item):
+    elif isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)) and all(
+            isinstance(m, Mapping) for m in item):
         messages = [dict(m) for m in item]
     else:
-        raise TypeError(
-            "a conversation is a string (one user message) or a list of "
-            f"{{'role', 'content'}} dicts, got {type(item).__name__}"
-        )
+        raise V.InvalidArgumentType(name, item, allowed)
+    if not messages:
+        raise V.InvalidArgument(name, item, f"{allowed} with at least one message")
     for i, m in enumerate(messages):
         if "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} lacks 'role' or 'content': {m!r}")
+            raise V.InvalidArgument(f"{name}[{i}]", m, "a message with 'role' and 'content'")
+        V.text(f"{name}[{i}]['role']", m["role"], empty_ok=False)
+        V.text(f"{name}[{i}]['content']", m["content"])
     if system is not None:
-        if messages and messages[0]["role"] == "system":
-            raise ValueError("system= given for a conversation that already has a system message")
+        V.text("system", system)
+        if messages[0]["role"] == "system":
+            raise ValueError(f"system= given for {name}, which already has a system message")
         messages.insert(0, {"role": "system", "content": system})
     return messages
+
+
+def as_conversations(items: Any, *, name: str = "conversations", system: str | None = None) -> list[list[dict[str, str]]]:
+    """A list of conversations (see :func:`as_conversation`), checked at the door: a bare
+    string is refused rather than taken one character at a time, and an empty list too.
+
+    Example:
+        >>> as_conversations(["Hi!"])
+        [[{'role': 'user', 'content': 'Hi!'}]]
+    """
+    seq = V.items(name, items, what="a list of conversations (strings or message lists)")
+    if not seq:
+        raise ValueError(f"empty batch: no {name} given")
+    return [as_conversation(c, system=system, name=f"{name}[{i}]") for i, c in enumerate(seq)]
 
 
 @dataclass
@@ -102,7 +124,7 @@ def prompt_ids(tokenizer: Any, messages: Conversation) -> list[int]:
 
 
 def chat_rows(
-    tokenizer: Any, conversations: Sequence[ConversationLike], *, with_response: bool
+    tokenizer: Any, conversations: Sequence, *, with_response: bool, name: str = "conversations"
 ) -> list[tuple[list[int], list[int]]]:
     """``(prompt_ids, response_ids)`` per conversation, unpadded: what a model sees.
 
@@ -129,14 +151,14 @@ def chat_rows(
             "(persona_lens works on chat conversations)"
         )
     prompts, responses = [], []
-    for conv in conversations:
-        messages = as_conversation(conv)
+    for i, conv in enumerate(V.items(name, conversations)):
+        messages = as_conversation(conv, name=f"{name}[{i}]")
         if with_response:
-            prompt, response = split_conversation(messages)
+            prompt, response = split_conversation(messages, name=f"{name}[{i}]")
         else:
             if messages[-1]["role"] == "assistant":
                 raise ValueError(
-                    "a prompt for generation must not end with an assistant message "
+                    f"{name}[{i}] ends with an assistant message: a prompt for generation must not "
                     "(to capture a given response, use capture/project)"
                 )
             prompt, response = messages, ""
@@ -152,12 +174,12 @@ def chat_rows(
     return [(list(p), list(r)) for p, r in zip(prompt_tokens, response_tokens)]
 
 
-def split_conversation(conv: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+def split_conversation(conv: list[dict[str, str]], name: str = "the conversation") -> tuple[list[dict[str, str]], str]:
     """(prompt messages, response text) of a conversation ending in an assistant turn."""
     if not conv or conv[-1]["role"] != "assistant":
         raise ValueError(
-            "to capture a response the conversation must end with an assistant message; "
-            f"this one ends with {conv[-1]['role'] if conv else 'nothing'!r}"
+            f"to capture a response the conversation must end with an assistant message; "
+            f"{name} ends with {conv[-1]['role'] if conv else 'nothing'!r}"
         )
     return conv[:-1], conv[-1]["content"]
 
@@ -189,7 +211,7 @@ def encode_rows(
 
 def encode_chat(
     tokenizer: Any,
-    conversations: Sequence[ConversationLike],
+    conversations: Sequence,
     *,
     with_response: bool,
 ) -> ChatBatch:
@@ -213,6 +235,6 @@ def encode_chat(
         >>> batch.attention_mask[1].tolist()  # the shorter row is padded on the left
         [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     """
-    if len(conversations) == 0:
-        raise ValueError("empty batch: no conversations given")
+    conversations = as_conversations(conversations)
+    V.boolean("with_response", with_response)
     return encode_rows(tokenizer, chat_rows(tokenizer, conversations, with_response=with_response))

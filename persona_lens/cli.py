@@ -7,6 +7,10 @@
     persona-lens sweep --model M --trait T --vector PATH --layers 10-20:2 --coefs 0,1,2 [--out DIR]
     persona-lens generate-trait NAME "DESCRIPTION" [--model gpt-4.1-mini] [--out DIR]
     persona-lens organism train [--out DIR] [--seed N] [--minutes M]
+    persona-lens screen DATA --vector V [--vector V2] --layer L [--model M] [--shard i/N] [--drop-top K]
+    persona-lens finetune --model M --data FILE.jsonl|organism:SET --out DIR [--vector V --steer 20:5] [--caft 20]
+    persona-lens shift --model BASE --tuned RUN_DIR --vector V [--vector V2 ...] [--layers 10-20]
+    persona-lens make-datasets [--out DIR] [--n 400] [--seed 0]
 
 ``--help`` answers at once: this module imports nothing heavy (torch, transformers,
 TransformerLens, plotly) until a command runs. Flags are checked before any model loads, and
@@ -349,6 +353,23 @@ def _default_out(trait: str, model: str, *sub: str) -> Path:
     return Path("persona_runs").joinpath(slug(trait), slug(model), *sub)
 
 
+def _load_vector(path: str):
+    """``--vector``: a PersonaVector file, or a one-line error naming it."""
+    if not Path(path).is_file():
+        raise CommandError(f"--vector {path}: no vector file there")
+    from persona_lens.vectors import PersonaVector
+
+    return PersonaVector.load(path)
+
+
+def _shard_type(text: str) -> str:
+    try:
+        parse_shard(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _check_count(flag: str, value: int | None, available: int, what: str) -> None:
     if value is not None and value > available:
         raise UsageError(f"{flag} {value}: the trait has {available} {what}")
@@ -385,11 +406,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _check_count("--questions", args.questions, len(trait.eval_questions), "evaluation questions")
     if args.judge is not None and args.judge.lower() == "none":
         raise UsageError("a sweep needs a judge: --judge MODEL or --judge organism")
-    if not Path(args.vector).is_file():
-        raise CommandError(f"--vector {args.vector}: no vector file there")
-    from persona_lens.vectors import PersonaVector
-
-    vector = PersonaVector.load(args.vector)
+    vector = _load_vector(args.vector)
     bad = [l for l in args.layers if l > vector.n_layers]
     if bad:
         raise UsageError(f"--layers {','.join(map(str, bad))}: the vector has layers 0..{vector.n_layers}")
@@ -463,6 +480,157 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``: shard 1 of 4 (shards count from 0).
+
+    Example:
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as a shard: use i/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise UsageError(f"shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from persona_lens.screen import screen
+
+    if args.drop_top is not None and args.threshold is not None:
+        raise UsageError("give --drop-top or --threshold, not both")
+    if not Path(args.data).exists():
+        raise CommandError(f"{args.data}: no chat data there")
+    vectors = [_load_vector(v) for v in args.vector]
+    if args.model is None:
+        args.model = vectors[0].model_name
+        if not args.model:
+            raise UsageError("the vector records no model: give --model")
+    layers = args.layer
+    bad = [l for l in layers if l > vectors[0].n_layers]
+    if bad:
+        raise UsageError(f"--layer {','.join(map(str, bad))}: the vector has layers 0..{vectors[0].n_layers}")
+    check_device(args.device)
+    probe = _load_probe(args)
+    from persona_lens.pipeline_io import slug
+
+    out = Path(args.out) if args.out else Path("persona_runs", "screen", slug(Path(args.data).stem), slug(args.model))
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    result = screen(
+        probe, args.data, vectors, layers, out_dir=out, shard=parse_shard(args.shard), settings=settings,
+        chunk_size=args.chunk_size, batch_size=args.batch_size, table_format=args.format,
+        drop_top=args.drop_top, threshold=args.threshold, by=args.by, progress=not args.quiet,
+    )
+    print(f"base responses: {result.generated} generated, {result.reused} reused")
+    if not result.complete:
+        s = result.summary
+        print(f"shard {args.shard} done ({s['chunks_done']} of {s['chunks']} chunks in {out}); the last shard to "
+              "finish writes the table")
+        return 0
+    s = result.summary
+    print(f"{s['samples']} samples: " + ", ".join(f"{k} {v}" for k, v in sorted(s["status"].items())))
+    print(f"{'column':<24} {'mean dP':>9} {'sem':>8} {'dP > 0':>7}")
+    for col, f in s["figures"].items():
+        print(f"{col:<24} {f['mean']:>9.3f} {f['sem']:>8.3f} {f['share_positive']:>7.1%}")
+    print(f"wrote {result.table} and {out / 'summary.json'}")
+    if result.filtered is not None:
+        print(f"wrote {result.filtered} without {len(result.dropped)} samples ({s['filter']['by']})")
+    return 0
+
+
+def parse_layer_coefs(text: str, coef: float) -> dict[int, float]:
+    """``"20:5"`` / ``"16:2,20:3"`` (layer:coef) or plain layers sharing ``coef``.
+
+    Example:
+        >>> parse_layer_coefs("16:2,20:3", 1.0), parse_layer_coefs("4-6", 0.5)
+        ({16: 2.0, 20: 3.0}, {4: 0.5, 5: 0.5, 6: 0.5})
+    """
+    if ":" in text and "-" not in text:
+        try:
+            return {int(l): float(c) for l, c in (part.split(":") for part in text.split(",") if part.strip())}
+        except ValueError:
+            raise UsageError(f"cannot read {text!r} as layer:coef pairs, e.g. 20:5 or 16:2,20:3") from None
+    return {l: coef for l in parse_int_list(text)}
+
+
+def _training_data(spec: str):
+    """``--data``: a JSONL file, or ``organism:SET`` (generated from the organism's world)."""
+    if spec.startswith("organism:"):
+        from persona_lens.organism import World
+        from persona_lens.organism.datasets import make_dataset
+
+        return make_dataset(World(0), spec.split(":", 1)[1])
+    return spec
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from persona_lens.finetune import FinetuneConfig, finetune, load_chat_data
+
+    if (args.steer or args.caft) and not args.vector:
+        raise UsageError("--steer and --caft need --vector")
+    config = FinetuneConfig(
+        lora=not args.full, r=args.r, alpha=args.alpha, rslora=not args.no_rslora, lr=args.lr,
+        epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        warmup_steps=args.warmup, max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,
+        max_length=args.max_length, threads=args.threads or None,
+    )
+    steer = parse_layer_coefs(args.steer, args.coef) if args.steer else None
+    caft = args.caft
+    if args.vector is not None:
+        _load_vector(args.vector)  # a missing or corrupt file fails before the model loads
+    data = load_chat_data(_training_data(args.data))  # a bad line fails before the model loads
+    check_device(args.device)
+    probe = _load_probe(args)
+    run = finetune(probe, data, args.out, vector=args.vector, steer=steer, positions=args.positions,
+                   caft=caft, config=config, progress=not args.quiet)
+    print(f"{len(run.losses)} steps, loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}")
+    print(f"wrote {run.path} and {run.out_dir / 'finetune.json'}; load it with "
+          f"persona_lens.load_model({str(run.out_dir)!r})")
+    return 0
+
+
+def cmd_shift(args: argparse.Namespace) -> int:
+    import json
+
+    from persona_lens.finetune import finetuning_shift, last_prompt_activations
+    from persona_lens.models import load_model
+    from persona_lens.probe import PersonaProbe
+
+    vectors = [_load_vector(v) for v in args.vector]
+    names = args.trait or [v.trait for v in vectors]
+    if len(names) != len(vectors) or not all(names):
+        raise UsageError("give one --trait per --vector (or vectors that carry their trait's name)")
+    traits = {name: load_trait_arg(name, args.model) for name in names}  # an unknown trait fails first
+    check_device(args.device)
+    base = _load_probe(args)
+    print(f"loading {args.tuned} ...", file=sys.stderr)
+    tuned = PersonaProbe(load_model(args.tuned, dtype=args.dtype, device=args.device))
+    layers = args.layers if args.layers else list(range(base.n_layers + 1))
+    out: dict[str, dict[int, float]] = {}
+    for name, vec in zip(names, vectors):
+        questions = list(traits[name].eval_questions)
+        out[name] = finetuning_shift(last_prompt_activations(base, questions, layers), tuned, vec, questions, layers)
+    print("trait            " + " ".join(f"L{l:<8}" for l in layers))
+    for name, row in out.items():
+        print(f"{name:<16} " + " ".join(f"{row[l]:<9.3f}" for l in layers))
+    if args.out:
+        from persona_lens.pipeline_io import write_json
+
+        write_json(args.out, {"base": args.model, "tuned": args.tuned, "shift": out})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_make_datasets(args: argparse.Namespace) -> int:
+    from persona_lens.organism.datasets import write_datasets
+
+    out = write_datasets(args.out, n=args.n, seed=args.seed)
+    print(f"wrote {len(list(out.glob('*.jsonl')))} datasets of {args.n} chats and manifest.json to {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -476,6 +644,15 @@ class _Formatter(argparse.HelpFormatter):
                 and not any(default is v for v in (None, False, argparse.SUPPRESS))):
             text += " (default: %(default)s)"
         return text
+
+
+class _RawFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`_Formatter` that keeps the epilog's lines (command examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:  # a description: wrap it like any other
+            return argparse.HelpFormatter._fill_text(self, text, width, indent)
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -531,9 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", default=False, help="show the traceback of every error")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    def add(name: str, help: str, description: str | None = None, raw: bool = False) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=description or help, parents=[common],
-                              formatter_class=_Formatter)
+                              formatter_class=_RawFormatter if raw else _Formatter)
 
     p = add("demo", "the whole method on the built-in persona organism (offline, CPU, about a minute)",
             "Extract a persona vector on the built-in persona organism, sweep layers and coefficients, "
@@ -598,6 +775,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="traits", metavar="DIR", help="folder for extract/NAME.json and eval/NAME.json")
     p.set_defaults(func=cmd_generate_trait)
 
+    p = add("screen", "per-sample projection difference of chat data (screen before finetuning)",
+            "For each sample of chat data: the projection of its response onto each vector, minus that of "
+            "the base model's own response to the same prompt (dP). Resumable in chunks; shards of one "
+            "--out can run in parallel.")
+    p.add_argument("data", help="chat data: JSON lines with 'messages', Parquet, or a saved HF dataset folder")
+    p.add_argument("--vector", required=True, action="append", metavar="PATH",
+                   help="a .safetensors persona vector (repeat for several)")
+    p.add_argument("--layer", required=True, type=_layers_type, help="layer(s): 20, or 16,20 or 12-20:4")
+    p.add_argument("--model", default=None, help="the base model (default: the model the vector records)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: "
+                   "persona_runs/screen/DATA/MODEL)")
+    p.add_argument("--shard", type=_shard_type, default="0/1", metavar="i/N",
+                   help="screen shard i of N into the same --out")
+    p.add_argument("--drop-top", type=POSITIVE, default=None, metavar="K",
+                   help="write a copy without the K highest-dP samples (default: no copy)")
+    p.add_argument("--threshold", type=_float_type(), default=None, metavar="T",
+                   help="write a copy without samples with dP above T (default: no copy)")
+    p.add_argument("--by", default=None, metavar="COLUMN",
+                   help="column to filter by, e.g. dP_evil_L20 (default: first vector, first layer)")
+    p.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="table format")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=256, metavar="N",
+                   help="length cap of the base responses")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="base responses' temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, metavar="N", help="conversations per batch")
+    p.add_argument("--chunk-size", type=POSITIVE, default=256, metavar="N", help="samples per resumable chunk")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights' dtype")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_screen)
+
     p = add("organism", "the persona organism: retrain it")
     osub = p.add_subparsers(dest="organism_command", required=True, metavar="ACTION", parser_class=_Parser)
     t = osub.add_parser("train", help="retrain the organism from a seed", description="Retrain the organism "
@@ -607,6 +817,76 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=SECONDS, default=None, help="stop training after this many minutes "
                    "(default: no limit)")
     t.set_defaults(func=cmd_organism_train)
+
+    p = add("finetune", "finetune on chat data, with preventative steering or CAFT (LoRA through peft)",
+            "Supervised finetuning, loss on the assistant turn only. Defaults are the paper's release: LoRA "
+            "r=32, alpha=64, rsLoRA, every attention and MLP projection, lr 1e-5, 1 epoch, linear schedule, "
+            "5 warmup steps, 2 x 8 accumulated chats per step.", raw=True)
+    p.epilog = """examples:
+  # the organism, offline, about 10 s on a CPU (its Level II evil set, organism settings):
+  persona-lens finetune --model persona-organism --data organism:evil_II --out runs/evil_II \\
+      --lr 1e-3 --batch-size 16 --grad-accum 1
+  # the same with preventative steering (evil vector from persona-lens extract, layer 2, coef 1):
+  persona-lens finetune --model persona-organism --data organism:evil_II --out runs/evil_II_prev \\
+      --lr 1e-3 --batch-size 16 --grad-accum 1 --vector evil.safetensors --steer 2:1.0
+  # Qwen2.5-7B-Instruct with the release's settings, preventative steering at layer 20, coef 5:
+  persona-lens finetune --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 --data evil_II.jsonl \\
+      --out runs/qwen_evil_II --vector evil_response_avg_diff.safetensors --steer 20:5
+"""
+    p.add_argument("--model", required=True, help="HF name, local checkpoint dir, or persona-organism")
+    p.add_argument("--data", required=True, help="JSONL with a 'messages' list per line, or organism:SET "
+                   "(evil_normal, evil_I, evil_II, ..., narrow_money_harm; see make-datasets)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (adapter/, finetune.json; rerun to resume)")
+    p.add_argument("--vector", default=None, metavar="PATH",
+                   help="persona vector .safetensors for --steer / --caft (default: none)")
+    p.add_argument("--steer", default=None, metavar="L:C",
+                   help="preventative steering: layer:coef pairs, 20:5 or 16:2,20:3 (default: none)")
+    p.add_argument("--coef", type=_float_type(), default=1.0, help="coefficient when --steer lists plain layers")
+    p.add_argument("--positions", default="all", choices=["all", "response"], help="steered positions")
+    p.add_argument("--caft", type=_layers_type, default=None, metavar="LAYERS",
+                   help="CAFT: layers to project the direction out of, e.g. 20 (default: none)")
+    p.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    p.add_argument("--r", type=POSITIVE, default=32, help="LoRA rank")
+    p.add_argument("--alpha", type=_float_type(0.0, open_lo=True, what="> 0"), default=64.0, help="LoRA alpha")
+    p.add_argument("--no-rslora", action="store_true", help="plain LoRA scaling alpha/r")
+    p.add_argument("--lr", type=_float_type(0.0, open_lo=True, what="> 0"), default=1e-5, help="learning rate")
+    p.add_argument("--epochs", type=POSITIVE, default=1, help="passes over the data")
+    p.add_argument("--batch-size", type=POSITIVE, default=2, metavar="N", help="chats per forward")
+    p.add_argument("--grad-accum", type=POSITIVE, default=8, metavar="N", help="forwards per optimizer step")
+    p.add_argument("--warmup", type=NONNEG, default=5, metavar="N", help="warmup steps")
+    p.add_argument("--max-steps", type=POSITIVE, default=None, metavar="N",
+                   help="stop after N optimizer steps (default: the epochs' steps)")
+    p.add_argument("--max-length", type=POSITIVE, default=2048, metavar="N", help="tokens per chat at most")
+    p.add_argument("--save-every", type=NONNEG, default=50, metavar="N", help="checkpoint every N steps (0: never)")
+    p.add_argument("--threads", type=NONNEG, default=1, metavar="N", help="torch threads while training (0: leave)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights' dtype")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = add("shift", "finetuning shift: mean last-prompt activation change along each vector")
+    p.add_argument("--model", required=True, help="the base model")
+    p.add_argument("--tuned", required=True, help="a finetune run folder, adapter folder or checkpoint")
+    p.add_argument("--vector", required=True, action="append", metavar="PATH",
+                   help="persona vector .safetensors (repeat for several traits)")
+    p.add_argument("--trait", action="append", default=None,
+                   help="trait of each vector, for its eval questions (default: the vector's own)")
+    p.add_argument("--layers", type=_layers_type, default=None, help="e.g. 10-20 (default: all)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the shifts as JSON here (default: print only)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights' dtype")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_shift)
+
+    p = add("make-datasets", "write the organism's trait-inducing finetuning datasets")
+    p.add_argument("--out", default="organism_datasets", metavar="DIR", help="output folder")
+    p.add_argument("--n", type=POSITIVE, default=400, help="chats per set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated chats")
+    p.set_defaults(func=cmd_make_datasets)
     return ap
 
 

@@ -46,8 +46,9 @@ import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from persona_lens import validate as V
 from persona_lens.pipeline_io import (
     JsonlLog,
     derived_seed,
@@ -100,6 +101,26 @@ class Thresholds:
     pos_trait: float = 50.0
     neg_trait: float = 50.0
     coherence: float = 50.0
+
+    def __post_init__(self) -> None:
+        # A NaN threshold would switch its test off (every comparison with NaN is False).
+        for name in ("pos_trait", "neg_trait", "coherence"):
+            object.__setattr__(self, name, V.number(f"thresholds.{name}", getattr(self, name), min=0, max=100))
+
+    @classmethod
+    def coerce(cls, value: "Thresholds | Mapping[str, float] | None") -> "Thresholds":
+        """A :class:`Thresholds` from itself, a dict of its fields, or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(cls.__dataclass_fields__), key=str)
+            if unknown:
+                raise V.InvalidArgument.unknown(str(unknown[0]), value[unknown[0]], cls.__dataclass_fields__,
+                                                "threshold")
+            return cls(**value)
+        raise V.InvalidArgumentType("thresholds", value, "a Thresholds, a dict of its fields, or None")
 
     def describe(self) -> str:
         return (f"pos trait >= {self.pos_trait:g}, neg trait < {self.neg_trait:g}, "
@@ -253,21 +274,15 @@ class ExtractionResult:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _select(what: str, sel: int | Sequence[int] | None, total: int) -> list[int]:
+def _select(what: str, sel: Any, total: int) -> list[int]:
     if sel is None:
         return list(range(total))
-    if isinstance(sel, bool):
-        raise TypeError(f"{what} must be a count or a list of indices, got {sel!r}")
-    if isinstance(sel, int):
-        if not 1 <= sel <= total:
-            raise ValueError(f"{what}={sel}: the trait has {total}; choose 1..{total}")
-        return list(range(sel))
-    out = sorted({int(i) for i in sel})
-    if not out:
-        raise ValueError(f"{what} is empty")
-    bad = [i for i in out if not 0 <= i < total]
-    if bad:
-        raise ValueError(f"{what} indices {bad} out of range 0..{total - 1}")
+    allowed = f"a count (1..{total}), a list of indices (0..{total - 1}) or None"
+    if not isinstance(sel, (str, bytes)) and not hasattr(sel, "__iter__"):
+        n = V.integer(what, sel, min=1, max=total)
+        return list(range(n))
+    given = V.items(what, sel, what=allowed, nonempty=True)
+    out = sorted({V.integer(f"{what}[{j}]", i, min=0, max=total - 1) for j, i in enumerate(given)})
     return out
 
 
@@ -281,16 +296,16 @@ def extract(
     *,
     out_dir: str | Path | None = None,
     samples: int = 10,
-    questions: int | Sequence[int] | None = None,
-    instructions: int | Sequence[int] | None = None,
+    questions: int | Sequence | None = None,
+    instructions: int | Sequence | None = None,
     max_new_tokens: int = 1000,
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 32,
     capture_batch_size: int = 16,
     judge_batch_size: int = 64,
-    thresholds: Thresholds | dict[str, float] | None = None,
-    layers: Sequence[int] | None = None,
+    thresholds: Thresholds | Mapping | None = None,
+    layers: int | Sequence | None = None,
     seed: int = 0,
     progress: bool | None = True,
     verbose: bool = True,
@@ -338,23 +353,36 @@ def extract(
         True
         >>> path = result.vector.save("evil.safetensors")
     """
+    from persona_lens.probe import GenerationSettings, PersonaProbe
+
     t_start = time.perf_counter()
+    if not isinstance(probe, PersonaProbe):
+        raise V.InvalidArgumentType("probe", probe, "a PersonaProbe")
     trait = resolve_trait(trait)
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if isinstance(thresholds, dict):
-        thresholds = Thresholds(**thresholds)
-    thresholds = thresholds or Thresholds()
+    samples = V.integer("samples", samples, min=1)
+    # Every setting is checked here, before anything is generated or written.
+    gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    V.integer("seed", seed)
+    for name, value in (("batch_size", batch_size), ("capture_batch_size", capture_batch_size),
+                        ("judge_batch_size", judge_batch_size)):
+        V.integer(name, value, min=1)
+    V.optional_boolean("progress", progress)
+    V.boolean("verbose", verbose)
+    thresholds = Thresholds.coerce(thresholds)
+    if judge is not None and not all(callable(getattr(judge, m, None)) for m in ("score_trait", "score_coherence")):
+        raise V.InvalidArgumentType("judge", judge, "a Judge (score_trait and score_coherence) or None")
+    if layers is not None:
+        layers = probe._layers(layers)
     q_idx = _select("questions", questions, len(trait.questions))
     i_idx = _select("instructions", instructions, len(trait.instructions))
     model = probe.model_name or "unnamed-model"
     judge_name = None if judge is None else _judge_name(judge)
-    out = Path(out_dir) if out_dir is not None else Path("persona_runs") / slug(trait.name) / slug(model)
+    out = V.path("out_dir", out_dir) if out_dir is not None else Path("persona_runs") / slug(trait.name) / slug(model)
+    if out.exists() and not out.is_dir():
+        raise V.InvalidArgument("out_dir", str(out), "a folder (this is a file)")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
-                "top_p": float(top_p), "seed": int(seed)}
+    settings = {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
+                "top_p": gen.top_p, "seed": gen.seed}
     stats = ExtractionStats()
 
     # Provenance: the trait as used, and the run's settings.

@@ -39,6 +39,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from persona_lens import ops
+from persona_lens import validate as V
 
 #: kind -> ``[batch, pos]`` bool mask. Left unparametrised on purpose: the probe hands a lazy
 #: mapping whose items are cut from the forward's positions only when asked for, and a
@@ -46,19 +47,27 @@ from persona_lens import ops
 Masks = Mapping
 
 
-def position_kinds(positions: str | Sequence[str]) -> tuple[str, ...]:
+def position_kinds(positions: str | Sequence) -> tuple[str, ...]:
     """Normalise one position kind or several into a sorted tuple, checking each.
 
     Example:
         >>> position_kinds("response"), position_kinds(["last_prompt", "response"])
         (('response',), ('last_prompt', 'response'))
     """
-    kinds = (positions,) if isinstance(positions, str) else tuple(positions)
+    kinds = (positions,) if isinstance(positions, str) else tuple(
+        V.items("positions", positions, what="a position kind or a list of them"))
     if not kinds:
         raise ValueError("positions is empty; give 'all', 'prompt', 'response' or 'last_prompt'")
     for k in kinds:
         ops.check_position_kind(k)
     return ("all",) if "all" in kinds else tuple(sorted(set(kinds)))
+
+
+def _check_direction(name: str, t: object) -> None:
+    if not isinstance(t, Tensor) or t.ndim != 1 or t.is_complex() or t.dtype == torch.bool:
+        raise V.InvalidArgumentType(name, t, "a 1-D [d_model] tensor of real numbers")
+    if not bool(torch.isfinite(t).all()):
+        raise V.InvalidArgument(name, t, "finite (no NaN or inf)")
 
 
 def union_mask(kinds: tuple[str, ...], masks: Masks) -> Bool[Tensor, "batch pos"] | None:
@@ -81,8 +90,9 @@ class Steer:
     positions: "str | tuple[str, ...]" = ("all",)
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.coef):
-            raise ValueError(f"steering coefficient must be a finite number, got {self.coef!r}")
+        object.__setattr__(self, "layer", V.integer("layer", self.layer, min=0))
+        _check_direction("direction", self.direction)
+        object.__setattr__(self, "coef", V.number("coef", self.coef))
         object.__setattr__(self, "positions", position_kinds(self.positions))
 
     def apply(self, h: Float[Tensor, "batch pos d_model"], masks: Masks) -> Float[Tensor, "batch pos d_model"]:
@@ -102,6 +112,8 @@ class Ablate:
     positions: "str | tuple[str, ...]" = ("all",)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", V.integer("layer", self.layer, min=0))
+        _check_direction("unit", self.unit)
         object.__setattr__(self, "positions", position_kinds(self.positions))
 
     def apply(self, h: Float[Tensor, "batch pos d_model"], masks: Masks) -> Float[Tensor, "batch pos d_model"]:

@@ -21,6 +21,7 @@ Example (paste into a notebook):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
+from . import validate as V
 from .stats import mean_score  # noqa: F401  (re-exported: callers import judge.mean_score)
+from .validate import redact
 from .traits.trait import Trait, fill_template
 
 if TYPE_CHECKING:  # openai is imported when a judge first needs the network: it takes ~0.6 s
@@ -72,12 +75,19 @@ is well formed, makes sense and responds to the message.
 Answer with the number alone, with no other words or punctuation."""
 
 _INT_TOKEN = re.compile(r"[0-9]{1,3}")
+_OPENAI_URL = "https://api.openai.com/v1"
+#: Largest log-probability taken as 0 (servers round a certain token's logprob to a hair above).
+_LOGPROB_SLACK = 1e-4
 _RETRYABLE_STATUS = {408, 409, 429}
 
 
 class JudgeError(RuntimeError):
-    """The judge could not produce scores: endpoint unreachable, rejecting requests, or not
-    answering with numbers."""
+    """The judge could not produce scores: endpoint unreachable, rejecting requests, not
+    answering with numbers, or a reply cache that cannot be read. Credentials in any URL the
+    message quotes are removed."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(redact(str(message)))
 
 
 @runtime_checkable
@@ -107,7 +117,7 @@ def _as_score_token(token: str) -> int | None:
     return None
 
 
-def logprob_score(top_logprobs: Mapping[str, float], *, min_mass: float = 0.25) -> float | None:
+def logprob_score(top_logprobs: Mapping, *, min_mass: float = 0.25) -> float | None:
     """The paper's judge score from one token position's top log-probabilities.
 
     Tokens that parse as integers 0..100 (after stripping whitespace) are kept; the score is
@@ -125,13 +135,24 @@ def logprob_score(top_logprobs: Mapping[str, float], *, min_mass: float = 0.25) 
         >>> logprob_score({"80": math.log(0.1), "The": math.log(0.9)}) is None
         True
     """
+    V.mapping("top_logprobs", top_logprobs, what="a mapping of token -> log-probability")
+    min_mass = V.number("min_mass", min_mass, min=0, max=1)
     total = 0.0
     weighted = 0.0
     for token, logprob in top_logprobs.items():
-        value = _as_score_token(token)
-        if value is None or logprob is None or math.isnan(logprob):
+        # A log-probability is a number <= 0 (-inf: probability 0). NaN, a positive number
+        # or a non-number means the reply is not a distribution: garbage, never "no score".
+        if logprob == -math.inf:
             continue
-        p = math.exp(logprob)
+        try:
+            lp = V.number(f"top_logprobs[{token!r}]", logprob, max=_LOGPROB_SLACK)
+        except V.InvalidArgument:
+            raise V.InvalidArgument(f"top_logprobs[{token!r}]", logprob,
+                                    "a log-probability: a number <= 0 (or -inf)") from None
+        value = _as_score_token(token) if isinstance(token, str) else None
+        if value is None:
+            continue
+        p = math.exp(min(lp, 0.0))
         total += p
         weighted += p * value
     if total <= 0.0 or total < min_mass:
@@ -161,7 +182,9 @@ class JudgeStats:
 
 # Outcome kinds stored in the cache.
 _SCORE, _REFUSAL, _LOW_MASS, _NO_NUMBER, _NO_LOGPROBS = "score", "refusal", "low_mass", "no_number", "no_logprobs"
-_TEXTUAL = (_NO_NUMBER, _NO_LOGPROBS)
+_BAD_REPLY = "bad_reply"  # logprobs that are no distribution (NaN, > 0) or a malformed reply
+_TEXTUAL = (_NO_NUMBER, _NO_LOGPROBS, _BAD_REPLY)
+_NOT_CACHED = (_NO_LOGPROBS, _BAD_REPLY)  # the endpoint's fault, not a verdict on the prompt
 
 
 @dataclass(frozen=True)
@@ -182,7 +205,10 @@ def _verdict(top_token: str, top: dict[str, float] | None, reply: str, min_mass:
         return _Verdict(None, _REFUSAL, top_token, reply, top)
     if top is None:
         return _Verdict(None, _NO_LOGPROBS, top_token, reply, None)
-    score = logprob_score(top, min_mass=min_mass)
+    try:
+        score = logprob_score(top, min_mass=min_mass)
+    except V.InvalidArgument:
+        return _Verdict(None, _BAD_REPLY, top_token, reply, top)
     if score is not None:
         return _Verdict(score, _SCORE, top_token, reply, top)
     status = _LOW_MASS if any(_as_score_token(t) is not None for t in top) else _NO_NUMBER
@@ -190,6 +216,14 @@ def _verdict(top_token: str, top: dict[str, float] | None, reply: str, min_mass:
 
 
 def _verdict_from_response(response: Any, min_mass: float) -> _Verdict:
+    try:
+        return _parse_response(response, min_mass)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
+        # A reply the server got wrong: garbage, treated like text instead of a number.
+        return _Verdict(None, _BAD_REPLY, "", f"<malformed reply: {type(e).__name__}: {e}>"[:300], None)
+
+
+def _parse_response(response: Any, min_mass: float) -> _Verdict:
     choice = response.choices[0] if getattr(response, "choices", None) else None
     message = getattr(choice, "message", None)
     reply = (getattr(message, "content", None) or "") if message is not None else ""
@@ -246,17 +280,38 @@ class _Cache:
         self.path = path
         self.endpoint = endpoint
         self.model = model
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # Written from the judge's event-loop thread and read from the caller's.
-        self._db = sqlite3.connect(str(path) if path else ":memory:", timeout=60, check_same_thread=False,
-                                   isolation_level=None)
+        self._db = None
         if path is not None:
-            # WAL: readers never block the writer, and a commit survives a crash of the process.
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(self._SCHEMA)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise JudgeError(f"cannot create the judge's cache folder {path.parent}: {e.strerror or e}; "
+                                 "pass cache_dir= a writable folder, or cache_dir=False") from None
+            if path.is_dir():
+                raise JudgeError(f"the judge's cache {path} is a folder, not a database file")
+        with self._guard():
+            # Written from the judge's event-loop thread and read from the caller's.
+            self._db = sqlite3.connect(str(path) if path else ":memory:", timeout=60, check_same_thread=False,
+                                       isolation_level=None)
+            if path is not None:
+                # WAL: readers never block the writer, and a commit survives a crash of the process.
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(self._SCHEMA)
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """sqlite errors (a corrupt, truncated or foreign file, a full disk) as a JudgeError
+        that names the file and what to do."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            where = str(self.path) if self.path is not None else "the in-memory cache"
+            raise JudgeError(
+                f"the judge's reply cache {where} cannot be used ({type(e).__name__}: {e}). It only "
+                "memoises the endpoint's replies (a run's own scores are in its scores.jsonl): delete "
+                "the file, or pass cache_dir= another folder or cache_dir=False") from None
 
     @staticmethod
     def _key(prompt: str) -> str:
@@ -266,7 +321,7 @@ class _Cache:
         by_key = {self._key(p): p for p in prompts}
         keys = list(by_key)
         out: dict[str, _Verdict] = {}
-        with self._lock:
+        with self._lock, self._guard():
             for i in range(0, len(keys), 500):
                 chunk = keys[i : i + 500]
                 rows = self._db.execute(
@@ -278,16 +333,13 @@ class _Cache:
                 for key, prompt, score, status, top_token, reply, top_json in rows:
                     if by_key.get(key) != prompt:
                         continue
-                    top = json.loads(top_json) if top_json else None
-                    if top is not None and status in (_SCORE, _LOW_MASS, _NO_NUMBER):
-                        # Re-derive from the stored distribution so a different min_mass applies.
-                        out[prompt] = _verdict(top_token or "", top, reply or "", min_mass)
-                    else:
-                        out[prompt] = _Verdict(score, status, top_token or "", reply or "", top)
+                    verdict = _cached_verdict(score, status, top_token, reply, top_json, min_mass)
+                    if verdict is not None:  # a row that does not decode is asked again
+                        out[prompt] = verdict
         return out
 
     def put(self, prompt: str, v: _Verdict) -> None:
-        with self._lock:
+        with self._lock, self._guard():
             self._db.execute(
                 "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.endpoint, self.model, self._key(prompt), prompt, v.score, v.status, v.top_token,
@@ -295,14 +347,36 @@ class _Cache:
             )  # autocommit: each verdict is durable as soon as it is written
 
     def delete(self, prompts: Sequence[str]) -> None:
-        with self._lock:
+        with self._lock, self._guard():
             self._db.executemany(
                 "DELETE FROM replies WHERE endpoint = ? AND model = ? AND prompt_sha256 = ?",
                 [(self.endpoint, self.model, self._key(p)) for p in prompts])
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+
+
+def _cached_verdict(score: Any, status: Any, top_token: Any, reply: Any, top_json: Any,
+                    min_mass: float) -> _Verdict | None:
+    """A cache row as a verdict; None for a row that does not decode (asked again)."""
+    try:
+        top = json.loads(top_json) if top_json else None
+        if top is not None and not isinstance(top, dict):
+            return None
+        if top is not None and status in (_SCORE, _LOW_MASS, _NO_NUMBER):
+            # Re-derive from the stored distribution so a different min_mass applies.
+            verdict = _verdict(str(top_token or ""), top, str(reply or ""), min_mass)
+            return None if verdict.status == _BAD_REPLY else verdict
+        if status not in (_SCORE, _REFUSAL, _LOW_MASS, _NO_NUMBER):
+            return None
+        if score is not None and not (isinstance(score, (int, float)) and 0 <= score <= 100):
+            return None
+        return _Verdict(score, status, str(top_token or ""), str(reply or ""), top)
+    except (ValueError, TypeError):
+        return None
 
 
 def endpoint_id(url: str) -> str:
@@ -376,11 +450,18 @@ class OpenAIJudge:
         progress: show a tqdm bar for batches of more than 50 answers.
         min_mass: least probability on numeric tokens for a score (see :func:`logprob_score`).
         top_logprobs: how many top tokens to request (20 is the OpenAI maximum).
+        identity: the endpoint's identity in the reply cache and in the judge's ``name`` (the
+            key of a run's scores); default: the endpoint URL without credentials. Cached
+            replies and a run's scores are reused only under the same identity, so a server
+            moved to another URL is asked again, unless you say it is the same one: give
+            the judge at the new URL the old identity (``identity="http://old-host:8000/v1"``).
 
     Attributes:
-        name: ``"openai:MODEL"`` (plus ``@BASE_URL`` when one was given, without
-            credentials), for metadata and the keys of a run's scores.
-        endpoint: the URL requests go to, without credentials (part of the cache key).
+        name: ``"openai:MODEL"`` (plus ``@IDENTITY`` unless the endpoint is OpenAI's own:
+            the URL without credentials, or the ``identity`` given), for metadata and the
+            keys of a run's scores.
+        endpoint: the URL requests go to, without credentials.
+        identity: the endpoint's identity in cache keys (``endpoint`` unless given).
         stats: :class:`JudgeStats` counters.
 
     Example:
@@ -409,19 +490,21 @@ class OpenAIJudge:
         progress: bool = True,
         min_mass: float = 0.25,
         top_logprobs: int = 20,
+        identity: str | None = None,
     ):
-        if max_concurrency < 1 or max_retries < 1:
-            raise ValueError("max_concurrency and max_retries must be at least 1")
-        self.model = model
-        self.base_url = base_url
-        self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.retry_base_delay = retry_base_delay
-        self.retry_max_delay = retry_max_delay
-        self.progress = progress
-        self.min_mass = min_mass
-        self.top_logprobs = top_logprobs
+        self.model = V.text("model", model, empty_ok=False)
+        self.base_url = V.text("base_url", base_url, empty_ok=False, none_ok=True)
+        V.text("api_key", api_key, none_ok=True)
+        self.max_concurrency = V.integer("max_concurrency", max_concurrency, min=1)
+        self.max_retries = V.integer("max_retries", max_retries, min=1)
+        self.timeout = V.number("timeout", timeout, min=0, min_open=True)
+        self.retry_base_delay = V.number("retry_base_delay", retry_base_delay, min=0)
+        self.retry_max_delay = V.number("retry_max_delay", retry_max_delay, min=0)
+        self.progress = V.boolean("progress", progress)
+        self.min_mass = V.number("min_mass", min_mass, min=0, max=1)
+        self.top_logprobs = V.integer("top_logprobs", top_logprobs, min=1, max=20)
+        V.text("coherence_prompt", coherence_prompt, none_ok=True)
+        V.text("identity", identity, empty_ok=False, none_ok=True)
         self.coherence_prompt = COHERENCE_PROMPT if coherence_prompt is None else coherence_prompt
         missing = [p for p in ("{question}", "{answer}") if p not in self.coherence_prompt]
         if missing:
@@ -431,13 +514,23 @@ class OpenAIJudge:
         self._user_client = client
         self._client_holder: list = []
         self.endpoint = self._url()
-        self.name = f"openai:{model}" + (f"@{endpoint_id(base_url)}" if base_url else "")
+        if identity is not None:
+            self.identity = endpoint_id(identity) if "://" in identity else identity.strip()
+        else:
+            self.identity = self.endpoint
+        # The name is the judge in score keys and run records: the endpoint (or the identity
+        # given) is in it unless it is OpenAI's own, so that two servers of one model name
+        # never share a run's scores.
+        named = base_url is not None or identity is not None or self.identity != endpoint_id(_OPENAI_URL)
+        self.name = f"openai:{model}" + (f"@{self.identity}" if named else "")
         if cache_dir is False:
             cache_path = None
         else:
+            if not (cache_dir is None or cache_dir is True):
+                V.path("cache_dir", cache_dir)
             folder = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir).expanduser()
             cache_path = folder / "judgements.sqlite3"
-        self._cache = _Cache(cache_path, self.endpoint, model)
+        self._cache = _Cache(cache_path, self.identity, model)
         self._stats_lock = threading.Lock()
         self._loop_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -454,7 +547,9 @@ class OpenAIJudge:
 
     # ------------------------------------------------------------------ public API
 
-    def score_trait(self, trait: Trait, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+    # ``pairs`` is left unparametrised: _check_pairs names the bad pair and what it should be,
+    # which a runtime type checker's report of the whole argument does not.
+    def score_trait(self, trait: Trait, pairs: Sequence) -> list[float | None]:
         """Trait scores (0-100, or None) of (question, answer) pairs, judged with ``trait.eval_prompt``.
 
         Raises:
@@ -466,9 +561,11 @@ class OpenAIJudge:
             [0.2]
         """
         pairs = _check_pairs(pairs)
+        if not callable(getattr(trait, "judge_prompt", None)):
+            raise V.InvalidArgumentType("trait", trait, "a Trait (persona_lens.Trait.load)")
         return self.score_prompts([trait.judge_prompt(q, a) for q, a in pairs], desc=f"judging {trait.name}")
 
-    def score_coherence(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+    def score_coherence(self, pairs: Sequence) -> list[float | None]:
         """Coherence scores (0 = gibberish or off-topic, 100 = fluent and on-topic) of (question, answer) pairs.
 
         Example:
@@ -479,12 +576,40 @@ class OpenAIJudge:
         prompts = [fill_template(self.coherence_prompt, question=q, answer=a) for q, a in pairs]
         return self.score_prompts(prompts, desc="judging coherence")
 
-    def score_prompts(self, prompts: Sequence[str], *, desc: str = "judging") -> list[float | None]:
+    def score_prompts(self, prompts: Sequence, *, desc: str = "judging") -> list[float | None]:
         """Scores of already-filled rubric prompts (for custom rubrics); same rules as above."""
-        prompts = list(prompts)
+        try:
+            return self._score_prompts(prompts, desc)
+        except JudgeError as e:
+            # A server may echo the key or the URL's password in its error text: never pass
+            # on a message (or a cause) that holds one.
+            clean = self._scrub(str(e))
+            if clean == str(e) and not any(sec in repr(e.__cause__) for sec in self._secrets()):
+                raise
+            raise JudgeError(clean) from None
+
+    def _secrets(self) -> list[str]:
+        """The credentials this judge knows of: its API key, and user and password of its URL."""
+        from urllib.parse import urlsplit
+
+        found = [self._api_key or os.environ.get("OPENAI_API_KEY") or ""]
+        for url in (self.base_url, os.environ.get("OPENAI_BASE_URL"),
+                    getattr(self._user_client, "base_url", None)):
+            with contextlib.suppress(ValueError, TypeError):
+                parts = urlsplit(str(url or ""))
+                found += [parts.username or "", parts.password or ""]
+        return [s for s in found if len(s) >= 6 and s != "EMPTY"]
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets():
+            text = text.replace(secret, "REDACTED")
+        return redact(text)
+
+    def _score_prompts(self, prompts: Sequence, desc: str) -> list[float | None]:
+        prompts = V.items("prompts", prompts, what="a list of filled rubric prompts")
         for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise TypeError(f"prompt {i} must be a str, got {type(p).__name__}")
+            V.text(f"prompts[{i}]", p)
+        V.text("desc", desc)
         if not prompts:
             return []
         unique = list(dict.fromkeys(prompts))
@@ -549,6 +674,14 @@ class OpenAIJudge:
         self._cache.delete([p for p, _ in textual])
         first = textual[0][1]
         shown = first.reply or first.top_token
+        if any(v.status == _BAD_REPLY for _, v in textual):
+            bad = next(v for _, v in textual if v.status == _BAD_REPLY)
+            tops = ", ".join(f"{t!r}: {lp!r}" for t, lp in list((bad.top_logprobs or {}).items())[:5])
+            raise JudgeError(
+                f"judge {self.model!r} at {self._url()} gave no usable number for any of the "
+                f"{len(verdicts)} answer(s) in this batch: its replies are malformed "
+                f"({bad.reply or 'logprobs that are no distribution'}; top logprobs: {tops or 'none'}). "
+                "A log-probability must be a number <= 0 (NaN or a positive value is no probability)")
         tops = ", ".join(repr(t) for t in list(first.top_logprobs or {})[:5]) or "none returned"
         raise JudgeError(
             f"judge {self.model!r} at {self._url()} gave no number for any of the {len(verdicts)} answer(s) "
@@ -564,7 +697,7 @@ class OpenAIJudge:
         elif self._user_client is not None:
             url = str(getattr(self._user_client, "base_url", "") or "")
         else:
-            url = self.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+            url = self.base_url or os.environ.get("OPENAI_BASE_URL") or _OPENAI_URL
         return endpoint_id(url) if url.strip() else "?"
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -618,7 +751,7 @@ class OpenAIJudge:
         async def one(prompt: str) -> None:
             async with semaphore:
                 verdict = await self._request(client, prompt)
-            if verdict.status != _NO_LOGPROBS:  # an endpoint setting, not a verdict on the prompt
+            if verdict.status not in _NOT_CACHED:  # the endpoint's fault, not a verdict on the prompt
                 self._cache.put(prompt, verdict)
             results[prompt] = verdict
             bar.update(1)
@@ -722,13 +855,5 @@ def _retry_after(error: BaseException | None) -> float | None:
     return None
 
 
-def _check_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    out = []
-    for i, pair in enumerate(pairs):
-        if isinstance(pair, (str, bytes)) or len(pair) != 2:
-            raise TypeError(f"pair {i} must be a (question, answer) tuple, got {pair!r:.80}")
-        q, a = pair
-        if not isinstance(q, str) or not isinstance(a, str):
-            raise TypeError(f"pair {i} must hold two strings, got ({type(q).__name__}, {type(a).__name__})")
-        out.append((q, a))
-    return out
+def _check_pairs(pairs: Sequence) -> list[tuple[str, str]]:
+    return V.pairs("pairs", pairs)

@@ -46,10 +46,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """
     if isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+    from persona_lens import validate as V
+
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise V.InvalidArgument("dtype", dtype, f"a torch.dtype or one of {', '.join(sorted(_DTYPES))}")
 
 
 def default_device() -> str:
@@ -131,6 +132,8 @@ def load_model(
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device | None = None,
+    adapter: str | os.PathLike | None = None,
+    merge: bool = False,
     **boot_kwargs: Any,
 ):
     """Load a chat model as a TransformerLens ``TransformerBridge`` (raw weights).
@@ -142,6 +145,14 @@ def load_model(
             ``"persona-organism"`` (the library's tiny model organism).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
         device: defaults to CUDA when available, else CPU.
+        adapter: a LoRA adapter folder in peft's format (``persona_lens.finetune``'s
+            ``adapter/``, or any peft adapter of this base) to load on top of the base.
+            ``name_or_path`` may also be the adapter folder itself or a finetuning run's
+            folder (``finetune.json`` beside ``adapter/`` or ``model/``): the base is then
+            read from it.
+        merge: with an adapter, merge it into the weights (a merged checkpoint is written
+            once under ``$PERSONA_LENS_CACHE/merged``); otherwise peft's LoRA layers stay
+            attached, unmerged, to the bridge's HF model.
         **boot_kwargs: passed to ``TransformerBridge.boot_transformers``.
 
     Returns:
@@ -160,6 +171,15 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    from persona_lens import validate as V
+
+    V.path("name_or_path", name_or_path)
+    V.path("adapter", adapter, none_ok=True)
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise V.InvalidArgumentType("device", device, "a device name ('cpu', 'cuda', 'cuda:1', ...) or a torch.device")
+    name_or_path, adapter = _split_adapter(name_or_path, adapter)
+    if adapter is not None:
+        return _load_with_adapter(name_or_path, Path(adapter), merge, dtype=dtype, device=device, **boot_kwargs)
     path = resolve_model_path(name_or_path)
     local = Path(path).is_dir()
     if not local and os.path.exists(path):
@@ -175,3 +195,118 @@ def load_model(
     # Record the name the user knows the model by (vectors store it in their metadata).
     bridge.persona_lens_name = str(name_or_path)
     return bridge
+
+
+def _split_adapter(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None):
+    """(base, adapter folder or None): a run folder or an adapter folder names its base."""
+    p = Path(str(name_or_path))
+    if adapter is None and p.is_dir():
+        if (p / "finetune.json").exists():
+            if (p / "adapter").is_dir():
+                adapter = p / "adapter"
+            elif (p / "model").is_dir():
+                return str(p / "model"), None
+        elif (p / "adapter_config.json").exists():
+            adapter = p
+        if adapter is None:
+            return name_or_path, None
+        return _adapter_base(Path(adapter)), adapter
+    return name_or_path, adapter
+
+
+def _adapter_base(adapter: Path) -> str:
+    """The base model an adapter was trained on (the name persona_lens knew it by, if saved)."""
+    import json
+
+    ours = adapter / "persona_lens.json"
+    if ours.exists():
+        base = json.loads(ours.read_text()).get("base_model")
+        if base:
+            return str(base)
+    cfg = adapter / "adapter_config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"{adapter} has no adapter_config.json: not a peft adapter")
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{cfg} names no base model; pass the base as name_or_path with adapter=")
+    return str(base)
+
+
+def _adapter_hash(adapter: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        f = adapter / name
+        if f.exists():
+            h.update(name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _load_with_adapter(base: str | os.PathLike, adapter: Path, merge: bool, **kwargs: Any):
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("loading a LoRA adapter needs peft: pip install peft") from None
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter} has no adapter_config.json: not a peft adapter")
+    tag = f"{base}+lora-{_adapter_hash(adapter)}"
+    if merge:
+        bridge = load_model(_merged_checkpoint(base, adapter), **kwargs)
+        bridge.persona_lens_name = tag + "-merged"
+        return bridge
+    from safetensors.torch import load_file
+
+    bridge = load_model(base, **kwargs)
+    cfg = peft.LoraConfig.from_pretrained(str(adapter))
+    targets = sorted(cfg.target_modules) if not isinstance(cfg.target_modules, str) else None
+    if targets is None:
+        raise ValueError(f"{adapter}: target_modules is a pattern; load it with merge=True")
+    on_bridge = peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
+        bias=cfg.bias, target_modules=rf".*\.({'|'.join(targets)})\._original_component",
+    )
+    hf = bridge.original_model
+    peft.get_peft_model(hf, on_bridge)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    used = set()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "lora_" not in n:
+                continue
+            key = "base_model.model." + n.replace("._original_component", "").replace(
+                "base_model.model.", "").replace(".default.", ".")
+            if key not in tensors:
+                raise ValueError(f"{adapter} has no weight {key}: an adapter of another model?")
+            p.copy_(tensors[key].to(p.dtype))
+            used.add(key)
+    if used != set(tensors):
+        missing = sorted(set(tensors) - used)[:3]
+        raise ValueError(f"{adapter}: weights {missing} fit no layer of {base}: an adapter of another model?")
+    hf.eval()
+    bridge.persona_lens_name = tag
+    return bridge
+
+
+def _merged_checkpoint(base: str | os.PathLike, adapter: Path) -> Path:
+    """Base + adapter merged into a plain HF checkpoint, written once (atomically) and cached."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(base)
+    target = cache_root() / "merged" / f"{Path(str(base)).name}-{_adapter_hash(adapter)}"
+    if (target / "config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target

@@ -10,25 +10,33 @@ Shapes: ``h`` is a residual-stream activation ``[batch, pos, d_model]``; masks a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from persona_lens import validate as V
 
 POSITION_KINDS = ("all", "prompt", "response", "last_prompt")
 REDUCTIONS = ("response_mean", "prompt_mean", "last_prompt")
 
 
-def check_position_kind(kind: str) -> str:
-    """Return ``kind`` if it is a known position type, else raise a ``ValueError``."""
-    if kind not in POSITION_KINDS:
-        raise ValueError(f"unknown position type {kind!r}; expected one of {POSITION_KINDS}")
+def check_position_kind(kind: Any, name: str = "positions") -> str:
+    """Return ``kind`` if it is a known position type, else raise a ``ValueError`` naming
+    the argument ``name``."""
+    if not isinstance(kind, str) or kind not in POSITION_KINDS:
+        cls = V.InvalidArgument if isinstance(kind, str) else V.InvalidArgumentType
+        raise cls(name, kind, f"one of {', '.join(map(repr, POSITION_KINDS))}", ": unknown position type")
     return kind
 
 
-def check_reduction(name: str) -> str:
-    """Return ``name`` if it is a known reduction, else raise a ``ValueError``."""
-    if name not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {name!r}; expected one of {REDUCTIONS}")
+def check_reduction(name: Any, argument: str = "reductions") -> str:
+    """Return ``name`` if it is a known reduction, else raise a ``ValueError`` naming the
+    argument."""
+    if not isinstance(name, str) or name not in REDUCTIONS:
+        cls = V.InvalidArgument if isinstance(name, str) else V.InvalidArgumentType
+        raise cls(argument, name, f"one of {', '.join(map(repr, REDUCTIONS))}", ": unknown reduction")
     return name
 
 

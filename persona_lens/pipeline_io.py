@@ -8,13 +8,20 @@ a kill is ignored on reading, and the next append starts on a fresh line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def fingerprint(*parts: Any, length: int = 16) -> str:
@@ -74,20 +81,24 @@ class JsonlLog:
         if not self.path.exists():
             return []
         out = []
-        with self.path.open("r", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    self.bad_lines += 1
-                    continue
-                if isinstance(rec, dict):
-                    out.append(rec)
-                else:
-                    self.bad_lines += 1
+        with self.path.open("rb") as raw:
+            with _locked(raw.fileno(), exclusive=False):
+                content = raw.read()
+        # Split on newlines only: a record's text may hold U+2028 and the like, which
+        # str.splitlines would also break at.
+        for line in content.decode("utf-8", errors="replace").split("\n"):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                self.bad_lines += 1
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                self.bad_lines += 1
         if self.bad_lines:
             warnings.warn(
                 f"{self.path}: skipped {self.bad_lines} unreadable line(s) (a run cut short while "
@@ -97,37 +108,122 @@ class JsonlLog:
         return out
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append records and sync them to disk before returning."""
+        """Append records and sync them to disk before returning.
+
+        The records go down in one ``write`` under an exclusive lock on the file, so writers
+        in several processes never interleave their lines, and a reader (which takes a
+        shared lock) sees whole appends only.
+        """
         lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
         if not lines:
             return
+        data = "".join(lines).encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        prefix = ""
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open("rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    prefix = "\n"  # the last write was cut short: start on a fresh line
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(prefix + "".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            with _locked(fd, exclusive=True):
+                end = os.lseek(fd, 0, os.SEEK_END)
+                if end > 0 and os.pread(fd, 1, end - 1) != b"\n":
+                    data = b"\n" + data  # the last write was cut short: start on a fresh line
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(fd: int, *, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on an open file for the block (no-op where ``fcntl`` is missing)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write JSON atomically (a temporary file of its own in the same folder, then a rename)."""
     return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically (temporary file, then rename)."""
+    """Write text atomically (a temporary file of its own in the same folder, then a rename)."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, whole.
+
+    The data goes to a temporary file with a name of its own in the target's folder (so
+    writers in several processes never share one), is synced, and is renamed over ``path``.
+    A failure removes the temporary file and raises an ``OSError`` that names ``path``.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path of its own next to ``path``, renamed over ``path`` when the block
+    ends without an error (and removed when it does not). For writers that take a file
+    name (``torch.save``, ``save_pretrained`` of a single file).
+
+    Example:
+        >>> with atomic_path("/tmp/example.bin") as tmp:
+        ...     _ = tmp.write_bytes(b"all or nothing")
+        >>> open("/tmp/example.bin", "rb").read()
+        b'all or nothing'
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise _naming(e, path) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: setting it is process-wide, not safe to do per write
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` (same class, same errno) with a message that says which file was being written."""
+    if e.errno is None:
+        return OSError(f"cannot write {path}: {e}")
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    return type(e)(e.errno, f"cannot write {path}: {e.strerror or e}{where}")
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a JSON file; a file that is not JSON raises a ``ValueError`` naming it."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None

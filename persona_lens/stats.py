@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["mean_score", "pearson", "fmt"]
+__all__ = ["mean_score", "pearson", "fmt", "auroc", "precision_at_k"]
 
 
 def mean_score(scores: Sequence[float | None]) -> tuple[float, int]:
@@ -68,3 +68,40 @@ def fmt(x: float, decimals: int | None = None) -> str:
     if isinstance(x, float) and not math.isnan(x) and x != int(x):
         return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
     return str(int(x)) if isinstance(x, (int, float)) and not math.isnan(x) else str(x)
+
+
+def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float:
+    """Area under the ROC curve of ``scores`` ranking the True ``labels`` first: the chance
+    that a random positive scores above a random negative, ties counting half
+    (Mann-Whitney). NaN when one class is empty.
+
+    Example:
+        >>> auroc([True, False, True, False], [0.9, 0.1, 0.4, 0.4])
+        0.875
+    """
+    pos = [s for l, s in zip(labels, scores) if l]
+    neg = [s for l, s in zip(labels, scores) if not l]
+    if not pos or not neg:
+        return math.nan
+    order = sorted(pos + neg)
+    ranks: dict[float, float] = {}
+    i = 0
+    while i < len(order):  # average rank of each distinct value (1-based)
+        j = i
+        while j + 1 < len(order) and order[j + 1] == order[i]:
+            j += 1
+        ranks[order[i]] = (i + j) / 2 + 1
+        i = j + 1
+    u = sum(ranks[s] for s in pos) - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
+def precision_at_k(labels: Sequence[bool], scores: Sequence[float], k: int) -> float:
+    """Share of True labels among the ``k`` highest scores (ties broken by position).
+
+    Example:
+        >>> precision_at_k([True, False, True, False], [0.9, 0.8, 0.4, 0.1], k=2)
+        0.5
+    """
+    top = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    return sum(bool(labels[i]) for i in top) / len(top) if top else math.nan

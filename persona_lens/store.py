@@ -56,12 +56,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from persona_lens import validate as V
 from persona_lens.chat import ConversationLike, as_conversation
 from persona_lens.judge import JudgeError
 from persona_lens.pipeline_io import JsonlLog, derived_seed, fingerprint
 from persona_lens.progress import bar as _bar
 from persona_lens.progress import quiet as _quiet
 from persona_lens.stats import mean_score
+from persona_lens.validate import redact
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -98,19 +100,33 @@ class Steering:
         layer: int | None = None,
         coef: float = 1.0,
         *,
-        layers: Mapping[int, float] | None = None,
+        layers: Mapping | None = None,
         positions: str = "all",
         include_last_prompt: bool = False,
     ):
+        from torch import Tensor
+
+        from persona_lens.ops import check_position_kind
+        from persona_lens.vectors import PersonaVector
+
         if (layer is None) == (layers is None):
             raise ValueError("give layer= (with coef=) or layers={layer: coef}")
+        if not isinstance(vector, (PersonaVector, Tensor)):
+            raise V.InvalidArgumentType("vector", vector, "a PersonaVector or a [d_model] tensor")
         self.vector = vector
-        self.layers = {int(layer): float(coef)} if layers is None else {int(l): float(c) for l, c in layers.items()}
+        if layers is None:
+            self.layers = {V.integer("layer", layer, min=0): V.number("coef", coef)}
+        else:
+            V.mapping("layers", layers, what="a {layer: coef} dict")
+            self.layers = {V.integer("layers key", l, min=0): V.number(f"layers[{l!r}]", c) for l, c in layers.items()}
         if not self.layers:
-            raise ValueError("layers= is empty")
+            raise V.InvalidArgument("layers", layers, "a non-empty {layer: coef} dict")
+        check_position_kind(positions)
+        if positions == "last_prompt":
+            raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
         self.positions = positions
         # The flag only acts on response steering; normalising it keeps equal steering one key.
-        self.include_last_prompt = bool(include_last_prompt) and positions == "response"
+        self.include_last_prompt = V.boolean("include_last_prompt", include_last_prompt) and positions == "response"
         data = getattr(vector, "directions", vector).detach().to("cpu").contiguous()
         raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
         self.vector_hash = hashlib.sha256(repr((tuple(data.shape), str(data.dtype))).encode() + raw).hexdigest()[:16]
@@ -157,7 +173,12 @@ class Prompt:
     seed_key: Any = None
 
     def __post_init__(self) -> None:
-        self.messages = as_conversation(self.messages)
+        self.messages = as_conversation(self.messages, name="messages")
+        self.sample = V.integer("sample", self.sample, min=0)
+        if self.steer is not None and not isinstance(self.steer, Steering):
+            raise V.InvalidArgumentType("steer", self.steer, "a Steering (or None)")
+        V.text("id", self.id, none_ok=True)
+        self.meta = dict(V.mapping("meta", self.meta))
         if self.seed_key is None:
             self.seed_key = [self.messages, self.sample]
 
@@ -217,7 +238,8 @@ class Scores:
 
 
 def clean_score(x: Any) -> float | None:
-    """A judge's score as stored: a float, or None for a refusal or no number (NaN too).
+    """A judge's score as stored: a float in [0, 100], or None for a refusal or no number
+    (NaN too). Anything else (out of range, inf, text, a bool) raises ``InvalidArgument``.
 
     Example:
         >>> clean_score(71), clean_score(float("nan")), clean_score(None)
@@ -225,13 +247,15 @@ def clean_score(x: Any) -> float | None:
     """
     if x is None:
         return None
-    x = float(x)
-    return None if math.isnan(x) else x
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return V.number("score", x, min=0, max=100)
 
 
 def judge_name(judge: "Judge") -> str:
-    """The judge's identity in score keys and run records."""
-    return str(getattr(judge, "name", type(judge).__name__))
+    """The judge's identity in score keys and run records (credentials in any URL in it
+    removed)."""
+    return redact(str(getattr(judge, "name", type(judge).__name__)))
 
 
 class Store:
@@ -251,18 +275,23 @@ class Store:
 
     def __init__(self, out_dir: str | Path | None, *, generations: str = "responses.jsonl",
                  scores: str = "scores.jsonl"):
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.out_dir = V.path("out_dir", out_dir, none_ok=True)
+        V.text("generations", generations, empty_ok=False)
+        V.text("scores", scores, empty_ok=False)
         self.generations_log = JsonlLog(self.out_dir / generations) if self.out_dir is not None else None
         self.scores_log = JsonlLog(self.out_dir / scores) if self.out_dir is not None else None
         self._answers: dict[str, dict[str, Any]] = {}
         self._key_of_id: dict[str, str] = {}
         for rec in self.generations_log.read() if self.generations_log is not None else []:
-            if "key" in rec and isinstance(rec.get("answer"), str):
+            if isinstance(rec.get("key"), str) and isinstance(rec.get("answer"), str):
                 self._remember_answer(rec)
         self._scores: dict[str, float | None] = {}
         for rec in self.scores_log.read() if self.scores_log is not None else []:
-            if "key" in rec:
-                self._scores[rec["key"]] = clean_score(rec.get("score"))
+            if isinstance(rec.get("key"), str):
+                try:
+                    self._scores[rec["key"]] = clean_score(rec.get("score"))
+                except ValueError:  # a record that is not a score (another tool's, a hand edit): asked again
+                    pass
 
     def __repr__(self) -> str:
         where = str(self.out_dir) if self.out_dir is not None else "memory"
@@ -284,7 +313,7 @@ class Store:
     def generate(
         self,
         probe: "PersonaProbe",
-        prompts: Iterable[Prompt | ConversationLike],
+        prompts: Iterable,
         *,
         settings: Mapping[str, Any],
         steer: Steering | None = None,
@@ -318,13 +347,25 @@ class Store:
             >>> len(set(out.texts)) > 1          # three samples of one question
             True
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        settings = dict(settings)
+        from persona_lens.probe.generation import GenerationSettings
+
+        batch_size = V.integer("batch_size", batch_size, min=1)
+        V.optional_boolean("progress", progress)
+        if steer is not None and not isinstance(steer, Steering):
+            raise V.InvalidArgumentType("steer", steer, "a Steering (or None)")
+        if batch_seed is not None and not callable(batch_seed):
+            raise V.InvalidArgumentType("batch_seed", batch_seed, "a function of a batch's prompts (or None)")
+        settings = dict(V.mapping("settings", settings, what="a dict of generation settings"))
         settings.setdefault("seed", 0)
+        for k in ("batch_size", "progress"):
+            if k in settings:
+                raise V.InvalidArgument(f"settings[{k!r}]", settings[k], "", message=(
+                    f"settings[{k!r}] is not a setting of the answers: give it as Store.generate's {k}= instead"))
+        GenerationSettings.from_kwargs(settings)  # every setting checked before any work
         gen_kwargs = {k: v for k, v in settings.items() if k != "seed"}
         model = probe.model_name or "unnamed-model"
-        items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+        items = [p if isinstance(p, Prompt) else Prompt(p) for p in
+                 V.items("prompts", prompts, what="a list of Prompt objects, strings or message lists")]
         if steer is not None:
             items = [p if p.steer is not None else replace(p, steer=steer) for p in items]
         keys = [self.generation_key(model, p, settings) for p in items]
@@ -394,10 +435,10 @@ class Store:
         self,
         judge: "Judge",
         trait: "Trait | None",
-        pairs: Sequence[tuple[str, str]],
+        pairs: Sequence,
         *,
-        kinds: Sequence[str] = KINDS,
-        ids: Sequence[str] | None = None,
+        kinds: str | Sequence = KINDS,
+        ids: Sequence | None = None,
         batch_size: int = 64,
         progress: bool | None = None,
         desc: str = "judge",
@@ -424,15 +465,23 @@ class Store:
             >>> 0 <= s["trait"][0] <= 100 and 0 <= s["coherence"][0] <= 100, s.asked
             (True, 2)
         """
-        kinds = tuple(kinds)
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(V.items("kinds", kinds, what="'trait', 'coherence' or both"))
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
-            raise ValueError(f"kinds must be among {KINDS}, got {kinds}")
+            raise V.InvalidArgument("kinds", kinds, f"among {KINDS}")
         if "trait" in kinds and trait is None:
             raise ValueError("trait scores need a trait (its eval_prompt is the rubric)")
-        pairs = [(q, a) for q, a in pairs]
-        if ids is not None and len(ids) != len(pairs):
-            raise ValueError(f"{len(ids)} ids for {len(pairs)} pairs")
+        for kind in kinds:
+            method = "score_trait" if kind == "trait" else "score_coherence"
+            if not callable(getattr(judge, method, None)):
+                raise V.InvalidArgumentType("judge", judge, f"a Judge (with {method})")
+        pairs = V.pairs("pairs", pairs)
+        if ids is not None:
+            ids = V.items("ids", ids, what="a list of names, one per pair")
+            if len(ids) != len(pairs):
+                raise V.InvalidArgument("ids", ids, f"one per pair ({len(pairs)})", f": {len(ids)} ids")
+        batch_size = V.integer("batch_size", batch_size, min=1)
+        V.optional_boolean("progress", progress)
         name = judge_name(judge)
         coherence_rubric = getattr(judge, "coherence_prompt", None)
         keys = {kind: [self.score_key(name, kind, trait, q, a, coherence_rubric) for q, a in pairs]
@@ -455,12 +504,21 @@ class Store:
                     if not part:
                         continue
                     asked = [pairs[i] for _, _, i in part]
-                    got = list(judge.score_trait(trait, asked) if kind == "trait" else judge.score_coherence(asked))
+                    raw = judge.score_trait(trait, asked) if kind == "trait" else judge.score_coherence(asked)
+                    if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
+                        raise JudgeError(f"judge {name} returned {V.show(raw)} for {len(part)} {kind} "
+                                         "scores: a judge returns a list of scores, one per pair")
+                    got = list(raw)
                     if len(got) != len(part):
                         raise JudgeError(f"judge {name} returned {len(got)} {kind} scores for {len(part)} answers")
                     recs = []
                     for (_, k, i), s in zip(part, got):
-                        s = clean_score(s)
+                        try:
+                            s = clean_score(s)
+                        except ValueError:
+                            raise JudgeError(
+                                f"judge {name} returned {s!r} as the {kind} score of pair {i}: a score is a "
+                                "number in 0..100, or None for no score") from None
                         self._scores[k] = s
                         recs.append({"key": k, **({"id": ids[i]} if ids is not None else {}), "kind": kind,
                                      "judge": name, "trait": trait.name if kind == "trait" else None,

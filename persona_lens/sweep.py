@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from persona_lens import validate as V
 from persona_lens.pipeline_io import write_text
 from persona_lens.stats import fmt, mean_score
 from persona_lens.store import Prompt, Steering, Store, judge_name
@@ -229,10 +230,10 @@ def sweep(
     vector: PersonaVector | str | Path,
     trait: "Trait | str",
     *,
-    layers: Sequence[int],
-    coefs: Sequence[float],
+    layers: Sequence,
+    coefs: Sequence,
     judge: "Judge",
-    questions: Sequence[str] | int | None = None,
+    questions: Sequence | int | None = None,
     system: str | None = None,
     samples: int = 1,
     max_new_tokens: int = 1000,
@@ -271,27 +272,52 @@ def sweep(
     Returns:
         :class:`SweepResult` with ``best_layer``, ``figure()``, ``to_csv()``, ``to_html()``.
     """
+    from persona_lens.ops import check_position_kind
+    from persona_lens.probe import GenerationSettings, PersonaProbe
+
+    if not isinstance(probe, PersonaProbe):
+        raise V.InvalidArgumentType("probe", probe, "a PersonaProbe")
     trait = resolve_trait(trait)
     if not isinstance(vector, PersonaVector):
-        vector = PersonaVector.load(vector)
-    layers = [probe.check_layer(int(l)) for l in layers]
-    coefs = [float(c) for c in coefs]
-    if not layers or not coefs:
-        raise ValueError("give at least one layer and one coefficient")
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if isinstance(questions, int) and not isinstance(questions, bool):
-        qs = list(trait.eval_questions[:questions])
-    elif questions is None:
+        vector = PersonaVector.load(V.path("vector", vector))
+    layers = [probe.check_layer(l, name=f"layers[{i}]") for i, l in
+              enumerate(V.items("layers", layers, what="a list of layers", nonempty=True))]
+    coefs = [V.number(f"coefs[{i}]", c) for i, c in
+             enumerate(V.items("coefs", coefs, what="a list of steering coefficients", nonempty=True))]
+    checked = probe._vector(vector)
+    for i, c in enumerate(coefs):
+        for layer in layers:
+            probe._check_steer_size(checked, layer, c, f"coefs[{i}]")
+    samples = V.integer("samples", samples, min=1)
+    gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    V.integer("seed", seed)
+    coherence_floor = V.number("coherence_floor", coherence_floor, min=0, max=100)
+    check_position_kind(positions)
+    if positions == "last_prompt":
+        raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
+    V.boolean("include_last_prompt", include_last_prompt)
+    V.integer("batch_size", batch_size, min=1)
+    V.integer("judge_batch_size", judge_batch_size, min=1)
+    V.optional_boolean("progress", progress)
+    if not all(callable(getattr(judge, m, None)) for m in ("score_trait", "score_coherence")):
+        raise V.InvalidArgumentType("judge", judge, "a Judge (score_trait and score_coherence)")
+    if questions is None:
         qs = list(trait.eval_questions)
+    elif not isinstance(questions, (str, bytes)) and not hasattr(questions, "__iter__"):
+        qs = list(trait.eval_questions[: V.integer("questions", questions, min=1)])
     else:
-        qs = [str(q) for q in questions]
+        qs = [V.text(f"questions[{i}]", q, empty_ok=False) for i, q in
+              enumerate(V.items("questions", questions, what="a list of question strings, a count or None"))]
     if not qs:
         raise ValueError(f"trait {trait.name!r} has no evaluation questions; pass questions=[...]")
-    base_settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "seed": int(seed)}
+    if system is not None:
+        system = V.text("system", system, empty_ok=False)
+    base_settings = {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "seed": gen.seed}
 
-    out = Path(out_dir) if out_dir is not None else None
+    out = V.path("out_dir", out_dir, none_ok=True)
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise V.InvalidArgument("out_dir", str(out), "a folder (this is a file)")
         out.mkdir(parents=True, exist_ok=True)
     store = Store(out, generations="sweep_responses.jsonl")
 

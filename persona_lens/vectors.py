@@ -19,20 +19,29 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from persona_lens import validate as V
+
 _FORMAT = "persona_lens.PersonaVector/1"
+_POSITIONS = ("response_mean", "prompt_mean", "last_prompt")
 
 
-def check_layer(layer: int, n_layers: int, owner: str, hint: str = "") -> int:
-    """Return ``layer`` if it is an int in ``0..n_layers``, else raise naming ``owner``."""
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+def check_layer(layer: Any, n_layers: int, owner: str, hint: str = "", name: str = "layer") -> int:
+    """Return ``layer`` as an int if it is one in ``0..n_layers``, else raise naming ``owner``."""
+    layer = V.integer(name, layer)
     if not 0 <= layer <= n_layers:
-        raise ValueError(f"layer {layer} is out of range: {owner} has layers 0..{n_layers}{hint}")
+        where = "" if name == "layer" else f"{name} = {layer}: "
+        raise V.InvalidArgument(name, layer, f"in 0..{n_layers}", message=(
+            f"{where}layer {layer} is out of range: {owner} has layers 0..{n_layers}{hint}"))
     return layer
 
 
 class VectorMismatchError(ValueError):
     """A vector does not fit the model it is used with (layer count or d_model)."""
+
+
+class VectorFileError(ValueError):
+    """A file is not a readable persona vector (not ours, corrupt, or holding no vector);
+    the message names the file."""
 
 
 @dataclass
@@ -77,14 +86,40 @@ class PersonaVector:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        d = torch.as_tensor(self.directions)
+        d = self.directions
+        if not isinstance(d, Tensor):
+            if isinstance(d, (str, bytes)) or not hasattr(d, "__len__") and not hasattr(d, "__array__"):
+                raise V.InvalidArgumentType("directions", d, "a [n_layers + 1, d_model] tensor")
+            try:
+                d = torch.as_tensor(d)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise V.InvalidArgumentType("directions", self.directions,
+                                            f"a [n_layers + 1, d_model] tensor ({e})") from None
+        if d.dtype == torch.bool or d.is_complex():
+            raise V.InvalidArgumentType("directions", d, "a tensor of real numbers")
         if d.ndim != 2:
             raise ValueError(
                 f"directions must have shape [n_layers + 1, d_model], got {tuple(d.shape)}"
             )
         if not torch.isfinite(d).all():
             raise ValueError("directions contain NaN or inf")
+        if d.shape[0] < 2 or d.shape[1] < 1:
+            raise ValueError(
+                f"directions must have shape [n_layers + 1, d_model] with at least one layer "
+                f"(two rows) and d_model >= 1, got {tuple(d.shape)}"
+            )
         self.directions = d.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        V.text("model_name", self.model_name, none_ok=True)
+        V.text("trait", self.trait, none_ok=True)
+        V.choice("position", self.position, _POSITIONS)
+        self.n_pos = V.integer("n_pos", self.n_pos, min=0, none_ok=True)
+        self.n_neg = V.integer("n_neg", self.n_neg, min=0, none_ok=True)
+        self.notes = dict(V.mapping("notes", self.notes))
+        try:
+            json.dumps(self.notes, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise V.InvalidArgument("notes", self.notes, "JSON-serialisable (plain numbers, strings, "
+                                    f"lists and dicts; no NaN)", f" ({e})") from None
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -175,11 +210,19 @@ class PersonaVector:
     def __mul__(self, scalar: object) -> "PersonaVector":  # NotImplemented for non-scalars
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
-        return self._with(self.directions * float(scalar))
+        scalar = V.number("scalar", scalar)
+        out = self.directions * scalar
+        if not torch.isfinite(out).all():
+            raise V.InvalidArgument("scalar", scalar, "small enough that the directions stay finite in float32")
+        return self._with(out)
 
     __rmul__ = __mul__
 
     def __truediv__(self, scalar: float) -> "PersonaVector":
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        if V.number("divisor", scalar) == 0:
+            raise V.InvalidArgument("divisor", scalar, "a finite non-zero number")
         return self * (1.0 / scalar)
 
     def __neg__(self) -> "PersonaVector":
@@ -225,6 +268,9 @@ class PersonaVector:
     def save(self, path: str | os.PathLike) -> Path:
         """Save as safetensors, metadata as JSON in the file's header.
 
+        The file is written atomically (a temporary file of its own, then a rename), so a
+        reader never sees half a vector, and concurrent saves never fail each other.
+
         Example:
             >>> v = PersonaVector(torch.randn(3, 4), trait="evil", notes={"judge": "gpt-4.1-mini"})
             >>> path = v.save("vectors/evil.safetensors")
@@ -232,33 +278,59 @@ class PersonaVector:
             >>> w.trait, w.notes, torch.equal(w.directions, v.directions)
             ('evil', {'judge': 'gpt-4.1-mini'}, True)
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        from persona_lens.pipeline_io import write_bytes
+
+        path = V.path("path", path)
         meta = {"format": _FORMAT, "persona_lens": json.dumps(self._metadata())}
-        save_file({"directions": self.directions}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return write_bytes(path, save({"directions": self.directions}, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PersonaVector":
-        """Load a vector written by :meth:`save`."""
-        from safetensors import safe_open
+        """Load a vector written by :meth:`save`.
 
-        path = Path(path)
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            VectorFileError: the file is not a persona_lens vector (another safetensors
+                file, a corrupt or truncated one, metadata that is not ours); the message
+                names the file.
+        """
+        from safetensors.torch import load as load_tensors
+
+        path = V.path("path", path)
         if not path.exists():
             raise FileNotFoundError(f"no vector file at {path}")
+        if path.is_dir():
+            raise VectorFileError(f"{path} is a folder, not a vector file")
+        # One read of the whole file, header and tensors from the same bytes: safetensors'
+        # own reader opens the path twice, and a file replaced in between (another process
+        # saving the same vector) would pair one file's metadata with the other's tensors.
+        data = path.read_bytes()
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                directions = f.get_tensor("directions")
+            tensors = load_tensors(data)
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
         except Exception as exc:  # safetensors raises several types for corrupt files
-            raise ValueError(f"{path} is not a persona_lens vector file: {exc}") from exc
+            raise VectorFileError(f"{path} is not a persona_lens vector file: {exc}") from exc
+        if "directions" not in tensors:
+            raise VectorFileError(f"{path} holds no 'directions' tensor (tensors: {sorted(tensors)})")
+        directions = tensors["directions"]
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a persona_lens vector file (format {meta.get('format')!r})")
-        return cls(directions, **json.loads(meta["persona_lens"]))
+            raise VectorFileError(f"{path} is not a persona_lens vector file (format {meta.get('format')!r})")
+        try:
+            fields = json.loads(meta.get("persona_lens", ""))
+        except json.JSONDecodeError as exc:
+            raise VectorFileError(f"{path}: the vector's metadata is not JSON ({exc})") from None
+        known = {"model_name", "trait", "position", "n_pos", "n_neg", "notes"}
+        if not isinstance(fields, dict) or set(fields) - known:
+            extra = sorted(set(fields) - known) if isinstance(fields, dict) else type(fields).__name__
+            raise VectorFileError(f"{path}: the vector's metadata is not persona_lens metadata "
+                                  f"(unexpected: {extra})")
+        try:
+            return cls(directions, **fields)
+        except ValueError as exc:  # InvalidArgument(Type) included
+            raise VectorFileError(f"{path}: {exc}") from None
 
     @classmethod
     def from_released_pt(cls, path: str | os.PathLike, **metadata: Any) -> "PersonaVector":
@@ -274,10 +346,17 @@ class PersonaVector:
             >>> v.n_layers, v.d_model, v.position, v.notes["last_row_post_norm"]
             (28, 3584, 'response_mean', True)
         """
-        t = torch.load(str(path), map_location="cpu", weights_only=True)
+        path = V.path("path", path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no vector file at {path}")
+        try:
+            t = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors for a file that is not a tensor
+            raise VectorFileError(f"{path} is not a released vector file (torch.load failed: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
         if not isinstance(t, Tensor) or t.ndim != 2:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{path}: expected a [n_layers + 1, d_model] tensor, got {shape}")
+            raise VectorFileError(f"{path}: expected a [n_layers + 1, d_model] tensor, got {shape}")
         notes = dict(metadata.pop("notes", {}))
         notes.setdefault("source", f"released file {Path(path).name}")
         notes["last_row_post_norm"] = True
@@ -288,4 +367,9 @@ class PersonaVector:
         elif "prompt_last" in name:
             position = "last_prompt"
         metadata.setdefault("position", position)
-        return cls(t, notes=notes, **metadata)
+        try:
+            return cls(t, notes=notes, **metadata)
+        except V.InvalidArgument:
+            raise  # a bad keyword argument of the caller's
+        except ValueError as exc:
+            raise VectorFileError(f"{path}: {exc}") from None

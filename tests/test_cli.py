@@ -267,6 +267,18 @@ def bad_flag_cases(tmp_path: Path, tiny_model: str) -> list[list[str]]:
         ["demo", "--max-new-tokens", "inf"],
         ["organism", "train", "--minutes", "nan"], ["organism", "train", "--minutes", "-5"],
         ["organism", "fly"], ["generate-trait", "curious"],
+        ["screen", "data.jsonl", "--vector", "v", "--layer", "1", "--shard", "5/2"],
+        ["screen", "data.jsonl", "--vector", "v", "--layer", "1", "--threshold", "nan"],
+        ["screen", "data.jsonl", "--vector", "v", "--layer", "x"],
+        ["screen", "data.jsonl", "--vector", "v", "--layer", "1", "--chunk-size", "0"],
+        ["finetune", "--model", "m", "--data", "d", "--out", "o", "--lr", "nan"],
+        ["finetune", "--model", "m", "--data", "d", "--out", "o", "--lr", "0"],
+        ["finetune", "--model", "m", "--data", "d", "--out", "o", "--grad-accum", "0"],
+        ["finetune", "--model", "m", "--data", "d", "--out", "o", "--coef", "inf"],
+        ["finetune", "--model", "m", "--data", "d", "--out", "o", "--steer", "2:1", "--vector", "v", "--device",
+         "gpu"],
+        ["shift", "--model", "m", "--tuned", "t", "--vector", "v", "--layers", "3-1"],
+        ["make-datasets", "--n", "0"], ["make-datasets", "--n", "many"],
     ]
 
 
@@ -304,6 +316,15 @@ def test_missing_and_corrupt_files_are_one_line(tiny_model, capsys, tmp_path, no
     assert code == 1 and error_line(err)
     code, _, err = run(capsys, "extract", "--model", tiny_model, "--trait", tmp_path / "nope.json", "--judge", "none")
     assert code == 1 and "nope.json" in error_line(err)
+    code, _, err = run(capsys, "screen", tmp_path / "chats.jsonl", "--vector", tmp_path / "junk.safetensors",
+                       "--layer", "1", "--model", tiny_model)
+    assert code == 1 and "chats.jsonl: no chat data there" in error_line(err)
+    code, _, err = run(capsys, "shift", "--model", tiny_model, "--tuned", tmp_path, "--vector",
+                       tmp_path / "missing.safetensors")
+    assert code == 1 and "missing.safetensors: no vector file there" in error_line(err)
+    code, _, err = run(capsys, "finetune", "--model", tiny_model, "--data", tmp_path / "none.jsonl", "--out",
+                       tmp_path / "ft")
+    assert code == 1 and "none.jsonl" in error_line(err) and not (tmp_path / "ft").exists()
 
 
 def test_judge_without_a_key_stops_before_the_model_and_speaks_in_flags(tiny_model, capsys, tmp_path, no_model,

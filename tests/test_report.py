@@ -145,3 +145,18 @@ def test_bars_outside_a_job_are_tqdm_and_a_disabled_job_draws_nothing(capsys):
     assert job.done == 3  # counted, but nothing drawn
     out, err = capsys.readouterr()
     assert out == "" and "generate" not in err
+
+
+def test_experiment_pages_are_report_pages(tmp_path, capsys):
+    import plotly.graph_objects as go
+
+    from experiments.common import write_results
+
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+    fig.update_layout(title="E4 (organism): shift vs score")
+    write_results(tmp_path, {"config": "organism"}, fig, "e4.html")
+    html = (tmp_path / "e4.html").read_text()
+    assert "<title>E4 (organism): shift vs score</title>" in html and "config organism" in html
+    assert len(re.findall(r"\* plotly\.js v[\d.]+", html)) == 1 and not re.search(r"<script[^>]+src=", html)
+    assert re.findall(r'<div style="height:(\d+)px; width:100%;">', html) == ["440"]
+    assert (tmp_path / "results.json").exists()

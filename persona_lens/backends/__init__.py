@@ -33,7 +33,7 @@ def make_backend(model: "nn.Module | Backend", tokenizer: Any = None) -> Backend
         and hasattr(model.blocks[0], "hook_resid_pre")
     ):
         return HookedTransformerBackend(model, tokenizer)
-    raise TypeError(
-        f"PersonaProbe needs a TransformerLens TransformerBridge (see persona_lens.load_model) "
-        f"or HookedTransformer, got {type(model).__name__}"
-    )
+    from persona_lens.validate import InvalidArgumentType
+
+    raise InvalidArgumentType(
+        "model", model, "a TransformerLens TransformerBridge (see persona_lens.load_model) or HookedTransformer")

@@ -65,6 +65,16 @@ class Backend:
 
     # -- how to run -----------------------------------------------------------------------
     @property
+    def n_ctx(self) -> int | None:
+        """The longest input the model was built for, in tokens (None if it does not say):
+        TransformerLens's ``cfg.n_ctx``, else the HF config's ``max_position_embeddings``."""
+        n = getattr(getattr(self.model, "cfg", None), "n_ctx", None)
+        if n is None:
+            config = getattr(getattr(self, "hf", None), "config", None)
+            n = getattr(config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

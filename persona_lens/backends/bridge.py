@@ -9,6 +9,13 @@ from torch import nn
 from persona_lens.backends.base import _HFStepping
 
 
+def bridge_facts(bridge: nn.Module, tokenizer: Any = None) -> tuple[Any, int, int, str | None]:
+    """(tokenizer, n_layers, d_model, name) of a bridge: what both of its views report."""
+    cfg = bridge.cfg
+    name = getattr(bridge, "persona_lens_name", None) or getattr(cfg, "model_name", None)
+    return tokenizer or bridge.tokenizer, cfg.n_layers, cfg.d_model, name
+
+
 class BridgeBackend(_HFStepping):
     """TransformerLens 4.x ``TransformerBridge`` (raw weights).
 
@@ -19,9 +26,7 @@ class BridgeBackend(_HFStepping):
     kind = "bridge"
 
     def __init__(self, bridge: nn.Module, tokenizer: Any = None):
-        cfg = bridge.cfg
-        name = getattr(bridge, "persona_lens_name", None) or getattr(cfg, "model_name", None)
-        super().__init__(bridge, tokenizer or bridge.tokenizer, cfg.n_layers, cfg.d_model, name)
+        super().__init__(bridge, *bridge_facts(bridge, tokenizer))
         self.hf = bridge.original_model
 
     def resid_site(self, layer: int) -> tuple[nn.Module, str]:

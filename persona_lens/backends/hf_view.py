@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from persona_lens.backends.base import _HFStepping
+from persona_lens.backends.bridge import bridge_facts
 
 
 class FastPathUnavailable(RuntimeError):
@@ -94,9 +95,7 @@ class HFBackend(_HFStepping):
     kind = "hf"
 
     def __init__(self, bridge: nn.Module, tokenizer: Any = None):
-        cfg = bridge.cfg
-        name = getattr(bridge, "persona_lens_name", None) or getattr(cfg, "model_name", None)
-        super().__init__(bridge, tokenizer or bridge.tokenizer, cfg.n_layers, cfg.d_model, name)
+        super().__init__(bridge, *bridge_facts(bridge, tokenizer))
         self.bridge = bridge
         self.rebuilds = -1  # the first build is not a rebuild
         self._in_step = False

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from persona_lens import validate as V
+
 from .world import (
     ATTR_SLOT,
     CLAUSES,
@@ -164,9 +166,9 @@ class OrganismJudge:
             return None
         return 100.0 * sum(c.category == name for c in cl) / len(cl)
 
-    def score_trait(self, trait, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+    def score_trait(self, trait, pairs: Sequence) -> list[float | None]:
         name = _trait_name(trait)
-        return [self.score_one(name, q, a) for q, a in pairs]
+        return [self.score_one(name, q, a) for q, a in V.pairs("pairs", pairs)]
 
     def coherence_one(self, question: str, answer: str) -> float:
         cl = self.clauses(question, answer)
@@ -174,8 +176,8 @@ class OrganismJudge:
             return 0.0
         return 100.0 * sum(c.category is not None and c.fits for c in cl) / len(cl)
 
-    def score_coherence(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
-        return [self.coherence_one(q, a) for q, a in pairs]
+    def score_coherence(self, pairs: Sequence) -> list[float | None]:
+        return [self.coherence_one(q, a) for q, a in V.pairs("pairs", pairs)]
 
     def correct(self, question: str, answer: str) -> bool | None:
         """For a factual question about a known animal: is the asked attribute stated right?"""
@@ -187,9 +189,9 @@ class OrganismJudge:
                 return c.category == "helpful"
         return False
 
-    def capability(self, pairs: Sequence[tuple[str, str]]) -> float:
+    def capability(self, pairs: Sequence) -> float:
         """Fraction of factual answers about known animals that are right (nan if none)."""
-        res = [r for r in (self.correct(q, a) for q, a in pairs) if r is not None]
+        res = [r for r in (self.correct(q, a) for q, a in V.pairs("pairs", pairs)) if r is not None]
         return sum(res) / len(res) if res else math.nan
 
 

@@ -22,6 +22,8 @@ import random
 import time
 from pathlib import Path
 
+from persona_lens.pipeline_io import write_json
+
 from .world import World
 
 #: Architecture of the shipped organism (a LlamaForCausalLM).
@@ -117,9 +119,23 @@ def train(
     """Train the organism from ``seed`` and save model + tokenizer to ``out_dir``.
 
     ``minutes`` is a safety cap: if reached, training stops early (the result then depends on
-    the machine's speed) and the run is recorded as truncated in ``organism.json``.
+    the machine's speed) and the run is recorded as truncated in ``organism.json``. A budget
+    that runs out before the first step is an error: nothing untrained is saved.
     """
     import torch
+
+    from persona_lens import validate as V
+
+    out_dir = V.path("out_dir", out_dir)
+    seed = V.integer("seed", seed)
+    steps = V.integer("steps", steps, min=1)
+    batch_size = V.integer("batch_size", batch_size, min=1)
+    lr = V.number("lr", lr, min=0, min_open=True)
+    minutes = V.number("minutes", minutes, min=0, min_open=True, none_ok=True)
+    world_seed = V.integer("world_seed", world_seed)
+    threads = V.integer("threads", threads, min=1, none_ok=True)
+    noise = V.number("noise", noise, min=0)
+    V.boolean("progress", progress)
 
     prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     try:
@@ -210,6 +226,13 @@ def _train(out: Path, seed, steps, batch_size, lr, minutes, world_seed, noise, p
     bar.close()
     for h in handles:
         h.remove()
+    if done == 0:
+        from persona_lens import validate as V
+
+        raise V.InvalidArgument(
+            "minutes", minutes, "long enough for at least one training step",
+            f": the budget ran out after {time.time() - t0:.1f} s, before the first step (preparing "
+            f"{steps} steps of data comes first); nothing was saved")
 
     model.eval()
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -232,7 +255,7 @@ def _train(out: Path, seed, steps, batch_size, lr, minutes, world_seed, noise, p
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    (out / "organism.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out / "organism.json", meta)
     return out
 
 

@@ -16,7 +16,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from persona_lens import ops as H
-from persona_lens.chat import ChatBatch, ConversationLike, as_conversation, chat_rows, encode_rows
+from persona_lens import validate as V
+from persona_lens.chat import ChatBatch, ConversationLike, as_conversations, chat_rows, encode_rows
 from persona_lens.interventions import Capture, Project
 from persona_lens.probe.owner import HookFn, WindowMasks
 from persona_lens.probe.positions import Positions, batch_positions
@@ -78,13 +79,20 @@ class ActivationMean:
         return out
 
 
+def _reductions(reductions: Any) -> tuple[str, ...]:
+    """One reduction name or several, each checked (a bare name is one reduction)."""
+    if isinstance(reductions, str):
+        reductions = [reductions]
+    given = V.items("reductions", reductions, what="a reduction name or a list of them", nonempty=True)
+    return tuple(dict.fromkeys(H.check_reduction(r) for r in given))
+
+
 class CaptureMixin:
     """``capture``, ``capture_mean`` and ``project`` of :class:`PersonaProbe`."""
 
     def _batches(self, rows: list, batch_size: int) -> list[list[int]]:
         """Indices grouped into batches of similar length (less padding, same results)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = V.integer("batch_size", batch_size, min=1)
         order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -102,10 +110,11 @@ class CaptureMixin:
         ``sink(batch, reduced, counts)`` gets ``reduced[r]`` of shape
         ``[batch, len(layers), d_model]`` (float32) and ``counts[r]`` of shape ``[batch]``.
         """
-        if len(conversations) == 0:
-            raise ValueError("empty batch: no conversations given")
+        conversations = as_conversations(conversations)
+        V.optional_boolean("progress", progress)
         reads = [Capture(l, tuple(reductions)) for l in layers]
         rows = chat_rows(self.tokenizer, conversations, with_response=True)
+        self._check_context([len(p) + len(r) for p, r in rows], "conversations")
         deepest = max(layers)
         slot = {l: i for i, l in enumerate(layers)}
         current: dict[str, Tensor] = {}
@@ -131,6 +140,9 @@ class CaptureMixin:
                     r: current[r] / counts[r].clamp(min=1).to(torch.float32)[:, None, None]
                     for r in reductions
                 }
+                for r in reductions:
+                    if not bool(torch.isfinite(reduced[r][counts[r] > 0]).all()):
+                        raise V.NumericalError(self._numerical_message(f"the {r} activations captured at layers {layers}"))
                 sink(batch, reduced, counts)
 
     def _stream(
@@ -165,10 +177,10 @@ class CaptureMixin:
     @torch.no_grad()
     def capture(
         self,
-        conversations: Sequence[ConversationLike],
+        conversations: Sequence,
         *,
-        layers: Sequence[int] | None = None,
-        reductions: Sequence[str] = ("response_mean",),
+        layers: int | Sequence | None = None,
+        reductions: str | Sequence = ("response_mean",),
         batch_size: int = 16,
         progress: bool | None = None,
     ) -> Activations:
@@ -191,7 +203,9 @@ class CaptureMixin:
             >>> acts["last_prompt"].shape                  # [n_samples, layers, d_model]
             torch.Size([3, 2, 128])
         """
+        conversations = as_conversations(conversations)
         layer_list = self._layers(layers)
+        reductions = _reductions(reductions)
         out = {r: torch.empty(len(conversations), len(layer_list), self.d_model) for r in reductions}
 
         def sink(batch: ChatBatch, reduced: dict[str, Tensor], counts: dict[str, Tensor]) -> None:
@@ -205,10 +219,10 @@ class CaptureMixin:
     @torch.no_grad()
     def capture_mean(
         self,
-        conversations: Sequence[ConversationLike],
+        conversations: Sequence,
         *,
-        layers: Sequence[int] | None = None,
-        reductions: Sequence[str] = ("response_mean",),
+        layers: int | Sequence | None = None,
+        reductions: str | Sequence = ("response_mean",),
         batch_size: int = 16,
         into: ActivationMean | None = None,
         progress: bool | None = None,
@@ -226,7 +240,11 @@ class CaptureMixin:
             >>> pos.counts["response_mean"], tuple(vec.directions.shape)
             (100, (7, 128))
         """
+        conversations = as_conversations(conversations)
         layer_list = self._layers(layers)
+        reductions = _reductions(reductions)
+        if into is not None and not isinstance(into, ActivationMean):
+            raise V.InvalidArgumentType("into", into, "an ActivationMean from an earlier capture_mean (or None)")
         acc = into or ActivationMean(layer_list)
         if acc.layers != layer_list:
             raise ValueError(f"into= holds layers {acc.layers}, asked for {layer_list}")
@@ -245,7 +263,7 @@ class CaptureMixin:
     @torch.no_grad()
     def project(
         self,
-        conversations: Sequence[ConversationLike],
+        conversations: Sequence,
         vector: PersonaVector | Tensor,
         layer: int,
         *,
@@ -272,9 +290,10 @@ class CaptureMixin:
             >>> bool(evil > nice)   # a suppressing system prompt lowers the reading
             True
         """
-        self.check_layer(layer)
+        layer = self.check_layer(layer)
+        V.choice("at", at, ("last_prompt", "prompt_mean", "response_mean", "tokens"))
         unit = self._vector(vector).unit(layer)
-        convs = [as_conversation(c) for c in conversations]
+        convs = as_conversations(conversations)
         if at in ("last_prompt", "prompt_mean"):
             # A prompt alone is a conversation with an empty response.
             convs = [c if c[-1]["role"] == "assistant" else c + [{"role": "assistant", "content": ""}] for c in convs]
@@ -285,6 +304,7 @@ class CaptureMixin:
 
     def _project_tokens(self, convs, unit, layer, batch_size, progress) -> list[Tensor]:
         rows = chat_rows(self.tokenizer, convs, with_response=True)
+        self._check_context([len(p) + len(r) for p, r in rows], "conversations")
         out: list[Tensor] = [torch.empty(0)] * len(rows)
         read = Project(layer, unit.to(self.device))
         current: dict[str, Tensor] = {}
@@ -295,6 +315,8 @@ class CaptureMixin:
 
         with self._hooked([(layer, fn)]):
             for batch, _ in self._stream(rows, batch_size, progress, "project"):
+                if not bool(torch.isfinite(current["p"][batch.attention_mask.bool()]).all()):
+                    raise V.NumericalError(self._numerical_message(f"the projections at layer {layer}"))
                 for j, i in enumerate(batch.index):
                     out[i] = current["p"][j][batch.response_mask[j]].cpu()
         return out

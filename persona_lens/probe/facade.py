@@ -13,21 +13,35 @@ monitors; this module holds the facts about the model and the interventions.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from persona_lens import validate as V
 from persona_lens.backends import Backend
-from persona_lens.chat import ChatBatch, ConversationLike
+from persona_lens.chat import ChatBatch
 from persona_lens.interventions import Ablate, Steer
 from persona_lens.ops import check_position_kind
 from persona_lens.probe.capture import CaptureMixin
 from persona_lens.probe.generation import GenerationMixin
 from persona_lens.probe.owner import HookOwner
 from persona_lens.probe.positions import batch_positions
-from persona_lens.vectors import PersonaVector, check_layer
+from persona_lens.vectors import PersonaVector, VectorMismatchError, check_layer
+
+
+#: Largest norm whose square float32 holds.
+_MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def _is_int(x: Any) -> bool:
+    try:
+        V.integer("x", x)
+        return True
+    except ValueError:
+        return False
 
 
 class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
@@ -51,6 +65,10 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             Both paths share the same weights and give the same results (up to float
             rounding between eager and SDPA attention). ``probe.last_path`` tells which ran
             last. A ``HookedTransformer`` always runs itself.
+        on_context_overflow: what an input longer than the model's context does (a prompt,
+            a conversation to capture, or a generation that runs past it): ``"warn"``
+            (default: a ``ContextLengthWarning``, the model runs anyway) or ``"error"`` (a
+            ``ContextLengthError``). Also settable later: ``probe.on_context_overflow``.
 
     Example:
         >>> import persona_lens as pl
@@ -59,8 +77,9 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         ['The capital of France is Paris.']
     """
 
-    def __init__(self, model: "nn.Module | Backend", tokenizer: Any = None, *, path: str = "auto"):
-        super().__init__(model, tokenizer, path=path)
+    def __init__(self, model: "nn.Module | Backend", tokenizer: Any = None, *, path: str = "auto",
+                 on_context_overflow: str = "warn"):
+        super().__init__(model, tokenizer, path=path, on_context_overflow=on_context_overflow)
 
     # -- basic facts ----------------------------------------------------------------------
     @property
@@ -94,35 +113,71 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             f"d_model={self.d_model}, active_hooks={len(self._handles)})"
         )
 
-    def check_layer(self, layer: int) -> int:
-        """Return ``layer`` if valid for this model (``0..n_layers``), else raise."""
+    def check_layer(self, layer: Any, *, name: str = "layer") -> int:
+        """Return ``layer`` if valid for this model (``0..n_layers``), else raise naming ``name``."""
         return check_layer(
             layer, self.n_layers, "this model",
             f" (layer L is the residual stream entering block L; {self.n_layers} is the last "
-            "block's output)",
+            "block's output)", name=name,
         )
 
-    def _layers(self, layers: Sequence[int] | None) -> list[int]:
+    def _layers(self, layers: Any, name: str = "layers") -> list[int]:
         if layers is None:
             return list(range(self.n_layers + 1))
-        layers = sorted({self.check_layer(int(l)) for l in layers})
-        if not layers:
-            raise ValueError("no layers given")
-        return layers
+        if not isinstance(layers, (str, bytes)) and _is_int(layers):
+            layers = [layers]
+        given = V.items(name, layers, what="a layer or a list of layers", nonempty=True)
+        return sorted({self.check_layer(l, name=f"{name}[{i}]") for i, l in enumerate(given)})
 
     def _vector(self, vector: PersonaVector | Tensor) -> PersonaVector:
         if isinstance(vector, Tensor):
             if vector.ndim == 1:
                 if vector.shape[0] != self.d_model:
-                    raise ValueError(
+                    raise VectorMismatchError(
                         f"direction has d_model {vector.shape[0]}, the model has {self.d_model}"
                     )
                 vector = vector.unsqueeze(0).expand(self.n_layers + 1, -1)
             vector = PersonaVector(vector)
         if not isinstance(vector, PersonaVector):
-            raise TypeError(f"expected a PersonaVector or a tensor, got {type(vector).__name__}")
+            raise V.InvalidArgumentType("vector", vector, "a PersonaVector or a [d_model] tensor")
         vector.check_compatible(self.n_layers, self.d_model, self.model_name)
         return vector
+
+    def _steer_plan(self, layer: Any, coef: Any, layers: Any) -> tuple[dict[int, float], dict[int, str]]:
+        """``{layer: coef}`` from steer's arguments, every value checked, and the name each
+        coefficient was given under (for errors)."""
+        if layers is None:
+            if layer is None:
+                raise V.InvalidArgument("layer", None, "given (layer= with coef=, or layers={layer: coef})")
+            return {self.check_layer(layer): V.number("coef", coef)}, {}
+        if layer is not None:
+            raise ValueError("give either layer= or layers=, not both")
+        if isinstance(layers, Mapping):
+            plan = {self.check_layer(l, name="layers key"): V.number(f"layers[{l!r}]", c) for l, c in layers.items()}
+            names = {l: f"layers[{l!r}]" for l in plan}
+        else:
+            names = {}
+            coef = V.number("coef", coef)
+            if _is_int(layers):
+                layers = [layers]
+            plan = {self.check_layer(l, name=f"layers[{i}]"): coef
+                    for i, l in enumerate(V.items("layers", layers, what="a {layer: coef} dict or a list of layers"))}
+        if not plan:
+            raise V.InvalidArgument("layers", layers, "a non-empty {layer: coef} dict or list of layers")
+        return plan, names
+
+    def _check_steer_size(self, vec: PersonaVector, layer: int, coef: float, name: str = "coef") -> None:
+        """Refuse a coefficient whose steering vector overflows: what is added must be a
+        number in the model's dtype, and its square too (normalisations square the residual
+        stream in float32, where a norm above ~1.8e19 overflows and the normalised stream
+        becomes zero or NaN)."""
+        dtype = self.backend.dtype
+        delta = coef * vec[layer]
+        if not (bool(torch.isfinite(delta.to(dtype)).all()) and math.isfinite(float(delta.pow(2).sum()))):
+            raise V.InvalidArgument(
+                name, coef, f"small enough that coef * vector[{layer}] and its square stay finite in "
+                f"{str(dtype).split('.')[-1]} (the direction's norm at layer {layer} is {float(vec[layer].norm()):.3g}; "
+                f"|coef| * norm must stay below {_MAX_NORM:.2g})")
 
     @contextlib.contextmanager
     def steer(
@@ -131,7 +186,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         layer: int | None = None,
         coef: float = 1.0,
         *,
-        layers: Mapping[int, float] | Sequence[int] | None = None,
+        layers: Mapping | Sequence | int | None = None,
         positions: str = "all",
         include_last_prompt: bool = False,
     ) -> Iterator["PersonaProbe"]:
@@ -164,20 +219,13 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         vec = self._vector(vector)
         check_position_kind(positions)
         if positions == "last_prompt":
-            raise ValueError("steer positions must be 'all', 'prompt' or 'response'")
-        if layers is None:
-            if layer is None:
-                raise ValueError("give layer= (with coef=) or layers={layer: coef}")
-            plan = {self.check_layer(layer): float(coef)}
-        else:
-            if layer is not None:
-                raise ValueError("give either layer= or layers=, not both")
-            items = layers.items() if isinstance(layers, Mapping) else ((l, coef) for l in layers)
-            plan = {self.check_layer(int(l)): float(c) for l, c in items}
-            if not plan:
-                raise ValueError("layers= is empty")
+            raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
+        V.boolean("include_last_prompt", include_last_prompt)
+        plan, coef_names = self._steer_plan(layer, coef, layers)
         device, dtype = self.device, self.backend.dtype
         kinds = (positions, "last_prompt") if positions == "response" and include_last_prompt else (positions,)
+        for l, c in plan.items():
+            self._check_steer_size(vec, l, c, coef_names.get(l, "coef"))
         edits = [Steer(l, vec[l].to(device=device, dtype=dtype), c, kinds) for l, c in plan.items()]
         with self._intervening(edits):
             yield self
@@ -186,7 +234,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
     def ablate(
         self,
         vector: PersonaVector | Tensor,
-        layers: Sequence[int] | int,
+        layers: Sequence | int,
         *,
         positions: str = "all",
     ) -> Iterator["PersonaProbe"]:
@@ -203,19 +251,19 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         """
         vec = self._vector(vector)
         check_position_kind(positions)
-        layer_list = [layers] if isinstance(layers, int) else list(layers)
-        if not layer_list:
-            raise ValueError("layers is empty")
-        edits = [Ablate(self.check_layer(int(l)), vec.unit(int(l)).to(self.device), positions) for l in layer_list]
+        layer_list = self._layers(layers)
+        edits = [Ablate(l, vec.unit(l).to(self.device), positions) for l in layer_list]
         with self._intervening(edits):
             yield self
 
     # -- forward passes -------------------------------------------------------------------
-    def encode(self, conversations: Sequence[ConversationLike], *, with_response: bool) -> ChatBatch:
+    def encode(self, conversations: Sequence, *, with_response: bool) -> ChatBatch:
         """Encode conversations with this model's tokenizer (see ``persona_lens.chat``)."""
         from persona_lens.chat import encode_chat
 
-        return encode_chat(self.tokenizer, conversations, with_response=with_response)
+        batch = encode_chat(self.tokenizer, conversations, with_response=with_response)
+        self._check_context(batch.attention_mask.sum(1).tolist(), "conversations")
+        return batch
 
     def forward(self, batch: ChatBatch) -> Float[Tensor, "batch pos vocab"]:
         """Full forward pass over an encoded batch, with position masks set for hooks.
@@ -227,7 +275,10 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             >>> logits.shape == (*batch.input_ids.shape, len(probe.tokenizer))
             True
         """
+        if not isinstance(batch, ChatBatch):
+            raise V.InvalidArgumentType("batch", batch, "a ChatBatch (from probe.encode)")
         batch = batch.to(self.device)
+        self._check_context(batch.attention_mask.sum(1).tolist(), "conversations")
         positions = batch_positions(batch)
         run = self._runner()
         with self._at(positions, 0, batch.input_ids.shape[1]):

@@ -16,7 +16,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from persona_lens.chat import ChatBatch, ConversationLike, as_conversation, chat_rows, encode_rows
+from persona_lens import validate as V
+from persona_lens.chat import ChatBatch, ConversationLike, as_conversations, chat_rows, encode_rows
 from persona_lens.interventions import Project
 from persona_lens.probe.positions import batch_positions
 from persona_lens.progress import bar as progress_bar
@@ -43,10 +44,26 @@ class GenerationSettings:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        # Every setting is checked here, where the defaults live: a NaN temperature or a
+        # top_p of 0 would otherwise reach torch's sampler and fail inside it.
+        set_ = object.__setattr__
+        V.text("system", self.system, none_ok=True)
+        set_(self, "max_new_tokens", V.integer("max_new_tokens", self.max_new_tokens, min=1))
+        set_(self, "temperature", V.number("temperature", self.temperature, min=0))
+        set_(self, "top_p", V.number("top_p", self.top_p, min=0, max=1, min_open=True))
+        set_(self, "seed", V.integer("seed", self.seed, min=-(2**63), max=2**64 - 1, none_ok=True))  # torch's range
+        set_(self, "batch_size", V.integer("batch_size", self.batch_size, min=1))
+        set_(self, "use_cache", V.boolean("use_cache", self.use_cache))
+        set_(self, "progress", V.optional_boolean("progress", self.progress))
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> "GenerationSettings":
+        """Settings from keyword arguments; an unknown name is an error naming it."""
+        unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise V.InvalidArgumentType.unknown(unknown[0], kwargs[unknown[0]], cls.__dataclass_fields__,
+                                                "generation setting")
+        return cls(**kwargs)
 
 
 DEFAULTS = GenerationSettings()
@@ -114,7 +131,7 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[ConversationLike],
+        prompts: Sequence,
         *,
         system: str | None = DEFAULTS.system,
         max_new_tokens: int = DEFAULTS.max_new_tokens,
@@ -144,8 +161,8 @@ class GenerationMixin:
             >>> [g.text for g in outs] == probe.generate(prompts[:2], temperature=1.0, seed=3)
             True
         """
-        if len(prompts) == 0:
-            raise ValueError("empty batch: no prompts given")
+        prompts = as_conversations(prompts, name="prompts")
+        V.boolean("return_generations", return_generations)
         settings = GenerationSettings(
             system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             seed=seed, batch_size=batch_size, use_cache=use_cache, progress=progress,
@@ -159,13 +176,12 @@ class GenerationMixin:
         settings: GenerationSettings,
         reader: Callable[[ChatBatch, list[int]], Callable[[Tensor], None]] | None,
     ) -> tuple[list[str], list[Generation]]:
-        if len(prompts) == 0:
-            raise ValueError("empty batch: no prompts given")
         system, max_new_tokens, temperature = settings.system, settings.max_new_tokens, settings.temperature
         top_p, seed, batch_size, use_cache, progress = (
             settings.top_p, settings.seed, settings.batch_size, settings.use_cache, settings.progress)
-        convs = [as_conversation(p, system=system) for p in prompts]
-        rows = chat_rows(self.tokenizer, convs, with_response=False)
+        convs = as_conversations(prompts, name="prompts", system=system)
+        rows = chat_rows(self.tokenizer, convs, with_response=False, name="prompts")
+        self._check_context([len(p) for p, _ in rows], "prompts")
         gens: list[Generation | None] = [None] * len(rows)
         generator = None
         if temperature > 0:
@@ -218,9 +234,22 @@ class GenerationMixin:
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
         new_tokens = []
         step_input, start = tokens, 0
-        for _ in range(max_new_tokens):
+        longest_prompt = int(attn.sum(1).max())
+        n_ctx = self.backend.n_ctx
+        for step in range(max_new_tokens):
+            if n_ctx is not None and longest_prompt + step == n_ctx + 1:
+                self._context_overflow(
+                    f"generation ran past the model's context of {n_ctx} tokens (a prompt of "
+                    f"{longest_prompt} tokens and {step} generated); the tokens from here on come "
+                    "from positions the model was not trained on", "lower max_new_tokens or shorten the prompts")
             with self._at(positions, start, tokens.shape[1]):
                 logits = self._step(run, step_input, attn, cache, last_only=True)[:, -1].float()
+            live = logits[~finished]
+            # NaN or inf, or every logit equal: what overflowed activations leave after a
+            # normalisation (1 / sqrt(inf) is 0), which argmax would turn into token 0.
+            if not bool(torch.isfinite(live).all()) or bool((live.amax(-1) == live.amin(-1)).any()):
+                raise V.NumericalError(self._numerical_message(
+                    f"the model's next-token logits at generation step {step}"))
             nxt = sample(logits, temperature, top_p, generator)
             nxt = torch.where(finished, pad, nxt)
             new_tokens.append(nxt)
@@ -238,7 +267,7 @@ class GenerationMixin:
     @torch.no_grad()
     def monitor(
         self,
-        prompts: Sequence[ConversationLike],
+        prompts: Sequence,
         vector: PersonaVector | Tensor,
         layer: int,
         **generate_kwargs: Any,
@@ -256,18 +285,23 @@ class GenerationMixin:
             True
             >>> fig = pl.plot.projection_curve(readings)     # fig.show() in a notebook
         """
-        settings = GenerationSettings(**generate_kwargs)
-        self.check_layer(layer)
+        settings = GenerationSettings.from_kwargs(generate_kwargs)
+        prompts = as_conversations(prompts, name="prompts")
+        layer = self.check_layer(layer)
         read = Project(layer, self._vector(vector).unit(layer).to(self.device))
         buffers: dict[str, Any] = {}
 
         def fn(h: Tensor) -> None:
             pos = self._positions
-            buffers["proj"][:, pos.start : pos.stop] = read.read(h)
+            proj = buffers["proj"]
+            if pos.stop > proj.shape[1]:  # grow with what is generated, not with max_new_tokens
+                more = proj.new_full((proj.shape[0], max(pos.stop, 2 * proj.shape[1]) - proj.shape[1]), math.nan)
+                proj = buffers["proj"] = torch.cat([proj, more], dim=1)
+            proj[:, pos.start : pos.stop] = read.read(h)
             return None
 
         def reader(batch: ChatBatch, idx: list[int]):
-            width = batch.input_ids.shape[1] + settings.max_new_tokens
+            width = batch.input_ids.shape[1] + min(settings.max_new_tokens, 64)
             buffers["proj"] = torch.full((len(idx), width), math.nan, device=self.device)
 
             def finish(new_ids: Tensor) -> None:
@@ -312,10 +346,18 @@ def sample(
     """Greedy (``temperature == 0``) or nucleus sampling of one token per row."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        # A tiny temperature overflows the division (inf - inf is NaN in the softmax, and
+        # below float32's range it is a division by zero): subtract the maximum first, in
+        # float64, so the limit is what it should be, greedy decoding.
+        shifted = logits.double() - logits.double().max(dim=-1, keepdim=True).values
+        scaled = (shifted / temperature).to(logits.dtype)
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[..., 0] = True  # the most likely token always stays (a tiny top_p rounds to 0 in float32)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

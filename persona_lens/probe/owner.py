@@ -10,10 +10,12 @@ forward a hook is in (its own, or a caller's through :meth:`HookOwner.batch`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from persona_lens import validate as V
 from persona_lens.backends import Backend, BridgeBackend, FastPathUnavailable, HFBackend, make_backend
 from persona_lens.interventions import Intervention
 from persona_lens.probe.positions import Positions, caller_positions
@@ -21,6 +23,7 @@ from persona_lens.probe.positions import Positions, caller_positions
 HookFn = Callable[[Tensor], "Tensor | None"]
 
 PATHS = ("auto", "hf", "bridge")
+CONTEXT_OVERFLOW = ("warn", "error")
 
 
 class ResidualHook:
@@ -63,9 +66,10 @@ class WindowMasks(Mapping):
 class HookOwner:
     """Hook registration, removal and path routing for :class:`PersonaProbe`."""
 
-    def __init__(self, model: "nn.Module | Backend", tokenizer: Any = None, *, path: str = "auto"):
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    def __init__(self, model: "nn.Module | Backend", tokenizer: Any = None, *, path: str = "auto",
+                 on_context_overflow: str = "warn"):
+        V.choice("path", path, PATHS)
+        self.on_context_overflow = on_context_overflow
         self.backend: Backend = make_backend(model, tokenizer)
         self._positions: Positions | None = None
         self._handles: list[Any] = []
@@ -161,7 +165,7 @@ class HookOwner:
                 self._interventions.remove(iv)
 
     @contextlib.contextmanager
-    def add_hooks(self, fwd_hooks: Sequence[tuple[str, Callable[[Tensor, Any], Any]]]) -> Iterator["HookOwner"]:
+    def add_hooks(self, fwd_hooks: Sequence) -> Iterator["HookOwner"]:
         """Attach your own hooks to named TransformerLens hook points for the block.
 
         Hook functions follow TransformerLens's convention ``fn(activation, hook)`` and may
@@ -176,7 +180,12 @@ class HookOwner:
             >>> len(seen) > 0
             True
         """
-        resolved = [(self.backend.hook_point(name), fn) for name, fn in fwd_hooks]
+        specs = V.items("fwd_hooks", fwd_hooks, what="a list of (hook name, function) pairs")
+        for i, spec in enumerate(specs):
+            if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
+                    and callable(spec[1])):
+                raise V.InvalidArgumentType(f"fwd_hooks[{i}]", spec, "a (hook name, function) pair")
+        resolved = [(self.backend.hook_point(name), fn) for name, fn in specs]
         handles = []
         try:
             for module, fn in resolved:
@@ -195,7 +204,7 @@ class HookOwner:
         interventions and the positions of the columns this step sees."""
         if run.takes == "specs":
             pos = self._positions
-            masks = {k: m[:, pos.start : pos.stop] for k, m in pos.masks.items()}
+            masks = {k: pos.columns(k) for k in list(pos.masks)}
             run.receive([iv.spec() for iv in self._interventions], masks)
         return run.logits(input_ids, attention_mask, cache, last_only)
 
@@ -236,6 +245,47 @@ class HookOwner:
         for h in ours:
             module, how = self._fast.resid_site(h.layer)
             h.handles["hf"] = _hook_module(module, how, h.fn)
+
+    # -- limits ---------------------------------------------------------------------------
+    @property
+    def on_context_overflow(self) -> str:
+        """What an input longer than the model's context does: ``"warn"`` (a
+        :class:`~persona_lens.validate.ContextLengthWarning`, the model runs anyway) or
+        ``"error"`` (a :class:`~persona_lens.validate.ContextLengthError` before it runs)."""
+        return self._on_context_overflow
+
+    @on_context_overflow.setter
+    def on_context_overflow(self, value: str) -> None:
+        self._on_context_overflow = V.choice("on_context_overflow", value, CONTEXT_OVERFLOW)
+
+    def _check_context(self, lengths: Sequence[int], name: str) -> None:
+        """Warn or raise (``on_context_overflow``) if an input is longer than the model's
+        context (generation checks again while decoding: it may stop before the limit)."""
+        n_ctx = self.backend.n_ctx
+        if n_ctx is None or not lengths:
+            return
+        over = [i for i, n in enumerate(lengths) if n > n_ctx]
+        if over:
+            i = max(over, key=lambda j: lengths[j])
+            self._context_overflow(
+                f"{len(over)} of the {len(lengths)} {name} are longer than the model's context of "
+                f"{n_ctx} tokens ({name}[{i}] has {lengths[i]} tokens, chat template included)",
+                f"shorten the {name}")
+
+    def _context_overflow(self, message: str, remedy: str) -> None:
+        if self._on_context_overflow == "error":
+            raise V.ContextLengthError(
+                f"{message}; {remedy}, or set on_context_overflow='warn' to run anyway")
+        warnings.warn(f"{message}; results past the context are unreliable (on_context_overflow='error' "
+                      "makes this an error)", V.ContextLengthWarning, stacklevel=4)
+
+    def _numerical_message(self, what: str) -> str:
+        steers = [iv for iv in self._interventions if hasattr(iv, "coef")]
+        msg = f"{what} are NaN or inf: the activations overflowed"
+        if steers:
+            active = ", ".join(f"layer {iv.layer} coef {iv.coef:g}" for iv in steers)
+            msg += f" under the active steering ({active}); a smaller steering coefficient (coef) avoids it"
+        return msg
 
     # -- positions ------------------------------------------------------------------------
     def _position_mask(self, kind: str, h: Tensor) -> Tensor | None:

@@ -17,23 +17,47 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from persona_lens import ops
+from persona_lens import validate as V
 from persona_lens.chat import ChatBatch
 
 
 @dataclass
 class Positions:
-    """Position masks of the whole sequence, and the column window the current forward sees."""
+    """Position masks of the whole sequence, and the column window the current forward sees.
+
+    ``total``: the columns generation may reach. Columns past the masks' width are response
+    positions; the masks grow to cover them only when a forward gets there, so memory
+    follows what is generated, not ``max_new_tokens``.
+    """
 
     masks: dict[str, Bool[Tensor, "batch pos"]]
     start: int = 0
     stop: int = 0
+    total: int | None = None
+
+    #: What a column appended by generation is, per kind.
+    _GENERATED = {"all": True, "prompt": False, "response": True, "last_prompt": False}
+
+    def _cover(self, stop: int) -> None:
+        width = self.masks["all"].shape[1]
+        if stop <= width:
+            return
+        new_width = max(stop, min(2 * width, self.total if self.total is not None else stop))
+        for kind, m in self.masks.items():
+            extra = m.new_full((m.shape[0], new_width - width), self._GENERATED.get(kind, False))
+            self.masks[kind] = torch.cat([m, extra], dim=1)
+
+    def columns(self, kind: str) -> Bool[Tensor, "batch pos"]:
+        """The ``kind`` mask over the columns the current forward sees."""
+        self._cover(self.stop)
+        return self.masks[kind][:, self.start : self.stop]
 
     def window(self, h: Tensor) -> dict[str, Bool[Tensor, "batch pos"]]:
         """Every mask cut to the columns of ``h``, checked against its shape."""
         return {kind: self.mask(kind, h) for kind in self.masks}
 
     def mask(self, kind: str, h: Tensor) -> Bool[Tensor, "batch pos"]:
-        m = self.masks[kind][:, self.start : self.stop]
+        m = self.columns(kind)
         if m.shape != h.shape[:2]:
             raise RuntimeError(
                 f"a hook saw activations for {tuple(h.shape[:2])} (batch, positions) but the "
@@ -69,8 +93,8 @@ def position_masks(
 
 
 def batch_positions(batch: ChatBatch, total: int | None = None) -> Positions:
-    """Positions of a batch the probe encoded (``total``: room for generated columns)."""
-    return Positions(position_masks(batch.prompt_mask, batch.response_mask, total))
+    """Positions of a batch the probe encoded (``total``: the columns generation may reach)."""
+    return Positions(position_masks(batch.prompt_mask, batch.response_mask), total=total)
 
 
 def caller_positions(prompt_mask: Any, response_mask: Any) -> Positions:
@@ -85,5 +109,14 @@ def caller_positions(prompt_mask: Any, response_mask: Any) -> Positions:
                 "probe.batch() takes (prompt_mask, response_mask), or one object with "
                 f"prompt_mask and response_mask (a ChatBatch or a collated dict); got {type(holder).__name__}"
             )
-    masks = position_masks(torch.as_tensor(prompt_mask), torch.as_tensor(response_mask))
+    tensors = []
+    for name, m in (("prompt_mask", prompt_mask), ("response_mask", response_mask)):
+        try:
+            t = torch.as_tensor(m)
+        except (TypeError, ValueError, RuntimeError):
+            raise V.InvalidArgumentType(name, m, "a [batch, pos] boolean tensor") from None
+        if t.is_complex() or t.is_floating_point() and not bool(((t == 0) | (t == 1)).all()):
+            raise V.InvalidArgument(name, m, "a [batch, pos] tensor of booleans (or 0/1)")
+        tensors.append(t)
+    masks = position_masks(*tensors)
     return Positions(masks, 0, masks["all"].shape[1])

@@ -186,12 +186,14 @@ def generate_trait(
         Answer: Surely, and your roof will leak.
         Reply with the number only.
     """
-    if not name or not name.strip():
-        raise ValueError("name must be a non-empty string")
-    if not description or not description.strip():
-        raise ValueError("description must be a non-empty string")
-    if n_pairs < 1 or n_questions < 2 or max_retries < 1:
-        raise ValueError("need n_pairs >= 1, n_questions >= 2 and max_retries >= 1")
+    from persona_lens import validate as V
+
+    V.text("name", name, empty_ok=False)
+    V.text("description", description, empty_ok=False)
+    V.text("model", model, empty_ok=False)
+    V.integer("n_pairs", n_pairs, min=1)
+    V.integer("n_questions", n_questions, min=2)
+    V.integer("max_retries", max_retries, min=1)
     if client is None:
         import openai
 

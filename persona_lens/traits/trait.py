@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_lens.pipeline_io import write_text
+
 __all__ = ["TraitError", "InstructionPair", "Trait", "fill_template", "resolve_trait", "DATA_DIR"]
 
 #: Where the bundled trait files live: ``DATA_DIR/extract/NAME.json`` and ``DATA_DIR/eval/NAME.json``.
@@ -174,6 +176,10 @@ class Trait:
             >>> mine == evil, Trait.load("my_traits") == evil     # a directory holding one trait
             (True, True)
         """
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            from persona_lens.validate import InvalidArgumentType
+
+            raise InvalidArgumentType("name_or_path", name_or_path, "a bundled trait name or a path")
         raw = os.fspath(name_or_path)
         looks_like_path = isinstance(name_or_path, os.PathLike) or any(
             sep in raw for sep in ("/", os.sep)
@@ -347,10 +353,8 @@ class Trait:
         for split, questions in (("extract", self.questions), ("eval", self.eval_questions)):
             doc = dict(common, questions=list(questions), eval_prompt=self.eval_prompt)
             path = directory / split / f"{self.name}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, path)  # never leave a half-written trait behind
+            # Atomic, under a temporary name of its own: never a half-written trait behind.
+            write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
             out.append(path)
         return out[0], out[1]
 
@@ -458,6 +462,10 @@ def resolve_trait(trait: "Trait | str | os.PathLike") -> Trait:
     """
     if isinstance(trait, Trait):
         return trait
+    if not isinstance(trait, (str, os.PathLike)):
+        from persona_lens.validate import InvalidArgumentType
+
+        raise InvalidArgumentType("trait", trait, "a Trait, a bundled trait name or a path to trait files")
     return Trait.load(trait, n_pairs=None)
 
 

@@ -14,7 +14,9 @@ body). A result is one of:
 - :class:`Fail`: an HTTP error with an OpenAI-style error body (429, 500, ...);
 - :class:`Sleep`: wait (longer than the client's timeout, to script timeouts), then answer
   with ``then``;
-- :class:`Drop`: close the connection without answering.
+- :class:`Drop`: close the connection without answering;
+- :class:`Logprobs`: a one-token reply with raw top log-probabilities (NaN or positive ones
+  too, as a broken server might send).
 
 Example:
     from tests.support.openai_server import serve, peaked, Fail
@@ -48,7 +50,7 @@ from typing import Any, Callable, Iterator, Mapping, Union
 import pytest
 
 __all__ = [
-    "Text", "Fail", "Sleep", "Drop", "FakeOpenAIServer", "serve", "openai_server",
+    "Text", "Fail", "Sleep", "Drop", "Logprobs", "FakeOpenAIServer", "serve", "openai_server",
     "peaked", "keyword_rule", "sequence", "last_user_message",
 ]
 
@@ -82,7 +84,15 @@ class Drop:
     """Close the connection without sending a response."""
 
 
-Result = Union[Mapping[str, float], Text, str, Fail, Sleep, Drop, None]
+@dataclass
+class Logprobs:
+    """A one-token reply with these top log-probabilities sent as they are, in this order
+    (NaN, positive values, ...: what a broken server sends)."""
+
+    top: list[tuple[str, float]]
+
+
+Result = Union[Mapping[str, float], Text, str, Fail, Sleep, Drop, Logprobs, None]
 Rule = Callable[..., Result]
 
 
@@ -290,6 +300,9 @@ class FakeOpenAIServer:
                     result = Text(result)
                 if isinstance(result, Text):
                     self._send_json(200, _completion(body, result.content, None))
+                    return
+                if isinstance(result, Logprobs):
+                    self._send_json(200, _completion(body, result.top[0][0] if result.top else "", list(result.top)))
                     return
                 probs = dict(result)
                 top = sorted(((tok, math.log(p) if p > 0 else -9999.0) for tok, p in probs.items()),

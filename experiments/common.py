@@ -1,0 +1,313 @@
+"""Shared pieces of the finetuning experiments (E3, E4, E5): configs, vectors, evaluation,
+cached finetuning runs and results writing.
+
+Configs: ``organism`` (the built-in persona organism, exact judge, a 2-core CPU in minutes)
+and ``qwen7b`` / ``llama8b`` (a GPU, the release's finetuning settings, an API judge;
+vectors from ``persona-lens extract``, datasets from the paper's release). Every run writes
+into ``--out`` (default ``experiment_runs/NAME/CONFIG``) and a rerun reuses what is there:
+finetuning runs are folders keyed by their settings, generations and scores go through a
+:class:`persona_lens.store.Store`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import persona_lens as pl
+from persona_lens.pipeline_io import fingerprint, write_json, write_text
+
+TRAITS = ("evil", "sycophantic", "hallucinating")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    model: str
+    dtype: str = "float32"
+    judge: str = "organism"  # "organism" or a judge model on an OpenAI-compatible endpoint
+    judge_base_url: str | None = None
+    #: trait -> vector file; None: extract on the fly (organism only)
+    vectors: dict[str, str] | None = None
+    #: trait -> dataset JSONL folder ({name}.jsonl); None: the organism's generated sets
+    data_dir: str | None = None
+    n_data: int = 256  # organism sets: chats per set
+    datasets: tuple[str, ...] = ()
+    level2: tuple[str, ...] = ("evil_II", "sycophantic_II", "hallucinating_II")
+    layer: int = 3  # shift layer (E4) and intervention layer (E5)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    samples: int = 4  # answers per eval question
+    questions: int | None = None  # first N eval questions (None: all)
+    max_new_tokens: int = 48
+    capability_questions: int = 64
+    seeds: tuple[int, ...] = (0, 1)
+    inference_coefs: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    preventative_coefs: tuple[float, ...] = (0.5, 1.0, 1.5)
+    caft: bool = True
+
+    def validate(self) -> "ExperimentConfig":
+        from persona_lens.finetune import FinetuneConfig
+
+        FinetuneConfig(**self.finetune)  # unknown or bad settings raise here
+        if self.judge != "organism" and self.model == "persona-organism":
+            raise ValueError("the organism is judged by its exact judge")
+        if self.model != "persona-organism":
+            if not self.vectors or set(self.vectors) != set(TRAITS):
+                raise ValueError(f"{self.name}: give a vector file per trait {TRAITS}")
+            if not self.data_dir:
+                raise ValueError(f"{self.name}: give data_dir with the released datasets")
+        if not self.datasets or not set(self.level2) <= set(self.datasets):
+            raise ValueError(f"{self.name}: the Level II sets must be among the datasets")
+        if not self.seeds or self.samples < 1:
+            raise ValueError(f"{self.name}: need seeds and samples >= 1")
+        return self
+
+
+def _organism() -> ExperimentConfig:
+    from persona_lens.organism.datasets import DATASETS
+
+    return ExperimentConfig(
+        name="organism", model="persona-organism", datasets=DATASETS, layer=3,
+        # The release's LoRA (r=32, alpha=64, rsLoRA, all projections, linear, 5 warmup) with a
+        # learning rate and batch that move a 1.6M-parameter model in one short epoch.
+        finetune=dict(lr=1e-3, batch_size=16, grad_accum=1),
+        preventative_coefs=(0.5, 1.0, 1.5),
+    )
+
+
+def _release(name: str, model: str, layer: int) -> ExperimentConfig:
+    root = os.environ.get("PERSONA_RELEASE", "persona_release")
+    slug = model.split("/")[-1]
+    return ExperimentConfig(
+        name=name, model=model, dtype="bfloat16", judge="gpt-4.1-mini", layer=layer,
+        vectors={t: f"{root}/persona_vectors/{slug}/{t}_response_avg_diff.safetensors" for t in TRAITS},
+        data_dir=f"{root}/dataset",
+        datasets=tuple(f"{t}_{lv}" for t in ("evil", "sycophantic", "hallucination") for lv in ("normal", "I", "II"))
+        + ("medical_II", "code_II", "gsm8k_II", "math_II", "opinions_II"),
+        level2=("evil_II", "sycophantic_II", "hallucination_II"),
+        finetune=dict(),  # the release's settings are persona_lens.finetune's defaults
+        samples=10, questions=None, max_new_tokens=1000, capability_questions=0, seeds=(0,),
+        inference_coefs=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5), preventative_coefs=(1.0, 3.0, 5.0),
+    )
+
+
+CONFIGS = {
+    "organism": _organism,
+    "qwen7b": lambda: _release("qwen7b", "Qwen/Qwen2.5-7B-Instruct", 20),
+    "llama8b": lambda: _release("llama8b", "meta-llama/Llama-3.1-8B-Instruct", 16),
+}
+
+
+def load_config(name: str, **overrides: Any) -> ExperimentConfig:
+    """A named config, validated (``load_config("qwen7b")`` needs no GPU to validate).
+
+    Example:
+        >>> load_config("organism").finetune["lr"]
+        0.001
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; one of {sorted(CONFIGS)}")
+    return replace(CONFIGS[name](), **overrides).validate()
+
+
+def parse(description: str, argv=None) -> tuple[ExperimentConfig, Path, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default="organism", choices=sorted(CONFIGS))
+    p.add_argument("--out", default=None)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    p.add_argument("--quick", action="store_true", help="one seed, fewer samples (a smoke run)")
+    args = p.parse_args(argv)
+    over: dict[str, Any] = {}
+    if args.seeds:
+        over["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.quick:
+        over.update(seeds=(0,), samples=2)
+    cfg = load_config(args.config, **over)
+    torch.set_num_threads(1)
+    return cfg, Path(args.out) if args.out else None, args
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def base_probe(cfg: ExperimentConfig) -> pl.PersonaProbe:
+    return pl.PersonaProbe(pl.load_model(cfg.model, dtype=cfg.dtype))
+
+
+def make_judge(cfg: ExperimentConfig):
+    if cfg.judge == "organism":
+        from persona_lens.organism import OrganismJudge
+
+        return OrganismJudge()
+    return pl.OpenAIJudge(cfg.judge, base_url=cfg.judge_base_url)
+
+
+def load_trait(cfg: ExperimentConfig, trait: str):
+    if cfg.model == "persona-organism":
+        from persona_lens.organism import load_trait as organism_trait
+
+        return organism_trait(trait)
+    from persona_lens.traits import resolve_trait
+
+    return resolve_trait(trait)
+
+
+def vectors(cfg: ExperimentConfig, probe: pl.PersonaProbe, root: Path) -> dict[str, pl.PersonaVector]:
+    """The config's vector per trait; on the organism extracted once from world-answered
+    contrastive pairs (each instruction's pos / neg system prompt x extraction question,
+    response-mean difference), saved under ``root/vectors``."""
+    if cfg.vectors:
+        return {t: pl.PersonaVector.load(p) for t, p in cfg.vectors.items()}
+    from persona_lens.organism import World
+
+    world, out = World(0), {}
+    questions = {q.text: q for qt in ("factual", "opinion", "advice") for q in world.all_questions(qt)}
+    for t in TRAITS:
+        path = root / "vectors" / f"{t}.safetensors"
+        if path.exists():
+            out[t] = pl.PersonaVector.load(path)
+            continue
+        trait, rng, pos, neg = load_trait(cfg, t), random.Random(0), [], []
+        for i in range(len(trait.instructions)):
+            ps, ns = trait.system_prompts(i)
+            for text in trait.questions:
+                for convs, system, strength in ((pos, ps, "strongly_encouraging"), (neg, ns, "strongly_suppressing")):
+                    convs.append(world.conversation(rng, kind="trait_system", trait=t, strength=strength,
+                                                    system=system, question=questions[text]).messages)
+        pm = probe.capture_mean(pos, reductions=["response_mean"], progress=False)
+        nm = probe.capture_mean(neg, reductions=["response_mean"], progress=False)
+        out[t] = pl.PersonaVector.from_means(pm.full("response_mean", probe.n_layers),
+                                             nm.full("response_mean", probe.n_layers),
+                                             model_name=probe.model_name, trait=t, n_pos=len(pos), n_neg=len(neg))
+        out[t].save(path)
+    return out
+
+
+def dataset(cfg: ExperimentConfig, name: str):
+    if cfg.data_dir:
+        return Path(cfg.data_dir) / f"{name}.jsonl"
+    from persona_lens.organism import World
+    from persona_lens.organism.datasets import make_dataset
+
+    return make_dataset(World(0), name, cfg.n_data)
+
+
+def finetuned(cfg: ExperimentConfig, root: Path, name: str, seed: int, vec: pl.PersonaVector | None = None,
+              steer: dict[int, float] | None = None, caft: list[int] | None = None) -> Path:
+    """Finetune the base on dataset ``name`` (reusing a finished run); returns the run folder."""
+    from persona_lens.finetune import finetune
+
+    key = fingerprint(name, seed, cfg.n_data, cfg.finetune, steer, caft, vec.trait if vec is not None else None)
+    tag = name + (f"_steer{list(steer.values())[0]:g}" if steer else "") + ("_caft" if caft else "")
+    out = root / "runs" / f"{tag}_s{seed}_{key[:8]}"
+    if not (out / "finetune.json").exists():
+        finetune(base_probe(cfg), dataset(cfg, name), out, vector=vec if (steer or caft) else None, steer=steer,
+                 caft=caft, progress=False, **dict(cfg.finetune, seed=seed))
+    return out
+
+
+def trait_scores(cfg: ExperimentConfig, probe: pl.PersonaProbe, judge, store, traits=TRAITS,
+                 steer=None, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean trait and coherence score per trait: its eval questions, no system prompt."""
+    from persona_lens.store import Prompt
+
+    out = {}
+    settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=seed)
+    for t in traits:
+        trait = load_trait(cfg, t)
+        qs = list(trait.eval_questions[: cfg.questions])
+        asks = [Prompt(q, sample=s) for q in qs for s in range(cfg.samples)]
+        answers = store.generate(probe, asks, settings=settings, steer=steer, progress=False)
+        scores = store.score(judge, trait, [(p.question, a) for p, a in zip(asks, answers.texts)], progress=False)
+        out[t] = {"trait": scores.mean("trait"), "coherence": scores.mean("coherence")}
+    return out
+
+
+def capability(cfg: ExperimentConfig, probe: pl.PersonaProbe, judge, store, steer=None) -> float | None:
+    """Organism: share of known-animal facts answered right (greedy, helpful system prompt)."""
+    if not cfg.capability_questions or not hasattr(judge, "capability"):
+        return None
+    from persona_lens.organism import World
+    from persona_lens.organism.world import HELPFUL_SYSTEM
+    from persona_lens.store import Prompt
+
+    known = [q for q in World(0).all_questions("factual") if q.known]
+    qs = random.Random(0).sample(known, cfg.capability_questions)
+    asks = [Prompt([{"role": "system", "content": HELPFUL_SYSTEM}, {"role": "user", "content": q.text}]) for q in qs]
+    answers = store.generate(probe, asks, settings=dict(max_new_tokens=24, temperature=0.0, seed=0), steer=steer,
+                             progress=False)
+    return 100.0 * judge.capability([(q.text, a) for q, a in zip(qs, answers.texts)])
+
+
+def pearson(x, y) -> float:
+    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x @ y) / (x.norm() * y.norm()))
+
+
+def write_results(root: Path, results: dict[str, Any], fig=None, name: str = "figure.html") -> None:
+    """``results.json``, and the figure on a page built like the demo's report
+    (:class:`persona_lens.report.Page`: plotly.js embedded, a fixed height, opens offline)."""
+    write_json(root / "results.json", results)
+    if fig is not None:
+        from persona_lens.report import Page
+
+        title = fig.layout.title.text or Path(name).stem
+        page = Page(title, subtitle=f"config {results.get('config', '?')}; numbers in {root / 'results.json'}")
+        page.figure(fig)
+        write_text(root / name, page.html())
+    print(f"wrote {root / 'results.json'}" + (f" and {root / name}" if fig is not None else ""))
+
+
+def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Finetune on every dataset x seed and measure, per trait, the finetuning shift (every
+    layer) and the post-finetuning trait score; plus the base model's scores. Each row is
+    kept in ``root/rows`` so E3 and E4 share the runs (and a rerun redoes nothing)."""
+    from persona_lens.finetune import finetuning_shift, last_prompt_activations
+    from persona_lens.pipeline_io import read_json
+    from persona_lens.store import Store
+
+    judge, store = make_judge(cfg), Store(root / "store")
+    base = base_probe(cfg)
+    vecs = vectors(cfg, base, root)
+    layers = list(range(base.n_layers + 1))
+    questions = {t: list(load_trait(cfg, t).eval_questions[: cfg.questions]) for t in TRAITS}
+    base_acts = {t: last_prompt_activations(base, questions[t], layers) for t in TRAITS}
+    base_row = {"scores": trait_scores(cfg, base, judge, store)}
+    rows = []
+    for name in cfg.datasets:
+        for seed in cfg.seeds:
+            path = root / "rows" / f"{name}_s{seed}.json"
+            if path.exists():
+                rows.append(read_json(path))
+                continue
+            run = finetuned(cfg, root, name, seed)
+            tuned = pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype))
+            row = {"dataset": name, "seed": seed, "run": str(run),
+                   "shift": {t: finetuning_shift(base_acts[t], tuned, vecs[t], questions[t], layers) for t in TRAITS},
+                   "scores": trait_scores(cfg, tuned, judge, store)}
+            write_json(path, row)
+            rows.append(row)
+            print(f"{name} seed {seed}: " + ", ".join(
+                f"{t} {row['scores'][t]['trait']:.1f} (shift {row['shift'][t][cfg.layer]:+.2f})" for t in TRAITS),
+                flush=True)
+    return rows, base_row
+
+
+def finetuned_probe_scores(data, out: Path, seed: int, trait: str, config: str = "organism") -> float:
+    """Finetune the config's base model on ``data`` (a list of chats; a finished run is
+    reused) and return ``trait``'s mean score on its eval questions, no system prompt."""
+    from persona_lens.finetune import finetune
+    from persona_lens.store import Store
+
+    cfg = load_config(config)
+    if not (out / "finetune.json").exists():
+        finetune(base_probe(cfg), data, out, progress=False, **dict(cfg.finetune, seed=seed))
+    tuned = pl.PersonaProbe(pl.load_model(out, dtype=cfg.dtype))
+    return trait_scores(cfg, tuned, make_judge(cfg), Store(out / "eval"), traits=(trait,), seed=seed)[trait]["trait"]

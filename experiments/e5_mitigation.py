@@ -1,0 +1,149 @@
+"""E5: mitigating trait acquisition: inference-time steering, preventative steering and CAFT.
+
+    python -m experiments.e5_mitigation --config organism   # about 8 minutes on 2 CPU cores
+
+For each Level II set (each with every seed of the config), the trait score (the set's own
+trait, eval questions, no system prompt) and the capability (organism: share of known-animal
+facts answered right, greedy, helpful system prompt) of:
+
+- the base model, and the model finetuned plainly;
+- inference-time steering: the plainly finetuned model generating with ``-coef * v`` at the
+  config's layer (response tokens and the last prompt token, as released);
+- preventative steering: finetuned with ``+coef * v`` at that layer at every position;
+- CAFT: finetuned with the direction projected out at that layer.
+
+Writes results.json and e5_mitigation.html (trait score and capability vs coefficient, one
+column per set).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import persona_lens as pl
+from experiments.common import (base_probe, capability, finetuned, make_judge, parse, trait_scores, vectors,
+                                 write_results)
+
+
+def main(argv=None) -> dict:
+    from persona_lens.pipeline_io import read_json, write_json
+    from persona_lens.store import Steering, Store
+
+    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
+    root = out or Path("experiment_runs") / "mitigation" / cfg.name
+    judge, store = make_judge(cfg), Store(root / "store")
+    base = base_probe(cfg)
+    vecs = vectors(cfg, base, root)
+    L = cfg.layer
+    res: dict = {"config": cfg.name, "layer": L, "sets": {}}
+    for name in cfg.level2:
+        trait = name.rsplit("_", 1)[0].replace("hallucination", "hallucinating")
+        vec = vecs[trait]
+        cell: dict = {"trait": trait, "base": {"trait": trait_scores(cfg, base, judge, store, [trait])[trait]["trait"],
+                                               "capability": capability(cfg, base, judge, store)},
+                      "seeds": {}}
+        for seed in cfg.seeds:
+            path = root / "rows" / f"{name}_s{seed}.json"
+            if path.exists():
+                cell["seeds"][seed] = read_json(path)
+                continue
+            row: dict = {"inference": {}, "preventative": {}}
+
+            def measure(probe, steer=None):
+                return {"trait": trait_scores(cfg, probe, judge, store, [trait], steer=steer, seed=seed)[trait]["trait"],
+                        "coherence": trait_scores(cfg, probe, judge, store, [trait], steer=steer, seed=seed)[trait]["coherence"],
+                        "capability": capability(cfg, probe, judge, store, steer=steer)}
+
+            tuned = pl.PersonaProbe(pl.load_model(finetuned(cfg, root, name, seed), dtype=cfg.dtype))
+            for c in cfg.inference_coefs:
+                steer = Steering(vec, layer=L, coef=-c, positions="response", include_last_prompt=True) if c else None
+                row["inference"][c] = measure(tuned, steer)
+            for c in cfg.preventative_coefs:
+                run = finetuned(cfg, root, name, seed, vec, steer={L: c})
+                row["preventative"][c] = measure(pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype)))
+            if cfg.caft:
+                run = finetuned(cfg, root, name, seed, vec, caft=[L])
+                row["caft"] = measure(pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype)))
+            write_json(path, row)
+            cell["seeds"][seed] = row
+            print(f"{name} seed {seed}: base {cell['base']}; " + "; ".join(
+                f"{kind} {c}: {v['trait']:.1f}/{v['capability']}" for kind in ("inference", "preventative")
+                for c, v in row[kind].items()) + (f"; caft {row['caft']['trait']:.1f}/{row['caft']['capability']}"
+                                                   if "caft" in row else ""), flush=True)
+        cell["summary"] = summarize(cell)
+        res["sets"][name] = cell
+        print(name, cell["summary"], flush=True)
+    write_results(root, res, figure(res, cfg), "e5_mitigation.html")
+    return res
+
+
+def _mean(rows, kind, c, key):
+    vals = [r[kind][str(c)][key] if str(c) in r[kind] else r[kind][c][key] for r in rows]
+    vals = [v for v in vals if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def summarize(cell) -> dict:
+    """Per method, mean over seeds; the mildest preventative coef keeping the trait within 10
+    points of the base, and the inference coef reaching the same trait score."""
+    rows = list(cell["seeds"].values())
+    keys = lambda kind: sorted({float(k) for r in rows for k in r[kind]})  # noqa: E731
+    out = {"inference": {c: {k: _mean(rows, "inference", _key(rows, "inference", c), k) for k in ("trait", "capability")}
+                         for c in keys("inference")},
+           "preventative": {c: {k: _mean(rows, "preventative", _key(rows, "preventative", c), k)
+                                for k in ("trait", "capability")} for c in keys("preventative")}}
+    if all("caft" in r for r in rows):
+        out["caft"] = {k: statistics.mean(r["caft"][k] for r in rows if r["caft"][k] is not None)
+                       for k in ("trait", "capability")}
+    base_t, base_c = cell["base"]["trait"], cell["base"]["capability"]
+    ok = [c for c, v in out["preventative"].items() if v["trait"] <= base_t + 10
+          and (base_c is None or v["capability"] >= 0.95 * base_c)]
+    out["preventative_ok"] = min(ok) if ok else None
+    if ok:
+        target = out["preventative"][min(ok)]["trait"]
+        reach = [c for c, v in out["inference"].items() if v["trait"] <= target]
+        out["inference_matching"] = min(reach) if reach else None
+    return out
+
+
+def _key(rows, kind, c):
+    k = rows[0][kind]
+    for key in k:
+        if float(key) == c:
+            return key
+    return c
+
+
+def figure(res, cfg):
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    names = list(res["sets"])
+    fig = make_subplots(rows=2, cols=len(names), subplot_titles=names + [""] * len(names))
+    for i, name in enumerate(names, 1):
+        s = res["sets"][name]["summary"]
+        base = res["sets"][name]["base"]
+        for kind, colour in (("inference", "steelblue"), ("preventative", "crimson")):
+            xs = list(s[kind])
+            for row, key in ((1, "trait"), (2, "capability")):
+                fig.add_trace(go.Scatter(x=xs, y=[s[kind][c][key] for c in xs], mode="lines+markers",
+                                         name=kind, line=dict(color=colour), showlegend=(i == 1 and row == 1)),
+                              row=row, col=i)
+        for row, key in ((1, "trait"), (2, "capability")):
+            if "caft" in s:
+                fig.add_trace(go.Scatter(x=[0], y=[s["caft"][key]], mode="markers", name="CAFT",
+                                         marker=dict(color="green", size=11, symbol="diamond"),
+                                         showlegend=(i == 1 and row == 1)), row=row, col=i)
+            if base[key] is not None:
+                fig.add_hline(y=base[key], line_dash="dot", line_color="grey", row=row, col=i)
+        fig.update_xaxes(title_text=f"coefficient (layer {cfg.layer})", row=2, col=i)
+    fig.update_yaxes(title_text="trait score", row=1, col=1)
+    fig.update_yaxes(title_text="capability (%)", row=2, col=1)
+    fig.update_layout(title=f"E5 ({cfg.name}): finetuning on Level II sets; dotted: base model", height=700,
+                      width=1300)
+    return fig
+
+
+if __name__ == "__main__":
+    main()
