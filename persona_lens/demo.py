@@ -242,6 +242,9 @@ def run_demo(
         )
         chosen_sup = sup.lowest or min(
             (c for c in sup.cells if c.coef != 0), key=lambda c: (c.trait, abs(c.coef)))
+        # sweep() wrote the page for a steering sweep (highest trait chosen); this one lowers it.
+        sup.to_html(out / "suppress" / "sweep.html", lowest=True,
+                    title=f"Suppression sweep: {trait} under an encouraging system prompt")
         encouraged = sup.cell(sweep_layers[0], 0.0)
 
         # Monitoring: last-prompt projection vs the trait score of what follows, per cell of

@@ -206,19 +206,25 @@ class SweepResult:
             trait_title=f"{self.trait_name} score" if self.trait_name else "trait score",
         )
 
-    def to_html(self, path: str | Path | None = None) -> str:
+    def to_html(self, path: str | Path | None = None, *, lowest: bool = False, title: str | None = None) -> str:
         """A standalone HTML page: the figure and the table, with plotly.js embedded (it opens
-        offline). Also written to ``path`` if given."""
+        offline). Also written to ``path`` if given.
+
+        Args:
+            lowest: the chosen cell is :attr:`lowest` (a suppression sweep), not :attr:`best`.
+            title: the page's and the figure's title.
+        """
         from persona_lens.report import Page
 
-        page = Page(f"{self.trait_name or 'trait'} sweep",
+        chosen = self.lowest if lowest else self.best
+        page = Page(title or f"{self.trait_name or 'trait'} sweep",
                     subtitle=f"model {self.model_name or '?'}, judge {self.judge_name or '?'}")
-        page.figure(self.figure())
-        header, rows, marks = self.table_rows()
+        page.figure(self.figure(highlight=chosen.layer if chosen else None, title=title))
+        header, rows, marks = self.table_rows(chosen)
         page.table(header, rows, caption=self.caption(), highlight=marks)
-        best = self.best
-        page.text("chosen: " + (f"layer {best.layer} at coef {best.coef:g}" if best else
-                                f"none (no steered cell has coherence >= {self.coherence_floor:g})"))
+        rule = "lowest" if lowest else "highest"
+        page.text(f"chosen ({rule} trait score among cells with coherence >= {self.coherence_floor:g}): "
+                  + (f"layer {chosen.layer} at coef {chosen.coef:g}" if chosen else "none"))
         text = page.html()
         if path is not None:
             write_text(path, text)

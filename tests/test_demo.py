@@ -53,6 +53,10 @@ def test_report_has_a_section_per_experiment_and_opens_offline(demo):
     for page in ("sweep", "suppress"):
         sub = (out / page / "sweep.html").read_text()
         assert not re.search(r"<script[^>]+src=", sub) and "Plotly.newPlot" in sub
+    f = json.loads((out / "figures.json").read_text())
+    suppress_page = (out / "suppress" / "sweep.html").read_text()
+    assert (f"chosen (lowest trait score among cells with coherence &gt;= 80): layer {int(f['suppression_layer'])} "
+            f"at coef -{f['suppression_coef']:g}") in suppress_page
 
 
 def test_steering_raises_the_trait_from_the_prior(demo):

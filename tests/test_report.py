@@ -96,6 +96,9 @@ def test_lowest_is_the_suppression_choice():
     assert (low.layer, low.coef) == (1, -1.0)  # coef -2 has coherence 75 < 80
     header, rows, marks = res.table_rows(low)
     assert header == ["layer", "coef -2", "coef -1", "coef 0"] and marks == [(0, 2)]
+    page = res.to_html(lowest=True, title="Suppression")
+    assert "chosen (lowest trait score among cells with coherence &gt;= 80): layer 1 at coef -1" in page
+    assert "<title>Suppression</title>" in page and "layer 1 (chosen)" in page
 
 
 def test_page_embeds_plotly_once_for_many_figures():
