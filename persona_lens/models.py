@@ -95,8 +95,15 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    return _write_checkpoint(target, model, tokenizer)
+
+
+def _write_checkpoint(target: Path, model: Any, tokenizer: Any) -> Path:
+    """Save model + tokenizer as a plain HF checkpoint at ``target``, atomically: written to a
+    temporary folder beside it and renamed, so a kill leaves nothing half-written, and a
+    concurrent writer that got there first wins."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -299,14 +306,4 @@ def _merged_checkpoint(base: str | os.PathLike, adapter: Path) -> Path:
         return target
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
-            raise
-    return target
+    return _write_checkpoint(target, merged, AutoTokenizer.from_pretrained(path))

@@ -28,6 +28,15 @@ SEQUENTIAL = "Plasma_r"
 OTHER_COLOR = "rgb(120,120,120)"
 
 
+def _present_groups(groups: Sequence[str], order: Sequence[str] | None, others: Sequence[str]):
+    """The ordered and the other groups that occur in ``groups`` (by default every group not
+    in ``others``, in order of first appearance), and their colours."""
+    seen = list(dict.fromkeys(groups))
+    order = [g for g in (order if order is not None else [g for g in seen if g not in others]) if g in seen]
+    others = [g for g in others if g in seen]
+    return order, others, group_colors(order, others)
+
+
 def group_colors(order: Sequence[str], others: Sequence[str] = ()) -> dict[str, str]:
     """One colour per ordered group, sampled evenly from one sequential scale (light to
     dark), and grey for each of ``others``.
@@ -166,10 +175,7 @@ def projection_bands(
         raise ValueError(f"{len(groups)} groups for {len(readings)} readings")
     if not readings:
         raise ValueError("no readings to plot")
-    seen = list(dict.fromkeys(groups))
-    order = [g for g in (order if order is not None else [g for g in seen if g not in others]) if g in seen]
-    others = [g for g in others if g in seen]
-    colors = group_colors(order, others)
+    order, others, colors = _present_groups(groups, order, others)
     fig = go.Figure()
     for g in [*order, *others]:
         rs = [r for r, gg in zip(readings, groups) if gg == g]
@@ -295,10 +301,7 @@ def monitor_scatter(
 
     if not (len(x) == len(y) == len(groups)):
         raise ValueError(f"x, y and groups differ in length: {len(x)}, {len(y)}, {len(groups)}")
-    seen = list(dict.fromkeys(groups))
-    order = [g for g in (order if order is not None else [g for g in seen if g not in others]) if g in seen]
-    others = [g for g in others if g in seen]
-    colors = group_colors(order, others)
+    order, others, colors = _present_groups(groups, order, others)
     fig = go.Figure()
     for g in [*order, *others]:
         idx = [i for i, gg in enumerate(groups) if gg == g]
