@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
 
             tuned = pl.PersonaProbe(pl.load_model(finetuned(cfg, root, name, seed), dtype=cfg.dtype))
             for c in cfg.inference_coefs:
-                steer = Steering(vec, layer=L, coef=-c, positions="response", include_last_prompt=True) if c else None
+                steer = Steering(vec, layer=L, coef=-c, positions="response") if c else None
                 row["inference"][c] = measure(tuned, steer)
             for c in cfg.preventative_coefs:
                 run = finetuned(cfg, root, name, seed, vec, steer={L: c})

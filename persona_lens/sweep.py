@@ -246,7 +246,7 @@ def sweep(
     temperature: float = 1.0,
     coherence_floor: float = 50.0,
     positions: str = "response",
-    include_last_prompt: bool = False,
+    include_last_prompt: bool | None = None,
     batch_size: int = 32,
     judge_batch_size: int = 64,
     seed: int = 0,
@@ -271,14 +271,17 @@ def sweep(
         max_new_tokens, temperature: generation settings. Every cell uses the same seeds for
             the same (question, sample), so cells differ only by the steering.
         coherence_floor: cells with a lower mean coherence cannot be chosen.
-        positions, include_last_prompt: where to steer (see :meth:`PersonaProbe.steer`).
+        positions: where to steer (see :meth:`PersonaProbe.steer`): ``"response"`` (the
+            default, the paper's: the last prompt token and every generated token),
+            ``"response_only"``, ``"all"`` or ``"prompt"``. ``include_last_prompt`` is
+            deprecated.
         out_dir: cache and outputs (``sweep_responses.jsonl``, ``scores.jsonl``,
             ``sweep.csv``, ``sweep.html``); None keeps everything in memory.
 
     Returns:
         :class:`SweepResult` with ``best_layer``, ``figure()``, ``to_csv()``, ``to_html()``.
     """
-    from persona_lens.ops import check_position_kind
+    from persona_lens.interventions import steering_mode
     from persona_lens.probe import GenerationSettings, PersonaProbe
 
     if not isinstance(probe, PersonaProbe):
@@ -298,10 +301,7 @@ def sweep(
     gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     V.integer("seed", seed)
     coherence_floor = V.number("coherence_floor", coherence_floor, min=0, max=100)
-    check_position_kind(positions)
-    if positions == "last_prompt":
-        raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
-    V.boolean("include_last_prompt", include_last_prompt)
+    positions = steering_mode(positions, include_last_prompt, stacklevel=3)
     V.integer("batch_size", batch_size, min=1)
     V.integer("judge_batch_size", judge_batch_size, min=1)
     V.optional_boolean("progress", progress)
@@ -333,8 +333,7 @@ def sweep(
     work: list[tuple[int, float, list[Prompt]]] = []
     for layer in layers:
         for coef in coefs:
-            steer = None if coef == 0 else Steering(vector, layer=layer, coef=coef, positions=positions,
-                                                 include_last_prompt=include_last_prompt)
+            steer = None if coef == 0 else Steering(vector, layer=layer, coef=coef, positions=positions)
             prompts = [Prompt(question if system is None else
                               [{"role": "system", "content": system}, {"role": "user", "content": question}],
                               sample=s, steer=steer, seed_key=(q, s),

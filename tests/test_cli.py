@@ -455,6 +455,19 @@ def test_package_attributes_load_on_first_use():
     assert out.stdout.strip() == "ok", out.stderr
 
 
+def test_every_positions_flag_offers_the_release_mode_and_response_only():
+    """Wherever steering positions are a flag, 'response' (the release's mode) and
+    'response_only' are both offered, and the help says what each steers."""
+    found = 0
+    for parser in all_parsers(cli.build_parser()):
+        for action in parser._actions:
+            if "--positions" in action.option_strings:
+                found += 1
+                assert {"response", "response_only"} <= set(action.choices), parser.prog
+                assert "last prompt token" in action.help and "released" in action.help, parser.prog
+    assert found >= 3  # demo, sweep, finetune
+
+
 def test_parse_lists():
     assert cli.parse_int_list("4,8-12:2") == [4, 8, 10, 12]
     assert cli.parse_int_list("20,10") == [10, 20]
