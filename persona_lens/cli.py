@@ -11,6 +11,7 @@
     persona-lens finetune --model M --data FILE.jsonl|organism:SET --out DIR [--vector V --steer 20:5] [--caft 20]
     persona-lens shift --model BASE --tuned RUN_DIR --vector V [--vector V2 ...] [--layers 10-20]
     persona-lens make-datasets [--out DIR] [--n 400] [--seed 0]
+    persona-lens report RUN_DIR [--out FILE]
 
 ``--help`` answers at once: this module imports nothing heavy (torch, transformers,
 TransformerLens, plotly) until a command runs. Flags are checked before any model loads, and
@@ -623,6 +624,14 @@ def cmd_shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from persona_lens.report import run_report
+
+    path = run_report(args.run_dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_make_datasets(args: argparse.Namespace) -> int:
     from persona_lens.organism.datasets import write_datasets
 
@@ -889,6 +898,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device_type, default=None,
                    help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_shift)
+
+    p = add("report", "one HTML page with every experiment's figures and goals found in a run folder",
+            "Gather every results.json under RUN_DIR (written by python -m experiments.NAME or "
+            "experiments.all) with the figures kept beside it, and write one page.")
+    p.add_argument("run_dir", help="the run folder the experiments wrote into")
+    p.add_argument("--out", default=None, metavar="FILE", help="the page (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = add("make-datasets", "write the organism's trait-inducing finetuning datasets")
     p.add_argument("--out", default="organism_datasets", metavar="DIR", help="output folder")
