@@ -28,6 +28,7 @@ with the fit line).
 from __future__ import annotations
 
 import random
+import statistics
 from pathlib import Path
 
 import torch
@@ -131,69 +132,86 @@ def main(argv=None) -> dict:
     probe, judge = base_probe(cfg), make_judge(cfg)
     vecs = vectors(cfg, probe, root)
     store = Store(root / "store")
-    layers = list(range(1, probe.n_layers + 1))
-    seed = cfg.seeds[0]
     res: dict = {"experiment": "E2", "title": f"E2: monitoring ({cfg.name})", "config": cfg.name,
                  "settings": {"monitor_questions": cfg.monitor_questions, "samples": cfg.monitor_samples,
-                              "max_shots": cfg.max_shots, "max_new_tokens": cfg.max_new_tokens, "seed": seed,
+                              "max_shots": cfg.max_shots, "max_new_tokens": cfg.max_new_tokens,
+                              "seeds": list(cfg.seeds), "cells and figures from seed": cfg.seeds[0],
                               "temperature": 1.0, "reading": "last prompt token, unit vector"},
-                 "traits": {}, "goals": {}}
+                 "traits": {}, "per_seed": {}, "figures": {}, "goals": {}}
     figs = []
     for t in TRAITS:
-        trait = load_trait(cfg, t)
-        questions = list(trait.eval_questions[: cfg.monitor_questions])
-        cells = []  # (type, level index, level, label, question, messages)
-        for li, (level, systems) in enumerate(system_levels(cfg, trait)):
-            for system in systems:
-                for q in questions:
-                    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-                    cells.append(("system prompt", li, level, system or "(no system prompt)", q, msgs))
-        pool = shot_pool(cfg, probe, trait, store, seed)
-        for li, (level, items) in enumerate(many_shot_levels(cfg, trait, pool, questions)):
-            for q, msgs in items:
-                cells.append(("many-shot", li, level, level, q, msgs))
-        # Readings: one forward per prompt, every layer.
-        acts = probe.capture([c[5] + [{"role": "assistant", "content": ""}] for c in cells], layers=layers,
-                             reductions=["last_prompt"], progress=False)["last_prompt"]
-        units = torch.stack([vecs[t].unit(l) for l in layers])
-        proj = torch.einsum("nld,ld->nl", acts.float(), units.float())  # [cells, layers]
-        asks = [Prompt(c[5], sample=s) for c in cells for s in range(cfg.monitor_samples)]
-        answers = store.generate(probe, asks, settings=dict(max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                                                            seed=seed), progress=False)
-        scores = store.score(judge, trait, [(p.question, a) for p, a in zip(asks, answers.texts)], kinds="trait",
-                             progress=False)["trait"]
-        n = cfg.monitor_samples
-        cell_scores = [mean_score(scores[i * n:(i + 1) * n])[0] for i in range(len(cells))]
-        keep = [i for i, s in enumerate(cell_scores) if s == s]
-        layer, why = monitor_layer(cfg, root, t)
-        li = layers.index(layer)
-        rows = [{"type": cells[i][0], "level": cells[i][2], "level_index": cells[i][1], "prompt": cells[i][3],
-                 "question": cells[i][4], "projection": float(proj[i, li]), "trait": cell_scores[i]} for i in keep]
-        x, y = [r["projection"] for r in rows], [r["trait"] for r in rows]
-        types = ("system prompt", "many-shot")
-        entry = {
-            "layer": layer, "layer_from": why, "n_cells": len(rows), "n_answers": len(asks),
-            "levels": {ty: list(dict.fromkeys(r["level"] for r in rows if r["type"] == ty)) for ty in types},
-            "r_all": pearson(x, y),
-            "r_per_type": {ty: pearson(*zip(*[(r["projection"], r["trait"]) for r in rows if r["type"] == ty]))
-                           for ty in types},
-            "within_r_per_type": {ty: within_r(*zip(*[(r["projection"], r["trait"], r["level"]) for r in rows
-                                                      if r["type"] == ty])) for ty in types},
-            "within_r_per_level": {ty: {lv: _level_r(rows, ty, lv) for lv in
-                                        dict.fromkeys(r["level"] for r in rows if r["type"] == ty)} for ty in types},
-            "r_all_per_layer": {l: pearson([float(proj[i, j]) for i in keep], y) for j, l in enumerate(layers)},
-            "cells": rows,
-        }
+        per_seed = {seed: measure(cfg, probe, judge, store, vecs, root, t, seed) for seed in cfg.seeds}
+        entry = per_seed[cfg.seeds[0]]
         res["traits"][t] = entry
-        res["goals"][t] = {"monitor_r": goal("monitor_r", entry["r_all"]),
-                           **{f"monitor_within_r ({ty})": goal("monitor_within_r", entry["within_r_per_type"][ty])
+        res["per_seed"][t] = {str(s): {k: e[k] for k in ("r_all", "r_per_type", "within_r_per_type", "layer")}
+                              for s, e in per_seed.items()}
+        types = list(entry["r_per_type"])
+        spread = lambda vals: {"median": statistics.median(vals), "min": min(vals), "max": max(vals),  # noqa: E731
+                               "per_seed": vals}
+        res["figures"][t] = {"r_all": spread([e["r_all"] for e in per_seed.values()]),
+                             **{f"within_r ({ty})": spread([e["within_r_per_type"][ty] for e in per_seed.values()])
+                                for ty in types},
+                             **{f"r ({ty})": spread([e["r_per_type"][ty] for e in per_seed.values()]) for ty in types}}
+        f = res["figures"][t]
+        res["goals"][t] = {"monitor_r": goal("monitor_r", f["r_all"]["median"]),
+                           **{f"monitor_within_r ({ty})": goal("monitor_within_r", f[f"within_r ({ty})"]["median"])
                               for ty in types}}
-        print(f"{t}: r = {entry['r_all']:.2f} over {len(rows)} cells at layer {layer}; per type "
-              + ", ".join(f"{ty} {v:.2f}" for ty, v in entry["r_per_type"].items()) + "; within a level "
-              + ", ".join(f"{ty} {v:.2f}" for ty, v in entry["within_r_per_type"].items()), flush=True)
         figs += figures(t, entry, res["settings"])
     write_results(root, res, figs, "e2_monitoring.html")
     return res
+
+
+def measure(cfg, probe, judge, store, vecs, root: Path, t: str, seed: int) -> dict:
+    """One trait, one seed: every cell's reading and mean score, and the correlations."""
+    layers = list(range(1, probe.n_layers + 1))
+    trait = load_trait(cfg, t)
+    questions = list(trait.eval_questions[: cfg.monitor_questions])
+    cells = []  # (type, level index, level, label, question, messages)
+    for li, (level, systems) in enumerate(system_levels(cfg, trait)):
+        for system in systems:
+            for q in questions:
+                msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+                cells.append(("system prompt", li, level, system or "(no system prompt)", q, msgs))
+    pool = shot_pool(cfg, probe, trait, store, seed)
+    for li, (level, items) in enumerate(many_shot_levels(cfg, trait, pool, questions)):
+        for q, msgs in items:
+            cells.append(("many-shot", li, level, level, q, msgs))
+    # Readings: one forward per prompt, every layer.
+    acts = probe.capture([c[5] + [{"role": "assistant", "content": ""}] for c in cells], layers=layers,
+                         reductions=["last_prompt"], progress=False)["last_prompt"]
+    units = torch.stack([vecs[t].unit(l) for l in layers])
+    proj = torch.einsum("nld,ld->nl", acts.float(), units.float())  # [cells, layers]
+    asks = [Prompt(c[5], sample=s) for c in cells for s in range(cfg.monitor_samples)]
+    answers = store.generate(probe, asks, settings=dict(max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                                                        seed=seed), progress=False)
+    scores = store.score(judge, trait, [(p.question, a) for p, a in zip(asks, answers.texts)], kinds="trait",
+                         progress=False)["trait"]
+    n = cfg.monitor_samples
+    cell_scores = [mean_score(scores[i * n:(i + 1) * n])[0] for i in range(len(cells))]
+    keep = [i for i, s in enumerate(cell_scores) if s == s]
+    layer, why = monitor_layer(cfg, root, t)
+    li = layers.index(layer)
+    rows = [{"type": cells[i][0], "level": cells[i][2], "level_index": cells[i][1], "prompt": cells[i][3],
+             "question": cells[i][4], "projection": float(proj[i, li]), "trait": cell_scores[i]} for i in keep]
+    x, y = [r["projection"] for r in rows], [r["trait"] for r in rows]
+    types = ("system prompt", "many-shot")
+    entry = {
+        "layer": layer, "layer_from": why, "n_cells": len(rows), "n_answers": len(asks),
+        "levels": {ty: list(dict.fromkeys(r["level"] for r in rows if r["type"] == ty)) for ty in types},
+        "r_all": pearson(x, y),
+        "r_per_type": {ty: pearson(*zip(*[(r["projection"], r["trait"]) for r in rows if r["type"] == ty]))
+                       for ty in types},
+        "within_r_per_type": {ty: within_r(*zip(*[(r["projection"], r["trait"], r["level"]) for r in rows
+                                                  if r["type"] == ty])) for ty in types},
+        "within_r_per_level": {ty: {lv: _level_r(rows, ty, lv) for lv in
+                                    dict.fromkeys(r["level"] for r in rows if r["type"] == ty)} for ty in types},
+        "r_all_per_layer": {l: pearson([float(proj[i, j]) for i in keep], y) for j, l in enumerate(layers)},
+        "cells": rows,
+    }
+    print(f"seed {seed} {t}: r = {entry['r_all']:.2f} over {len(rows)} cells at layer {layer}; per type "
+          + ", ".join(f"{ty} {v:.2f}" for ty, v in entry["r_per_type"].items()) + "; within a level "
+          + ", ".join(f"{ty} {v:.2f}" for ty, v in entry["within_r_per_type"].items()), flush=True)
+    return entry
 
 
 def _level_r(rows, ty, level) -> float:

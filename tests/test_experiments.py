@@ -128,10 +128,10 @@ def test_goal_suppression_of_an_encouraging_prompt(smoke, trait):
 
 @pytest.mark.parametrize("trait", TRAITS)
 def test_goal_monitoring_r_across_prompt_types(smoke, trait):
-    _check(smoke[1]["e2"]["traits"][trait]["r_all"], "monitor_r")
+    _check(smoke[1]["e2"]["figures"][trait]["r_all"]["median"], "monitor_r")
 
 
 @pytest.mark.parametrize("trait", TRAITS)
 @pytest.mark.parametrize("prompt_type", ["system prompt", "many-shot"])
 def test_goal_monitoring_r_within_a_prompt_type(smoke, trait, prompt_type):
-    _check(smoke[1]["e2"]["traits"][trait]["within_r_per_type"][prompt_type], "monitor_within_r")
+    _check(smoke[1]["e2"]["figures"][trait][f"within_r ({prompt_type})"]["median"], "monitor_within_r")
