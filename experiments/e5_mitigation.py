@@ -32,6 +32,10 @@ def main(argv=None) -> dict:
 
     cfg, out, _ = parse(__doc__.split("\n")[0], argv)
     root = out or Path("experiment_runs") / "mitigation" / cfg.name
+    if cfg.unmeasurable.get("e5"):
+        from experiments.common import skip_unmeasurable
+
+        return skip_unmeasurable(cfg, root, "E5", cfg.unmeasurable["e5"])
     judge, store = make_judge(cfg), Store(root / "store")
     base = base_probe(cfg)
     vecs = vectors(cfg, base, root)
