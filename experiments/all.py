@@ -4,9 +4,9 @@
     persona-lens report RUN                        # the page again, from what RUN holds
 
 E1 runs first (E2 monitors at the layer E1 chose), then E2, E8 and the finetuning experiments
-(E3, E4 and E6 share their finetuning runs in ``RUN/datasets``; E5; E7 on the organism only).
-``--smoke`` is the CI size: E1, E2 and E8 at their smallest (``experiments.common.SMOKE``),
-the others with their ``--quick`` settings. A failing experiment is recorded in
+(E3, E4 and E6 share their finetuning runs in ``RUN/datasets`` and write their results into
+``RUN/datasets/e3_finetune_traits`` etc.; E5; E7 on the organism only). ``--smoke`` is the CI
+size, every script at its smallest (``experiments.common.SMOKE``, ``experiments.e7_screening.SMOKE``). A failing experiment is recorded in
 ``RUN/all.json`` and the others still run; the exit status says whether all passed.
 """
 
@@ -37,9 +37,8 @@ EXPERIMENTS = {
 
 def arguments(exp: str, config: str, out: Path, smoke: bool) -> list[str]:
     if exp == "e7":  # its own command line: organism only, seeds
-        return ["--config", config, "--out", str(out), "--quiet"] + (["--seeds", "0"] if smoke else [])
-    flag = (["--smoke"] if exp in ("e1", "e2", "e8") else ["--quick"]) if smoke else []
-    return ["--config", config, "--out", str(out)] + flag
+        return ["--config", config, "--out", str(out), "--quiet"] + (["--seeds", "0", "--smoke"] if smoke else [])
+    return ["--config", config, "--out", str(out)] + (["--smoke"] if smoke else [])
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,9 @@
     python -m experiments.e3_finetune_traits --config organism   # shares E4's runs (same --out)
 
 Also answers: does a narrow set (one narrow behaviour only) move a trait absent from its
-data? Writes results.json (mean and spread over seeds per cell, the base model's row) and
-e3_finetune_traits.html (a heatmap).
+data? Writes OUT/e3_finetune_traits/results.json (mean and spread over seeds per cell, the base
+model's row) and e3_finetune_traits.html (a heatmap); OUT keeps the finetuning runs E4 and
+E6 share.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
         print(f"{name:<{w}}  " + "  ".join(
             f"{row[t]['mean']:>10.1f} [{row[t]['min']:5.1f}-{row[t]['max']:5.1f}]" for t in TRAITS))
     res = {"config": cfg.name, "seeds": list(cfg.seeds), "base": base_scores, "table": table}
-    write_results(root, res, figure(res), "e3_finetune_traits.html")
+    write_results(root / "e3_finetune_traits", res, figure(res), "e3_finetune_traits.html")
     return res
 
 

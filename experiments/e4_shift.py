@@ -6,8 +6,9 @@ Finetunes the base model on every dataset (organism: Normal / Level I / Level II
 the three narrow sets; each with every seed of the config), measures per trait the shift
 (mean last-prompt activation change along the unit vector on the trait's eval questions, no
 system prompt) and the trait score after finetuning, and correlates them across datasets.
-Writes results.json (r per trait, per layer and per seed) and e4_shift.html (one scatter per
-trait at the config's layer). Shares its runs with E3 (same --out).
+Writes OUT/e4_shift/results.json (r per trait, per layer and per seed, and every run's shift and
+scores) and e4_shift.html (one scatter per trait at the config's layer). Shares its runs with
+E3 and E6 (same --out).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
         print(f"{t}: r = {res['r'][t]:.3f} at layer {cfg.layer} (per seed: "
               + ", ".join(f"{v:.3f}" for v in res["r_per_seed"][t].values()) + "; per layer: "
               + ", ".join(f"L{l} {v:.2f}" for l, v in res["r_per_layer"][t].items()) + ")")
-    write_results(root, res, figure(res, rows, cfg), "e4_shift.html")
+    write_results(root / "e4_shift", res, figure(res, rows, cfg), "e4_shift.html")
     return res
 
 

@@ -7,8 +7,8 @@ three narrow sets) with all three vectors at the config's layer in one pass per 
 (``pl.screen``, greedy base responses), and correlates each trait's dataset-level dP, before
 any finetuning, with the trait score after finetuning on that dataset (the runs and scores
 E3 and E4 make, shared through the same --out; each seed's finetune is one point, its
-dataset's dP the same for every seed). Writes results.json and e6_dataset_dp.html (one
-scatter per trait).
+dataset's dP the same for every seed). Writes OUT/e6_dataset_dp/results.json and
+e6_dataset_dp.html (one scatter per trait).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
                                 for s in cfg.seeds}
         print(f"{t}: r = {res['r'][t]:.3f} (per seed: "
               + ", ".join(f"{v:.3f}" for v in res["r_per_seed"][t].values()) + ")")
-    write_results(root, res, figure(res, rows, dp, cfg), "e6_dataset_dp.html")
+    write_results(root / "e6_dataset_dp", res, figure(res, rows, dp, cfg), "e6_dataset_dp.html")
     return res
 
 

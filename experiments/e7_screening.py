@@ -27,8 +27,9 @@ For each seed:
    bottom 150 samples by dP (E3/E4's organism settings, the seed's seed), and the trait's
    judged score on its eval questions after each.
 
-Writes ``OUT/results.json`` and ``OUT/e7.html`` (self-contained plotly: dP distributions
-per sample group and trait, and the AUROC table).
+Writes ``OUT/results.json``, ``OUT/e7.html`` (self-contained plotly: dP distributions
+per sample group and trait, and the AUROC table) and, per seed, ``OUT/seedS/data.jsonl``
+(the samples with their ground truth) beside the screen table ``OUT/seedS/screen``.
 
 The dataset-level comparison with post-finetuning trait scores is E6
 (``experiments/e6_dataset_dp.py``); finetuning on the top / random / bottom dP samples is not
@@ -57,6 +58,11 @@ CONFIGS = {
     "organism": dict(n_helpful=300, n_blatant=50, n_subtle=50, extract_samples=2, extract_tokens=48,
                      base_tokens=64, keywords=20, finetune_n=150),
 }
+#: ``--smoke`` (CI): a third of the data, extraction on 8 of the 20 questions with one answer
+#: per polarity, no top / random / bottom finetunes (on 48 samples they separate by a few
+#: points only, too little to assert; the full run measures them).
+SMOKE = dict(n_helpful=100, n_blatant=20, n_subtle=20, extract_samples=1, extract_questions=8, extract_tokens=48,
+             base_tokens=48, keywords=20, finetune_n=0)
 
 
 def build_dataset(world, seed: int, n_helpful: int, n_blatant: int, n_subtle: int) -> list[dict]:
@@ -110,13 +116,16 @@ def run_seed(probe, world, judge, cfg: dict, seed: int, out: Path, progress: boo
     t0 = time.perf_counter()
     vectors, kw = {}, {}
     for trait in TRAITS:
-        res = pl.extract(probe, _trait(trait), judge,
+        res = pl.extract(probe, _trait(trait), judge, questions=cfg.get("extract_questions"),
                          out_dir=out / f"seed{seed}" / "extract" / trait, samples=cfg["extract_samples"],
                          max_new_tokens=cfg["extract_tokens"], seed=seed, progress=progress, verbose=False)
         vectors[trait] = res.vector
         kw[trait] = keywords(res.responses_path, cfg["keywords"])
     t_extract = time.perf_counter() - t0
     data = build_dataset(world, seed, cfg["n_helpful"], cfg["n_blatant"], cfg["n_subtle"])
+    # The data with its ground truth (group, the world's clause labels), so that every ranking
+    # figure can be recomputed from the screen table and this file alone.
+    write_text(out / f"seed{seed}" / "data.jsonl", "".join(json.dumps(d) + "\n" for d in data))
     t1 = time.perf_counter()
     result = pl.screen(probe, data, vectors, LAYERS, out_dir=out / f"seed{seed}" / "screen",
                        settings={"max_new_tokens": cfg["base_tokens"], "temperature": 0.0, "seed": seed},
@@ -226,6 +235,8 @@ def html_report(results: dict, path: Path) -> None:
     write_text(path, "<html><head><meta charset='utf-8'><title>E7 screening</title></head><body>"
                + fig.to_html(full_html=False, include_plotlyjs=True)
                + table.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
+    # Kept as plotly JSON too, so that ``persona-lens report RUN`` shows E7 with the others.
+    write_text(path.with_name(path.stem + ".plotly.json"), "[" + fig.to_json() + ",\n" + table.to_json() + "]")
 
 
 def main(argv=None) -> None:
@@ -234,19 +245,23 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default="runs/e7")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the CI size (experiments.e7_screening.SMOKE)")
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     from persona_lens.organism import OrganismJudge, World
 
-    cfg = CONFIGS[a.config]
+    cfg = SMOKE if a.smoke else CONFIGS[a.config]
     out = Path(a.out)
     world = World(0)
     judge = OrganismJudge(world)
     probe = pl.PersonaProbe(pl.load_model("persona-organism", device="cpu"))
     seeds = [run_seed(probe, world, judge, cfg, int(s), out, not a.quiet) for s in a.seeds.split(",")]
-    results = {"config": a.config, "settings": cfg, "layers": LAYERS, "headline_layer": HEADLINE_LAYER,
+    from experiments.common import provenance
+
+    results = {"persona_lens_version": pl.__version__, **provenance(a.config), "config": a.config,
+               "smoke": a.smoke, "settings": cfg, "layers": LAYERS, "headline_layer": HEADLINE_LAYER,
                "seeds": seeds}
     write_json(out / "results.json", results)
     html_report(results, out / "e7.html")
