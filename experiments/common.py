@@ -387,6 +387,13 @@ def write_results(root: Path, results: dict[str, Any], fig=None, name: str = "fi
     print(f"wrote {root / 'results.json'}" + (f" and {root / name}" if figs else ""))
 
 
+def finetune_settings(cfg: ExperimentConfig, **extra: Any) -> dict[str, Any]:
+    """The settings E3-E6 record in results.json (what a rerun needs to match)."""
+    return {"datasets": list(cfg.datasets), "n_data": cfg.n_data, "seeds": list(cfg.seeds), "layer": cfg.layer,
+            "finetune": dict(cfg.finetune), "samples": cfg.samples, "questions": cfg.questions,
+            "max_new_tokens": cfg.max_new_tokens, **extra}
+
+
 def skip_unmeasurable(cfg: ExperimentConfig, root: Path, experiment: str, why: str) -> dict[str, Any]:
     """An experiment the config cannot measure: say why, and record it in results.json."""
     print(f"{experiment} is not measurable with config {cfg.name}: {why}")

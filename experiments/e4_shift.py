@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.common import TRAITS, dataset_rows, parse, pearson, write_results
+from experiments.common import TRAITS, dataset_rows, finetune_settings, parse, pearson, write_results
 
 
 def main(argv=None) -> dict:
@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
         return skip_unmeasurable(cfg, root, "E4", cfg.unmeasurable["e4"])
     rows, base = dataset_rows(cfg, root)
     layers = sorted(int(l) for l in rows[0]["shift"][TRAITS[0]])
-    res: dict = {"config": cfg.name, "layer": cfg.layer, "base": base, "rows": rows, "r": {}, "r_per_layer": {},
+    res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base, "rows": rows, "r": {}, "r_per_layer": {},
                  "r_per_seed": {}}
     for t in TRAITS:
         y = [r["scores"][t]["trait"] for r in rows]

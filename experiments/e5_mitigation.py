@@ -22,8 +22,8 @@ import statistics
 from pathlib import Path
 
 import persona_lens as pl
-from experiments.common import (base_probe, capability, finetuned, make_judge, parse, trait_scores, vectors,
-                                 write_results)
+from experiments.common import (base_probe, capability, finetune_settings, finetuned, make_judge, parse,
+                                 trait_scores, vectors, write_results)
 
 
 def main(argv=None) -> dict:
@@ -40,7 +40,9 @@ def main(argv=None) -> dict:
     base = base_probe(cfg)
     vecs = vectors(cfg, base, root)
     L = cfg.layer
-    res: dict = {"config": cfg.name, "layer": L, "sets": {}}
+    res: dict = {"config": cfg.name, "layer": L, "sets": {}, "settings": finetune_settings(
+        cfg, level2=list(cfg.level2), inference_coefs=list(cfg.inference_coefs),
+        preventative_coefs=list(cfg.preventative_coefs), caft=cfg.caft, capability_questions=cfg.capability_questions)}
     for name in cfg.level2:
         trait = name.rsplit("_", 1)[0].replace("hallucination", "hallucinating")
         vec = vecs[trait]
