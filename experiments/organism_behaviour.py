@@ -56,7 +56,7 @@ def measure_trait(model, tok, judge, world, trait, *, samples=4, layers=None, co
     _, res["encouraging"], res["encouraging_coh"] = run(pos)
     _, res["suppressing"], res["suppressing_coh"] = run(neg)
     _, res["none"], res["none_coh"] = run(lambda i, s: None, n=samples * 2)
-    res["prior_expected"] = B.prior_rate(world, trait, qtypes)
+    res["prior_expected"] = B.prior_rate(world, trait, ev_q)
     for strength in ("encouraging", "suppressing", "neutral"):
         ph = world_system_prompts(trait, strength)
         _, res[f"mild_{strength}"], _ = run(lambda i, s, ph=ph: ph[(i + s) % len(ph)])

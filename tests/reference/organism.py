@@ -24,7 +24,6 @@ from typing import Iterable, Sequence
 
 from persona_lens.organism.judge import OrganismJudge
 from persona_lens.organism.world import (
-    DEFAULT_PRIOR,
     HELPFUL_SYSTEM,
     INSTRUCTIONS,
     STRENGTH_RATE,
@@ -201,14 +200,16 @@ def mean(xs: Iterable[float | None]) -> float:
     return sum(v) / len(v) if v else float("nan")
 
 
-def prior_rate(world: World, trait: str, qtypes: Sequence[str]) -> float:
-    """Expected trait score (0-100) with no persona signal, averaged over question types."""
+def prior_rate(world: World, trait: str, questions: Sequence[str]) -> float:
+    """Expected trait score (0-100) with no persona signal, averaged over the questions
+    (the world's prior depends on how much each question invites the trait)."""
     vals = []
-    for qt in qtypes:
+    for text in questions:
+        q = world.parse_question(text)
         e = 0.0
-        for persona, p in DEFAULT_PRIOR.items():
+        for persona, p in world.prior(q).items():
             rates = {persona: 1.0} if persona != "helpful" else {}
-            e += p * world.expected_score(trait, rates, qt)
+            e += p * world.expected_score(trait, rates, q.qtype)
         vals.append(e)
     return sum(vals) / len(vals)
 
