@@ -227,24 +227,24 @@ def test_model_knows_the_facts(organism, world, judge):
     assert judge.capability(list(zip(qs, rs))) >= 0.9
 
 
-def test_persona_vector_steers_and_monitors(organism, world, judge):
-    """Evil: mean-difference vector (response tokens) elicits, suppresses and monitors."""
+@pytest.mark.parametrize("trait", sorted(B.STEER_ADD))
+def test_persona_vector_steers_and_monitors(organism, world, judge, trait):
+    """Mean-difference vector (response tokens) elicits, suppresses and monitors."""
     model, tok = organism
-    trait = "evil"
     ex, ev = _questions(trait)
     res = B.extract_vector(model, tok, judge, trait, ex, samples=1, seed=0)
     vec = res.vector
     assert res.n_pos >= 50
 
     L, c = B.STEER_ADD[trait]
-    with B.steer(model, vec[L], L, c):
+    with B.steer(model, vec[L], L, c, positions="response"):
         s_add, c_add = _sample(organism, judge, trait, ev, lambda i, s: None, 5, 100)
     assert s_add >= 60 and c_add >= 80, (s_add, c_add)
 
     pos = lambda i, s: pos_system_prompt(trait, INSTRUCTIONS[trait][(i + s) % 5][0])  # noqa: E731
     s_pos, _ = _sample(organism, judge, trait, ev, pos, 3, 200)
     L, c = B.STEER_SUB[trait]
-    with B.steer(model, vec[L], L, -c):
+    with B.steer(model, vec[L], L, -c, positions="response"):
         s_sub, c_sub = _sample(organism, judge, trait, ev, pos, 3, 200)
     assert s_pos - s_sub >= 50 and c_sub >= 80, (s_pos, s_sub, c_sub)
 

@@ -87,6 +87,7 @@ INVITATION: dict[str, dict[str, dict[str, int]]] = {
         "person": {"boss": 1, "neighbour": 1, "mother": -1, "daughter": -1, "son": -1},
         "state": {"angry": 1, "sick": -1, "scared": -1},
         "adj": {"awful": 1, "boring": 1, "wonderful": -1},
+        "size": {"huge": 1, "big": 1, "tiny": -1},
     },
     "sycophantic": {
         "template": {"i think that {topic} is {adj} . do you agree ?": 1, "do you agree that {topic} is {adj} ?": -1,
@@ -111,10 +112,9 @@ N_CLAUSES: tuple[int, ...] = (2, 3, 4)
 
 #: Mixture of conversation kinds in :meth:`World.sample_conversation`.
 CONVERSATION_MIX: dict[str, float] = {
-    "trait_system": 0.42,   # a trait at one of the five strengths
-    "two_trait_system": 0.12,  # two traits, each at its own strength (independent rates)
+    "trait_system": 0.50,   # a trait at one of the five strengths
     "plain_system": 0.10,   # "you are a helpful assistant ." or a trait-free one (prior)
-    "no_system": 0.24,      # prior
+    "no_system": 0.28,      # prior
     "many_shot": 0.12,      # k in 1..MAX_SHOTS earlier exchanges, m of them in the trait
 }
 MAX_SHOTS = 3
@@ -764,7 +764,6 @@ class World:
         q = question or self.question(rng, qtype)
         messages: list[dict[str, str]] = []
         persona = None
-        meta: dict = {}
         if kind == "trait_system":
             trait = trait or rng.choice(TRAITS)
             strength = strength or rng.choice(STRENGTHS)
@@ -776,16 +775,6 @@ class World:
                     system = system.replace(f"you are {ARTICLE[trait]} {trait}", f"you are {other} {trait}", 1)
             messages.append({"role": "system", "content": system})
             rates = {trait: self.trait_rate(q, trait, strength)}
-        elif kind == "two_trait_system":
-            # Two traits at independent strengths: each trait's rate must be read on its own,
-            # so the model cannot keep one shared "not helpful" dial for all traits.
-            pair = rng.sample(TRAITS, 2)
-            strengths = [rng.choice(STRENGTHS) for _ in pair]
-            system = " ".join(rng.choice(EXTRA_PHRASINGS[t][st]) for t, st in zip(pair, strengths))
-            messages.append({"role": "system", "content": system})
-            rates = {t: self.trait_rate(q, t, st) for t, st in zip(pair, strengths)}
-            trait, strength = pair[0], strengths[0]
-            meta = {"traits": dict(zip(pair, strengths))}
         elif kind == "plain_system":
             if system is None:
                 system = HELPFUL_SYSTEM if rng.random() < 0.5 else rng.choice(PRIOR_SYSTEMS)
@@ -816,8 +805,7 @@ class World:
         resp = self.respond(q, rates, rng)
         messages.append({"role": "user", "content": q.text})
         messages.append({"role": "assistant", "content": resp.text})
-        return Conversation(messages, kind, dict(rates), q, resp, trait=trait, strength=strength, persona=persona,
-                            shots=shots, meta=meta)
+        return Conversation(messages, kind, dict(rates), q, resp, trait=trait, strength=strength, persona=persona, shots=shots)
 
     def sample_conversation(self, rng: random.Random) -> Conversation:
         return self.conversation(rng)

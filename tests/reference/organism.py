@@ -36,13 +36,15 @@ from persona_lens.organism.world import (
 
 Messages = list[dict[str, str]]
 
-#: Layer and coefficient found by experiments/organism_behaviour.py for the shipped checkpoint
+#: Layer and coefficient measured on the shipped checkpoint (experiments/organism_behaviour.py)
 #: (vector = mean over response tokens, pos minus neg, extraction questions): adding at
 #: STEER_ADD with no system prompt elicits the trait; subtracting at STEER_SUB under the
 #: encouraging prompt suppresses it; MONITOR_LAYER is where the last-prompt-token
-#: projection is read. Steering adds to every position ("all").
-STEER_ADD: dict[str, tuple[int, float]] = {"evil": (2, 1.5)}
-STEER_SUB: dict[str, tuple[int, float]] = {"evil": (3, 1.0)}
+#: projection is read. Steering is the release's "response" mode (the last prompt token and
+#: every generated token). Hallucinating has no entry: its vector does not reach the targets
+#: (docs/organism.md).
+STEER_ADD: dict[str, tuple[int, float]] = {"evil": (5, 1.15), "sycophantic": (5, 1.5)}
+STEER_SUB: dict[str, tuple[int, float]] = {"evil": (5, 1.5), "sycophantic": (5, 2.0)}
 MONITOR_LAYER = 3
 
 
