@@ -199,10 +199,10 @@ ALIASES = {"qwen7b": "qwen2.5-7b-instruct", "llama8b": "llama-3.1-8b-instruct"}
 SMOKE = dict(seeds=(0,), samples=2, sweep_samples=1, heldout_samples=2, sweep_coefs=(0.0, 1.0, 1.5, 2.0),
              monitor_questions=4, monitor_samples=1, e8_samples=1, questions=10,
              # E3, E4, E6: Normal / Level I / Level II of every trait (nine finetunes, shared),
-             # 64 chats each (4 optimizer steps: enough to move a trait, seconds each).
+             # 128 chats each (8 optimizer steps: enough to move a trait clearly, seconds each).
              # E5: the evil Level II set, plain finetuning, inference-time and preventative steering
              # at one coefficient (CAFT, one more finetune, only in the full run).
-             n_data=64, datasets=tuple(f"{t}_{lv}" for t in TRAITS for lv in ("normal", "I", "II")),
+             n_data=128, datasets=tuple(f"{t}_{lv}" for t in TRAITS for lv in ("normal", "I", "II")),
              level2=("evil_II",), inference_coefs=(0.0, 1.5), preventative_coefs=(1.5,), caft=False,
              capability_questions=32)
 
