@@ -150,7 +150,9 @@ def _organism() -> ExperimentConfig:
         # The release's LoRA (r=32, alpha=64, rsLoRA, all projections, linear, 5 warmup) with a
         # learning rate and batch that move a 1.6M-parameter model in one short epoch.
         finetune=dict(lr=1e-3, batch_size=16, grad_accum=1),
-        preventative_coefs=(0.5, 1.0, 1.5),
+        # Up to 2.5: on organism v2, +1.5 v during training still leaves evil 11 and 24
+        # points above the base on seeds 0 and 1 (the first organism needed 1.5).
+        preventative_coefs=(0.5, 1.0, 1.5, 2.0, 2.5),
     )
 
 

@@ -23,6 +23,8 @@ import pytest
 from experiments.common import CONFIGS, GOALS, TRAITS, load_config
 
 #: Seconds the smoke run of E1-E8 may take on 2 CPU cores (issue 12: under 5 minutes).
+#: Measured on organism v2: 140 s at a load average of about 2 from other jobs (E1 43 s,
+#: E3 44 s, the rest 52 s); 506 s with three other heavy jobs saturating both cores.
 SMOKE_BUDGET = 300
 #: experiment id -> its results folder inside the smoke run
 FOLDERS = {"e1": "e1_steering", "e2": "e2_monitoring", "e8": "e8_traits", "e3": "datasets/e3_finetune_traits",
