@@ -456,7 +456,7 @@ class VLLMBackend(Backend):
                 if o.op == "add":
                     h = ops.add_direction(h[None], o.vector, o.coef, mask[None])[0]
                 else:  # ablate: h - (h.u)u on the stream, written to its hidden_states part
-                    coeff = ops.project(full, o.vector) * mask
+                    coeff = ops.project(full[None], o.vector)[0] * mask
                     h = h - (coeff[:, None] * o.vector).to(h.dtype)
                 full = h if residual is None else h + residual
             # Reads come after the edits at their layer, as the probe's own hooks do.
@@ -471,7 +471,7 @@ class VLLMBackend(Backend):
                             m = step.kind(Capture.KIND[r])[a:b]
                             sums[r] += ops.masked_sum(full[None, a:b], m[None])[0]
                     else:
-                        slot.proj[id(o)][step.positions[a:b].long()] = ops.project(full[a:b], o.vector)
+                        slot.proj[id(o)][step.positions[a:b].long()] = ops.project(full[None, a:b], o.vector)[0]
             return None if not edits else args[:at] + (h,) + args[at + 1 :]
 
         return hook
