@@ -16,6 +16,8 @@ Needs vLLM (docs/scale.md). Examples, in the vLLM environment:
     python benchmarks/bench_vllm.py                                  # offline SmolLM2, CPU, float32
     python benchmarks/bench_vllm.py --model persona-organism
     python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16   # a GPU
+    python benchmarks/bench_vllm.py --random-qwen7b     # a GPU: Qwen2.5-7B's shape, random bf16 weights
+                                                        # (vLLM's load_format="dummy"; no HF comparison)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 import torch
 
 import persona_lens as pl
+from persona_lens.models import SMOLLM2
 
 QUESTIONS = [
     "What is a good way to spend a rainy afternoon?", "How should I prepare for a job interview?",
@@ -40,7 +43,7 @@ QUESTIONS = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=pl.models.SMOLLM2, help="HF name, local dir or built-in name")
+    p.add_argument("--model", default=SMOLLM2, help="HF name, local dir or built-in name")
     p.add_argument("--dtype", default=None, help="float32 (default on a CPU) or bfloat16 (default on CUDA)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per generation (default 16)")
     p.add_argument("--new-tokens", type=int, default=48)
@@ -48,14 +51,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers-n", type=int, default=4, help="sweep layers (default 4, x 4 coefs)")
     p.add_argument("--sweep-prompts", type=int, default=4, help="prompts per sweep cell (default 4)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF fast-path comparison")
+    p.add_argument("--random-qwen7b", action="store_true",
+                   help="Qwen2.5-7B's shape with random weights (vLLM's dummy loader; implies --no-hf)")
     return p.parse_args(argv)
+
+
+def random_qwen7b_dir() -> str:
+    """A checkpoint folder with Qwen2.5-7B's config and no weights (vLLM draws them), and the
+    tests' character tokenizer (ids beyond it decode to nothing, which does not matter for timing)."""
+    import tempfile
+
+    from transformers import Qwen2Config
+
+    from persona_lens.testing import char_tokenizer
+
+    tok = char_tokenizer(bos_in_template=False)
+    cfg = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, architectures=["Qwen2ForCausalLM"])
+    directory = tempfile.mkdtemp(prefix="random-qwen-")
+    cfg.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     prompts = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
-    engine = pl.PersonaProbe(pl.load_model(args.model, engine="vllm", dtype=dtype))
+    extra = {}
+    if args.random_qwen7b:
+        args.model, args.no_hf, extra = random_qwen7b_dir(), True, {"load_format": "dummy"}
+    engine = pl.PersonaProbe(pl.load_model(args.model, engine="vllm", dtype=dtype, **extra))
     n = engine.n_layers
     g = torch.Generator().manual_seed(0)
     # A random direction at each layer, scaled to a modest fraction of a typical residual norm:
