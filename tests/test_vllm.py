@@ -114,17 +114,18 @@ def test_steered_greedy_tokens_equal_the_hf_path(engine, hf, vec, prompts, how):
 
 
 def test_rows_with_different_steering_equal_each_row_alone(engine, hf, vec, prompts):
-    cells = [(layer, coef) for layer in (1, 2) for coef in (0.0, 1.5)]
+    other = pl.PersonaVector(torch.randn(vec.directions.shape, generator=torch.Generator().manual_seed(5)) * 3)
+    cells = [(vec, layer, coef) for layer in (1, 2) for coef in (0.0, 1.5)] + [(other, 2, 2.0)]
     rows = [p for p in prompts[:3] for _ in cells]
-    ivs = [engine.steering(vec, layer=l, coef=c, positions="response") for _ in prompts[:3] for l, c in cells]
+    ivs = [engine.steering(v, layer=l, coef=c, positions="response") for _ in prompts[:3] for v, l, c in cells]
     together = engine.generate(rows, max_new_tokens=MAX_NEW, interventions=ivs)
-    for (layer, coef), i in zip(cells, range(len(cells))):
-        with engine.steer(vec, layer=layer, coef=coef, positions="response"):
+    for i, (v, layer, coef) in enumerate(cells):
+        with engine.steer(v, layer=layer, coef=coef, positions="response"):
             alone = engine.generate(prompts[:3], max_new_tokens=MAX_NEW)
-        with hf.steer(vec, layer=layer, coef=coef, positions="response"):
+        with hf.steer(v, layer=layer, coef=coef, positions="response"):
             reference = hf.generate(prompts[:3], max_new_tokens=MAX_NEW)
         assert together[i :: len(cells)] == alone == reference
-    assert len(set(together)) > len(prompts[:3]), "the cells must differ, or this test could not fail"
+    assert len(set(together)) > len(prompts[:3]) + 1, "the cells must differ, or this test could not fail"
 
 
 def test_a_sweep_in_a_store_is_one_batch_and_equals_the_hf_path(engine, hf, vec, prompts, monkeypatch):
@@ -200,7 +201,7 @@ def test_prefix_caching_on_and_off_give_the_same_steered_tokens(engine, engine_u
     assert run(engine) == want  # now from KV cached under this very steering
     assert all(n >= 32 for n in cached), ("the same steering shares its cache, or this test could not fail", cached)
     # Without the key the cache would hand steered prompts the unsteered KV: what the salt prevents.
-    monkeypatch.setattr(engine.backend, "_salt", lambda req: None)
+    monkeypatch.setattr(engine.backend, "_salt", lambda req, digests=None: None)
     engine.generate(prompts, max_new_tokens=4)
     cached.clear()
     run(engine, prompts[-1:])
@@ -233,6 +234,25 @@ def test_what_the_engine_cannot_do_says_what_can(engine, vec, prompts):
                  lambda: engine.hf_model):
         with pytest.raises(NotImplementedError, match="default engine"):
             call()
+
+
+@pytest.mark.smollm
+def test_smollm2_steered_greedy_tokens_equal_the_hf_path(smollm2):
+    from persona_lens.models import cache_root
+
+    _needs_vllm()
+    if not (cache_root() / "models" / "smollm2-135m-instruct" / "config.json").exists():
+        pytest.skip("SmolLM2 is converted by the main environment's tests (python -m pytest -m smollm)")
+    engine = pl.PersonaProbe(pl.load_model("smollm2-135m-instruct", engine="vllm", max_model_len=512))
+    questions = ["What is the capital of France?", "Give me one tip for sleeping well.", "What is 12 times 3?"]
+    direction = torch.randn(engine.d_model, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, probe in (("vllm", engine), ("hf", smollm2)):
+        plain = probe.generate(questions, max_new_tokens=32)
+        with probe.steer(direction, layers={10: 4.0, 20: 4.0}, positions="response", include_last_prompt=True):
+            out[name] = plain, probe.generate(questions, max_new_tokens=32)
+    assert out["vllm"] == out["hf"]
+    assert out["hf"][1] != out["hf"][0], "the steering must change an answer, or this test could not fail"
 
 
 def test_a_model_vllm_cannot_load_is_a_clear_error(tmp_path):

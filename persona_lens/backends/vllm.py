@@ -352,12 +352,13 @@ class VLLMBackend(Backend):
         kinds = list(requests[0].masks)
         call = _Call(requests, kinds, self.device, self.dtype, self.d_model)
         eos = sorted(self.eos_token_ids())
+        digests: dict[int, bytes] = {}  # spec id -> digest: rows sharing a spec hash it once
         prompts, params = [], []
         for key, live in call.live.items():
             req = requests[live.index]
             ids = list(req.prompt_ids) + list(req.response_ids)
             prompt: dict[str, Any] = {"prompt_token_ids": ids}
-            salt = self._salt(req)
+            salt = self._salt(req, digests)
             if salt is not None:
                 prompt["cache_salt"] = salt
             prompts.append(prompt)
@@ -380,17 +381,21 @@ class VLLMBackend(Backend):
             results.append(EngineResult(new, finished, live.results()))
         return results
 
-    def _salt(self, req: EngineRequest) -> str | None:
+    def _salt(self, req: EngineRequest, digests: dict[int, bytes] | None = None) -> str | None:
         """The request's prefix-cache key (module doc): None for a plain request."""
         if any(s["op"] in READS for s in req.specs):
             return uuid.uuid4().hex
         edits = [s for s in req.specs if s["op"] not in READS]
         if not edits:
             return None
+        digests = {} if digests is None else digests
         h = hashlib.sha256(repr(len(req.prompt_ids) + len(req.response_ids)).encode())
         for s in edits:
-            h.update(repr(sorted((k, v) for k, v in s.items() if k != "vector")).encode())
-            h.update(torch.tensor(s.get("vector", []), dtype=torch.float32).numpy().tobytes())
+            if id(s) not in digests:
+                d = hashlib.sha256(repr(sorted((k, v) for k, v in s.items() if k != "vector")).encode())
+                d.update(torch.tensor(s.get("vector", []), dtype=torch.float32).numpy().tobytes())
+                digests[id(s)] = d.digest()
+            h.update(digests[id(s)])
         return h.hexdigest()
 
     # -- hooks ------------------------------------------------------------------------------
