@@ -228,6 +228,13 @@ def test_what_the_engine_cannot_do_says_what_can(engine, vec, prompts):
     with pytest.raises(ValueError, match="layer"):
         with engine.steer(vec, layer=engine.n_layers + 1, coef=1.0):
             pass
+    from persona_lens.backends.base import EngineRequest
+
+    masks = {k: torch.ones(1, 5, dtype=torch.bool) for k in ("all", "prompt", "response", "last_prompt")}
+    spec = {"op": "add", "layer": engine.n_layers + 1, "coef": 1.0, "positions": ["all"], "vector": [0.0] * engine.d_model}
+    with pytest.raises(ValueError, match="layers 0..6"):
+        engine.backend.run([EngineRequest([1, 2, 3], [], 2, [spec], masks)])
+    assert _hooks(engine) == 0
     batch = engine.encode([prompts[0] + [{"role": "assistant", "content": "hi"}]], with_response=True)
     for call in (lambda: engine.forward(batch), lambda: engine.batch(batch).__enter__(),
                  lambda: engine.add_hooks([("blocks.0.hook_resid_pre", lambda x, hook: x)]).__enter__(),

@@ -349,6 +349,12 @@ class VLLMBackend(Backend):
 
         if not requests:
             return []
+        for req in requests:
+            for spec in req.specs:
+                if not 0 <= int(spec["layer"]) <= self.n_layers:
+                    raise ValueError(f"a {spec['op']} at layer {spec['layer']}: this model has layers 0..{self.n_layers} "
+                                     f"(layer L is the residual stream entering block L; {self.n_layers} is the last "
+                                     "block's output)")
         kinds = list(requests[0].masks)
         call = _Call(requests, kinds, self.device, self.dtype, self.d_model)
         eos = sorted(self.eos_token_ids())
