@@ -282,3 +282,29 @@ def test_missing_or_unsupported_vllm_names_the_install(monkeypatch):
         pl.load_model("persona-organism", engine="vllm")
     with pytest.raises(ValueError, match="engine"):
         pl.load_model("persona-organism", engine="tgi")
+
+
+def test_the_cli_hands_engine_to_load_model(monkeypatch):
+    from persona_lens import cli, models
+
+    seen: dict = {}
+
+    def fake(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise KeyboardInterrupt  # stop before a model would load
+
+    monkeypatch.setattr(models, "load_model", fake)
+    parser = cli.build_parser()
+    for argv in (["screen", "d.jsonl", "--vector", "v.safetensors", "--layer", "2", "--model", "m", "--engine", "vllm"],
+                 ["sweep", "--model", "m", "--trait", "evil", "--vector", "v.safetensors", "--layers", "2",
+                  "--engine", "vllm"]):
+        args = parser.parse_args(argv)
+        seen.clear()
+        with pytest.raises(KeyboardInterrupt):
+            cli._load_probe(args)
+        assert seen["engine"] == "vllm" and seen["name"] == "m"
+    args = parser.parse_args(["screen", "d.jsonl", "--vector", "v.safetensors", "--layer", "2", "--model", "m"])
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        cli._load_probe(args)
+    assert "engine" not in seen or seen["engine"] == "transformer_lens"
