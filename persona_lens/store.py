@@ -387,7 +387,8 @@ class Store:
                 missing[k] = p
                 stale += p.id is not None and self._key_of_id.get(p.id, k) != k
         groups: dict[str | None, list[tuple[str, Prompt]]] = {}
-        per_row = getattr(probe.backend, "runs", "steps") == "requests"
+        # An engine that runs whole requests takes per-row steering (duck-typed probes may have no backend).
+        per_row = getattr(getattr(probe, "backend", None), "runs", "steps") == "requests"
         for k, p in missing.items():
             group = None if per_row or p.steer is None else fingerprint(p.steer.spec())
             groups.setdefault(group, []).append((k, p))
