@@ -224,6 +224,28 @@ def test_hooks_leave_when_a_call_fails(engine, vec, prompts, monkeypatch):
     assert engine.generate(prompts[:1], max_new_tokens=4)  # and the engine still works
 
 
+def test_an_error_inside_a_hook_leaves_no_hook_behind(engine, vec, prompts, monkeypatch):
+    from persona_lens.backends import vllm as engine_module
+
+    def broken(*a, **k):
+        raise RuntimeError("broken edit")
+
+    monkeypatch.setattr(engine_module.ops, "add_direction", broken)
+    with pytest.raises(RuntimeError, match="broken edit"):
+        with engine.steer(vec, layer=2, coef=1.5):
+            engine.generate(prompts[:2], max_new_tokens=4)
+    assert _hooks(engine) == 0 and engine.interventions == () and engine.backend._call is None
+    monkeypatch.undo()
+    assert len(engine.generate(prompts[:2], max_new_tokens=4)) == 2  # vLLM was not left stuck
+
+
+def test_sampling_is_reproducible_per_seed(engine, prompts):
+    a = engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=3)
+    assert engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=3) == a
+    assert engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=4) != a
+    assert engine.generate(prompts, max_new_tokens=MAX_NEW) != a  # sampled, not greedy
+
+
 def test_what_the_engine_cannot_do_says_what_can(engine, vec, prompts):
     with pytest.raises(ValueError, match="layer"):
         with engine.steer(vec, layer=engine.n_layers + 1, coef=1.0):

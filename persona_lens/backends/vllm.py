@@ -304,6 +304,7 @@ class VLLMBackend(Backend):
         self._inner = inner
         self._call: _Call | None = None
         self._step_state: _Step | None = None
+        self._error: BaseException | None = None
         try:
             from transformers import GenerationConfig
 
@@ -372,12 +373,14 @@ class VLLMBackend(Backend):
                 max_tokens=max(req.max_new_tokens, 1), temperature=temperature, top_p=top_p,
                 seed=None if temperature == 0 or seed is None else derived_seed(seed, live.index),
                 stop_token_ids=eos, detokenize=False, extra_args={_KEY: key}))
-        self._call = call
+        self._call, self._error = call, None
         try:
             with self._hooks_installed(call):
                 outs = self.llm.generate(prompts, params, use_tqdm=progress)
+            if self._error is not None:
+                raise self._error
         finally:
-            self._call = self._step_state = None
+            self._call = self._step_state = self._error = None
         results = []
         for out, live in zip(outs, call.live.values()):
             req = requests[live.index]
@@ -417,19 +420,34 @@ class VLLMBackend(Backend):
                 if layers_edited:
                     # On the first decoder layer, not the model: vLLM's compile decorator calls
                     # the model's forward directly, past its hooks; layers are plain modules.
-                    handles.append(self._inner.layers[0].register_forward_pre_hook(self._begin_step))
+                    handles.append(self._inner.layers[0].register_forward_pre_hook(self._guarded(self._begin_step)))
                     for layer in sorted(layers_edited):
                         if layer < self.n_layers:
                             site, at = self._inner.layers[layer], 1
                         else:
                             site, at = self._inner.norm, 0
-                        handles.append(site.register_forward_pre_hook(self._layer_hook(layer, at)))
+                        handles.append(site.register_forward_pre_hook(self._guarded(self._layer_hook(layer, at))))
                 yield
             finally:
                 for h in reversed(handles):
                     h.remove()
 
         return installed()
+
+    def _guarded(self, fn):
+        """A hook that never raises into vLLM: an exception inside its forward leaves vLLM's
+        in-process engine stepping forever. The first error is kept, every later step of the
+        call is left alone, and :meth:`run` raises the error once vLLM returns."""
+        def hook(module, args):
+            if self._error is not None:
+                return None
+            try:
+                return fn(module, args)
+            except BaseException as e:  # noqa: BLE001 - re-raised by run()
+                self._error, self._step_state = e, None
+                return None
+
+        return hook
 
     def _begin_step(self, module, args) -> None:
         """Which request each token of this forward belongs to, and at which position."""
