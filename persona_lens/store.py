@@ -142,7 +142,12 @@ class Steering:
                            include_last_prompt=self.include_last_prompt)
 
     def interventions(self, probe: "PersonaProbe") -> list:
-        """The ``Steer`` values of this spec on ``probe`` (for rows that carry their own)."""
+        """The ``Steer`` values of this spec on ``probe`` (for rows that carry their own).
+
+        Example:
+            >>> [(s.layer, s.coef) for s in Steering(vec, layer=2, coef=1.5).interventions(probe)]
+            [(2, 1.5)]
+        """
         return probe.steering(self.vector, layers=self.layers, positions=self.positions,
                               include_last_prompt=self.include_last_prompt)
 

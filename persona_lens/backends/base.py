@@ -65,6 +65,11 @@ class EngineResult:
         reads: one entry per read spec of the request, in their order: a capture gives
             ``{reduction: [d_model] float32 sum over its positions}``; a projection gives a
             ``[total]`` float32 tensor by position (NaN where no forward reached).
+
+    Example:
+        >>> r = EngineResult([5, 9, 2], True, [{"response_mean": torch.zeros(4)}])
+        >>> r.finished, r.reads[0]["response_mean"].shape
+        (True, torch.Size([4]))
     """
 
     new_ids: list[int]

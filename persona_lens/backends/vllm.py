@@ -343,7 +343,18 @@ class VLLMBackend(Backend):
             seed: int | None = 0, progress: bool = False) -> list[EngineResult]:
         """Generate (``max_new_tokens > 0``) or prefill (``max_new_tokens == 0``: the prompt and
         the given response are read, nothing is generated) every request, with its own
-        interventions and readings applied; results in the requests' order."""
+        interventions and readings applied; results in the requests' order. The probe builds
+        the requests (``PersonaProbe._engine_run``); hooks are on the model only during the call.
+
+        Example:
+            >>> from persona_lens.probe.positions import position_masks
+            >>> ids = probe.tokenizer("hello", add_special_tokens=False)["input_ids"]   # doctest: +SKIP
+            >>> masks = position_masks(torch.ones(1, len(ids), dtype=torch.bool),
+            ...                        torch.zeros(1, len(ids), dtype=torch.bool), len(ids) + 8)  # doctest: +SKIP
+            >>> [res] = backend.run([EngineRequest(ids, [], 8, [], masks)])              # doctest: +SKIP
+            >>> len(res.new_ids) <= 8                                                     # doctest: +SKIP
+            True
+        """
         from vllm import SamplingParams
 
         from persona_lens.pipeline_io import derived_seed
