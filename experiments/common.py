@@ -1,12 +1,22 @@
-"""Shared pieces of the finetuning experiments (E3, E4, E5): configs, vectors, evaluation,
-cached finetuning runs and results writing.
+"""Shared pieces of the experiments (E1-E8): configs, goals, vectors, evaluation, cached
+finetuning runs and results writing.
 
-Configs: ``organism`` (the built-in persona organism, exact judge, a 2-core CPU in minutes)
-and ``qwen7b`` / ``llama8b`` (a GPU, the release's finetuning settings, an API judge;
-vectors from ``persona-lens extract``, datasets from the paper's release). Every run writes
-into ``--out`` (default ``experiment_runs/NAME/CONFIG``) and a rerun reuses what is there:
-finetuning runs are folders keyed by their settings, generations and scores go through a
-:class:`persona_lens.store.Store`.
+Configs (``--config``):
+
+- ``organism``: the built-in persona organism, its exact judge, a 2-core CPU in minutes;
+- ``smollm2``: the offline SmolLM2-135M-Instruct on a CPU. No LLM judge runs offline, so the
+  judged figures (E1 steering, E2 monitoring, E3-E6) are not measurable with it and say so;
+  E8 (cosines between vectors extracted without a judge, projections) runs;
+- ``qwen2.5-7b-instruct`` / ``llama-3.1-8b-instruct`` (aliases ``qwen7b`` / ``llama8b``): a GPU,
+  the release's settings, a judge on an OpenAI-compatible endpoint (``gpt-4.1-mini``), vectors
+  from ``persona-lens extract`` or the release, datasets from the release. Not run here; their
+  configs load and validate in the tests.
+
+Every run writes into ``--out`` (default ``experiment_runs/NAME/CONFIG``) and a rerun reuses
+what is there: finetuning runs are folders keyed by their settings, generations and scores go
+through a :class:`persona_lens.store.Store`. :data:`GOALS` holds the figures the organism must
+reach (issue 12); the scripts record, per trait, each goal's value and whether it passes, and
+the tests and ``docs/results.md`` read them from there.
 """
 
 from __future__ import annotations
@@ -22,8 +32,37 @@ import torch
 
 import persona_lens as pl
 from persona_lens.pipeline_io import fingerprint, write_json, write_text
+from persona_lens.stats import pearson  # noqa: F401  (the experiments' r, re-exported)
 
 TRAITS = ("evil", "sycophantic", "hallucinating")
+
+#: What the organism must show (issue 12), read by the scripts, the smoke test and the docs.
+#: Steering and suppression figures are held out (answers not used to choose the cell).
+GOALS: dict[str, dict[str, Any]] = {
+    "steer_trait": {"op": ">=", "target": 60.0, "what": "trait score with +coef*v from the no-system prior"},
+    "steer_coherence": {"op": ">=", "target": 80.0, "what": "coherence of those steered answers"},
+    "suppress_trait": {"op": "<=", "target": 10.0, "what": "trait score with -coef*v under an encouraging prompt"},
+    "suppress_coherence": {"op": ">=", "target": 80.0, "what": "coherence of those suppressed answers"},
+    "monitor_r": {"op": ">=", "target": 0.75, "what": "Pearson r, last-prompt projection vs trait score, "
+                                                      "across every prompt of both types"},
+    "monitor_within_r": {"op": ">", "target": 0.0, "what": "Pearson r within one prompt level (pooled over "
+                                                           "levels), per prompt type"},
+}
+
+
+def goal(name: str, value: float) -> dict[str, Any]:
+    """A goal's record: the value, the target and whether it passes (NaN never passes).
+
+    Example:
+        >>> goal("steer_trait", 64.2)["pass"], goal("monitor_within_r", float("nan"))["pass"]
+        (True, False)
+    """
+    import math
+
+    g = GOALS[name]
+    ok = not math.isnan(value) and {">=": value >= g["target"], "<=": value <= g["target"],
+                                    ">": value > g["target"]}[g["op"]]
+    return {"value": value, "op": g["op"], "target": g["target"], "pass": bool(ok)}
 
 
 @dataclass(frozen=True)
@@ -50,22 +89,56 @@ class ExperimentConfig:
     inference_coefs: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     preventative_coefs: tuple[float, ...] = (0.5, 1.0, 1.5)
     caft: bool = True
+    # -- E1 (steering sweep), E2 (monitoring), E8 (traits) ---------------------------------
+    #: layers E1 sweeps (None: every block input 1..n_layers-1)
+    sweep_layers: tuple[int, ...] | None = None
+    sweep_coefs: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    #: steering positions (docs/method.md): "response" is the paper's released mode
+    positions: str = "response"
+    coherence_floor: float = 80.0
+    #: answers per question for choosing a cell, and fresh ones for re-measuring it
+    sweep_samples: int = 2
+    heldout_samples: int = 4
+    #: E2: eval questions per prompt, samples per (prompt, question), most earlier exchanges
+    monitor_questions: int | None = 10
+    monitor_samples: int = 2
+    max_shots: int = 3
+    #: E8: answers per eval question under each trait's encouraging prompt
+    e8_samples: int = 2
+    #: vectors when none are given and the model is not the organism: the extraction's
+    #: samples and questions (judge "none": keep every pair, a plain contrastive difference)
+    extract_samples: int = 2
+    extract_questions: int | None = None
+    #: experiment -> why it cannot be measured with this config (said by the script)
+    unmeasurable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_organism(self) -> bool:
+        return self.model == "persona-organism"
 
     def validate(self) -> "ExperimentConfig":
         from persona_lens.finetune import FinetuneConfig
+        from persona_lens.interventions import steering_mode
 
         FinetuneConfig(**self.finetune)  # unknown or bad settings raise here
-        if self.judge != "organism" and self.model == "persona-organism":
+        steering_mode(self.positions)
+        if self.judge != "organism" and self.is_organism:
             raise ValueError("the organism is judged by its exact judge")
-        if self.model != "persona-organism":
+        if self.judge == "organism" and not self.is_organism:
+            raise ValueError(f"{self.name}: only the organism has the exact judge; give a judge model or 'none'")
+        if not self.is_organism and self.datasets:
             if not self.vectors or set(self.vectors) != set(TRAITS):
                 raise ValueError(f"{self.name}: give a vector file per trait {TRAITS}")
             if not self.data_dir:
                 raise ValueError(f"{self.name}: give data_dir with the released datasets")
-        if not self.datasets or not set(self.level2) <= set(self.datasets):
+        if self.datasets and not set(self.level2) <= set(self.datasets):
             raise ValueError(f"{self.name}: the Level II sets must be among the datasets")
-        if not self.seeds or self.samples < 1:
+        if self.judge == "none" and not {"e1", "e2", "e3", "e4", "e5", "e6"} <= set(self.unmeasurable):
+            raise ValueError(f"{self.name}: without a judge E1-E6 cannot be measured; say why in unmeasurable")
+        if not self.seeds or self.samples < 1 or self.sweep_samples < 1 or self.heldout_samples < 1:
             raise ValueError(f"{self.name}: need seeds and samples >= 1")
+        if 0.0 not in self.sweep_coefs:
+            raise ValueError(f"{self.name}: sweep_coefs must hold 0 (the unsteered baseline)")
         return self
 
 
@@ -78,6 +151,17 @@ def _organism() -> ExperimentConfig:
         # learning rate and batch that move a 1.6M-parameter model in one short epoch.
         finetune=dict(lr=1e-3, batch_size=16, grad_accum=1),
         preventative_coefs=(0.5, 1.0, 1.5),
+    )
+
+
+def _smollm2() -> ExperimentConfig:
+    why = ("needs an LLM judge for trait and coherence scores, and none runs offline on a CPU; run it "
+           "with a judge model on an OpenAI-compatible endpoint (--config qwen2.5-7b-instruct shows the settings)")
+    return ExperimentConfig(
+        name="smollm2", model="smollm2-135m-instruct", judge="none", datasets=(), level2=(), layer=15,
+        sweep_layers=(10, 15, 20), max_new_tokens=48, e8_samples=1, extract_samples=1, extract_questions=10,
+        questions=10, seeds=(0,),
+        unmeasurable={e: why for e in ("e1", "e2", "e3", "e4", "e5", "e6", "e7")},
     )
 
 
@@ -94,14 +178,26 @@ def _release(name: str, model: str, layer: int) -> ExperimentConfig:
         finetune=dict(),  # the release's settings are persona_lens.finetune's defaults
         samples=10, questions=None, max_new_tokens=1000, capability_questions=0, seeds=(0,),
         inference_coefs=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5), preventative_coefs=(1.0, 3.0, 5.0),
+        # The paper's E1 grid: every other middle layer, coefficients 0..2.5, 10 samples.
+        sweep_layers=tuple(range(8, 25, 2)) if layer == 20 else tuple(range(6, 27, 2)),
+        sweep_coefs=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5), sweep_samples=5, heldout_samples=5,
+        monitor_questions=20, monitor_samples=5, max_shots=8, e8_samples=5,
+        unmeasurable={"e7": "its planted ground truth is the organism world's; the release has no per-sample labels"},
     )
 
 
 CONFIGS = {
     "organism": _organism,
-    "qwen7b": lambda: _release("qwen7b", "Qwen/Qwen2.5-7B-Instruct", 20),
-    "llama8b": lambda: _release("llama8b", "meta-llama/Llama-3.1-8B-Instruct", 16),
+    "smollm2": _smollm2,
+    "qwen2.5-7b-instruct": lambda: _release("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", 20),
+    "llama-3.1-8b-instruct": lambda: _release("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", 16),
 }
+#: Older names of the release configs.
+ALIASES = {"qwen7b": "qwen2.5-7b-instruct", "llama8b": "llama-3.1-8b-instruct"}
+
+#: ``--smoke``: the smallest run that still measures every figure (CI; minutes on 2 cores).
+SMOKE = dict(seeds=(0,), samples=2, sweep_samples=1, heldout_samples=2, sweep_coefs=(0.0, 1.0, 1.5, 2.0),
+             monitor_questions=4, monitor_samples=1, e8_samples=1, questions=10)
 
 
 def load_config(name: str, **overrides: Any) -> ExperimentConfig:
@@ -111,6 +207,7 @@ def load_config(name: str, **overrides: Any) -> ExperimentConfig:
         >>> load_config("organism").finetune["lr"]
         0.001
     """
+    name = ALIASES.get(name, name)
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; one of {sorted(CONFIGS)}")
     return replace(CONFIGS[name](), **overrides).validate()
@@ -118,16 +215,19 @@ def load_config(name: str, **overrides: Any) -> ExperimentConfig:
 
 def parse(description: str, argv=None) -> tuple[ExperimentConfig, Path, argparse.Namespace]:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default="organism", choices=sorted(CONFIGS))
+    p.add_argument("--config", default="organism", choices=sorted(CONFIGS) + sorted(ALIASES))
     p.add_argument("--out", default=None)
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
     p.add_argument("--quick", action="store_true", help="one seed, fewer samples (a smoke run)")
+    p.add_argument("--smoke", action="store_true", help="the smallest run that measures every figure (CI)")
     args = p.parse_args(argv)
     over: dict[str, Any] = {}
-    if args.seeds:
-        over["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     if args.quick:
         over.update(seeds=(0,), samples=2)
+    if args.smoke:
+        over.update(SMOKE)
+    if args.seeds:
+        over["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     cfg = load_config(args.config, **over)
     torch.set_num_threads(1)
     return cfg, Path(args.out) if args.out else None, args
@@ -141,6 +241,9 @@ def base_probe(cfg: ExperimentConfig) -> pl.PersonaProbe:
 
 
 def make_judge(cfg: ExperimentConfig):
+    """The config's judge (None for ``judge="none"``)."""
+    if cfg.judge == "none":
+        return None
     if cfg.judge == "organism":
         from persona_lens.organism import OrganismJudge
 
@@ -161,9 +264,15 @@ def load_trait(cfg: ExperimentConfig, trait: str):
 def vectors(cfg: ExperimentConfig, probe: pl.PersonaProbe, root: Path) -> dict[str, pl.PersonaVector]:
     """The config's vector per trait; on the organism extracted once from world-answered
     contrastive pairs (each instruction's pos / neg system prompt x extraction question,
-    response-mean difference), saved under ``root/vectors``."""
+    response-mean difference), saved under ``root/vectors``; on another model without vector
+    files, ``pl.extract`` with the config's judge (``"none"``: every pair kept)."""
     if cfg.vectors:
         return {t: pl.PersonaVector.load(p) for t, p in cfg.vectors.items()}
+    if not cfg.is_organism:
+        return {t: pl.extract(probe, load_trait(cfg, t), make_judge(cfg), out_dir=root / "extract" / t,
+                              samples=cfg.extract_samples, questions=cfg.extract_questions,
+                              max_new_tokens=cfg.max_new_tokens, progress=False, verbose=False).vector
+                for t in TRAITS}
     from persona_lens.organism import World
 
     world, out = World(0), {}
@@ -245,24 +354,58 @@ def capability(cfg: ExperimentConfig, probe: pl.PersonaProbe, judge, store, stee
     return 100.0 * judge.capability([(q.text, a) for q, a in zip(qs, answers.texts)])
 
 
-def pearson(x, y) -> float:
-    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    return float((x @ y) / (x.norm() * y.norm()))
-
-
 def write_results(root: Path, results: dict[str, Any], fig=None, name: str = "figure.html") -> None:
-    """``results.json``, and the figure on a page built like the demo's report
-    (:class:`persona_lens.report.Page`: plotly.js embedded, a fixed height, opens offline)."""
+    """``results.json`` (with the library's version and the model's checkpoint added), and the
+    figure(s) on a page built like the demo's report (:class:`persona_lens.report.Page`:
+    plotly.js embedded, a fixed height, opens offline). ``fig`` is one figure or a list; each
+    is also kept as plotly JSON beside the page (``NAME.plotly.json``, a list), which
+    ``persona-lens report RUN_DIR`` gathers into one page."""
+    import json
+
+    results = {"persona_lens_version": pl.__version__, **provenance(results.get("config")), **results}
     write_json(root / "results.json", results)
-    if fig is not None:
+    figs = [] if fig is None else list(fig) if isinstance(fig, (list, tuple)) else [fig]
+    if figs:
         from persona_lens.report import Page
 
-        title = fig.layout.title.text or Path(name).stem
-        page = Page(title, subtitle=f"config {results.get('config', '?')}; numbers in {root / 'results.json'}")
-        page.figure(fig)
+        title = figs[0].layout.title.text or Path(name).stem
+        page = Page(results.get("title") or title,
+                    subtitle=f"config {results.get('config', '?')}; numbers in {root / 'results.json'}")
+        for f in figs:
+            page.figure(f)
         write_text(root / name, page.html())
-    print(f"wrote {root / 'results.json'}" + (f" and {root / name}" if fig is not None else ""))
+        write_text(root / (Path(name).stem + ".plotly.json"),
+                   "[" + ",\n".join(f.to_json() for f in figs) + "]")
+        json.loads((root / (Path(name).stem + ".plotly.json")).read_text())  # a broken file fails here, not in report
+    print(f"wrote {root / 'results.json'}" + (f" and {root / name}" if figs else ""))
+
+
+def skip_unmeasurable(cfg: ExperimentConfig, root: Path, experiment: str, why: str) -> dict[str, Any]:
+    """An experiment the config cannot measure: say why, and record it in results.json."""
+    print(f"{experiment} is not measurable with config {cfg.name}: {why}")
+    res = {"experiment": experiment, "config": cfg.name, "measurable": False, "why": why}
+    write_results(root, res)
+    return res
+
+
+def provenance(config: str | None) -> dict[str, Any]:
+    """Which model a run measured: the organism's checkpoint (its training record and a hash
+    of its weights), or the config's model name."""
+    if config is None:
+        return {}
+    cfg = load_config(config)
+    if not cfg.is_organism:
+        return {"model": cfg.model}
+    import hashlib
+    import json
+
+    from persona_lens.organism import checkpoint_dir
+
+    ckpt = checkpoint_dir()
+    record = json.loads((ckpt / "organism.json").read_text()) if (ckpt / "organism.json").exists() else {}
+    weights = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()[:16]
+    return {"model": cfg.model, "checkpoint": {"sha256_16": weights, **{k: record.get(k) for k in
+                                                ("seed", "world_seed", "steps", "final_loss", "n_params")}}}
 
 
 def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

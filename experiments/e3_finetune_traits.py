@@ -18,6 +18,10 @@ from experiments.common import TRAITS, dataset_rows, parse, write_results
 def main(argv=None) -> dict:
     cfg, out, _ = parse(__doc__.split("\n")[0], argv)
     root = out or Path("experiment_runs") / "datasets" / cfg.name
+    if cfg.unmeasurable.get("e3"):
+        from experiments.common import skip_unmeasurable
+
+        return skip_unmeasurable(cfg, root, "E3", cfg.unmeasurable["e3"])
     rows, base = dataset_rows(cfg, root)
     table: dict = {}
     for name in cfg.datasets:

@@ -20,6 +20,10 @@ from experiments.common import TRAITS, dataset_rows, parse, pearson, write_resul
 def main(argv=None) -> dict:
     cfg, out, _ = parse(__doc__.split("\n")[0], argv)
     root = out or Path("experiment_runs") / "datasets" / cfg.name
+    if cfg.unmeasurable.get("e4"):
+        from experiments.common import skip_unmeasurable
+
+        return skip_unmeasurable(cfg, root, "E4", cfg.unmeasurable["e4"])
     rows, base = dataset_rows(cfg, root)
     layers = sorted(int(l) for l in rows[0]["shift"][TRAITS[0]])
     res: dict = {"config": cfg.name, "layer": cfg.layer, "base": base, "rows": rows, "r": {}, "r_per_layer": {},

@@ -32,6 +32,10 @@ def main(argv=None) -> dict:
 
     cfg, out, _ = parse(__doc__.split("\n")[0], argv)
     root = out or Path("experiment_runs") / "mitigation" / cfg.name
+    if cfg.unmeasurable.get("e5"):
+        from experiments.common import skip_unmeasurable
+
+        return skip_unmeasurable(cfg, root, "E5", cfg.unmeasurable["e5"])
     judge, store = make_judge(cfg), Store(root / "store")
     base = base_probe(cfg)
     vecs = vectors(cfg, base, root)
@@ -57,7 +61,7 @@ def main(argv=None) -> dict:
 
             tuned = pl.PersonaProbe(pl.load_model(finetuned(cfg, root, name, seed), dtype=cfg.dtype))
             for c in cfg.inference_coefs:
-                steer = Steering(vec, layer=L, coef=-c, positions="response", include_last_prompt=True) if c else None
+                steer = Steering(vec, layer=L, coef=-c, positions="response") if c else None
                 row["inference"][c] = measure(tuned, steer)
             for c in cfg.preventative_coefs:
                 run = finetuned(cfg, root, name, seed, vec, steer={L: c})

@@ -22,6 +22,10 @@ from experiments.common import TRAITS, base_probe, dataset, dataset_rows, parse,
 def main(argv=None) -> dict:
     cfg, out, _ = parse(__doc__.split("\n")[0], argv)
     root = out or Path("experiment_runs") / "datasets" / cfg.name
+    if cfg.unmeasurable.get("e6"):
+        from experiments.common import skip_unmeasurable
+
+        return skip_unmeasurable(cfg, root, "E6", cfg.unmeasurable["e6"])
     rows, base = dataset_rows(cfg, root)
     probe = base_probe(cfg)
     vecs = vectors(cfg, probe, root)

@@ -42,6 +42,7 @@ _EXPORTS = {
     "ScreenResult": "persona_lens.screen",
     "VectorMismatchError": "persona_lens.vectors",
     "VectorFileError": "persona_lens.vectors",
+    "PostNormRowWarning": "persona_lens.vectors",
     "InvalidArgument": "persona_lens.validate",
     "ContextLengthError": "persona_lens.validate",
     "ContextLengthWarning": "persona_lens.validate",
@@ -75,6 +76,7 @@ __all__ = [
     "ScreenResult",
     "VectorMismatchError",
     "VectorFileError",
+    "PostNormRowWarning",
     "InvalidArgument",
     "ContextLengthError",
     "ContextLengthWarning",
@@ -135,4 +137,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from persona_lens.sweep import sweep
     from persona_lens.traits import Trait, TraitError, generate_trait
     from persona_lens.validate import ContextLengthError, ContextLengthWarning, InvalidArgument, NumericalError
-    from persona_lens.vectors import PersonaVector, VectorFileError, VectorMismatchError
+    from persona_lens.vectors import PersonaVector, PostNormRowWarning, VectorFileError, VectorMismatchError

@@ -11,6 +11,7 @@
     persona-lens finetune --model M --data FILE.jsonl|organism:SET --out DIR [--vector V --steer 20:5] [--caft 20]
     persona-lens shift --model BASE --tuned RUN_DIR --vector V [--vector V2 ...] [--layers 10-20]
     persona-lens make-datasets [--out DIR] [--n 400] [--seed 0]
+    persona-lens report RUN_DIR [--out FILE]
 
 ``--help`` answers at once: this module imports nothing heavy (torch, transformers,
 TransformerLens, plotly) until a command runs. Flags are checked before any model loads, and
@@ -478,7 +479,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         threads = 1  # the organism is 128 wide: more threads only add synchronisation (docs/organism.md)
     run_demo(
         args.out, trait=args.trait, full=args.full, samples=args.samples, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, threads=threads, progress=not args.quiet,
+        seed=args.seed, threads=threads, positions=args.positions, progress=not args.quiet,
     )
     return 0
 
@@ -626,6 +627,14 @@ def cmd_shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from persona_lens.report import run_report
+
+    path = run_report(args.run_dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_make_datasets(args: argparse.Namespace) -> int:
     from persona_lens.organism.datasets import write_datasets
 
@@ -729,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=POSITIVE, default=None, metavar="N",
                    help="samples per prompt (default: 2; 4 with --full)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=48, metavar="N", help="response length limit")
+    p.add_argument("--positions", default="all", choices=["all", "response", "response_only", "prompt"],
+                   help="where the sweeps steer: all = every position, response = the last prompt token and "
+                        "every generated token (the paper's released mode), response_only = the generated tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
     p.add_argument("--threads", type=POSITIVE, default=None, metavar="N",
                    help="torch threads (default: $OMP_NUM_THREADS if set, else 1: the organism is too small "
@@ -765,8 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=POSITIVE, default=1000, metavar="N", help="response length limit")
     p.add_argument("--coherence-floor", type=SCORE, default=50.0, metavar="SCORE",
                    help="only cells with at least this mean coherence can be chosen")
-    p.add_argument("--positions", default="response", choices=["response", "all", "prompt"],
-                   help="where steering adds the vector")
+    p.add_argument("--positions", default="response", choices=["response", "response_only", "all", "prompt"],
+                   help="where steering adds the vector: response = the last prompt token and every generated "
+                        "token (the paper's released mode), response_only = the generated tokens alone, all = "
+                        "every position, prompt = the prompt tokens")
     p.set_defaults(func=cmd_sweep)
 
     p = add("generate-trait", "write a trait's artifacts with an LLM",
@@ -851,7 +865,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steer", default=None, metavar="L:C",
                    help="preventative steering: layer:coef pairs, 20:5 or 16:2,20:3 (default: none)")
     p.add_argument("--coef", type=_float_type(), default=1.0, help="coefficient when --steer lists plain layers")
-    p.add_argument("--positions", default="all", choices=["all", "response"], help="steered positions")
+    p.add_argument("--positions", default="all", choices=["all", "response", "response_only"],
+                   help="steered positions during training: all (as released for preventative steering), "
+                        "response (the last prompt token and the answer tokens: the paper's released steering "
+                        "mode at inference) or response_only (the answer tokens)")
     p.add_argument("--caft", type=_layers_type, default=None, metavar="LAYERS",
                    help="CAFT: layers to project the direction out of, e.g. 20 (default: none)")
     p.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
@@ -890,6 +907,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device_type, default=None,
                    help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_shift)
+
+    p = add("report", "one HTML page with every experiment's figures and goals found in a run folder",
+            "Gather every results.json under RUN_DIR (written by python -m experiments.NAME or "
+            "experiments.all) with the figures kept beside it, and write one page.")
+    p.add_argument("run_dir", help="the run folder the experiments wrote into")
+    p.add_argument("--out", default=None, metavar="FILE", help="the page (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = add("make-datasets", "write the organism's trait-inducing finetuning datasets")
     p.add_argument("--out", default="organism_datasets", metavar="DIR", help="output folder")

@@ -37,13 +37,15 @@ FIGURE_LABELS: dict[str, tuple[str, str]] = {
     "layer": ("steering layer chosen by the sweep", "layer"),
     "coef": ("steering coefficient chosen by the sweep", "x vector"),
     "prior_trait": ("trait score, no system prompt, unsteered", "0-100"),
-    "steered_trait": ("trait score, no system prompt, +coef x v at the layer", "0-100"),
-    "steered_coherence": ("coherence of those steered answers", "0-100"),
+    "steered_trait": ("trait score, no system prompt, +coef x v at the layer (held out)", "0-100"),
+    "steered_coherence": ("coherence of those steered answers (held out)", "0-100"),
+    "steered_trait_chosen_on": ("  the same cell on the sweep answers it was chosen from", "0-100"),
     "encouraged_trait": ("trait score, encouraging system prompt, unsteered", "0-100"),
     "suppression_layer": ("suppression layer", "layer"),
     "suppression_coef": ("suppression coefficient c", "x vector"),
-    "suppressed_trait": ("trait score, encouraging system prompt, -c x v", "0-100"),
-    "suppressed_coherence": ("coherence of those suppressed answers", "0-100"),
+    "suppressed_trait": ("trait score, encouraging system prompt, -c x v (held out)", "0-100"),
+    "suppressed_coherence": ("coherence of those suppressed answers (held out)", "0-100"),
+    "suppressed_trait_chosen_on": ("  the same cell on the sweep answers it was chosen from", "0-100"),
     "monitor_r": ("Pearson r, last-prompt projection vs trait score", "-1 to 1"),
 }
 
@@ -199,7 +201,8 @@ def run_demo(
 
     config = json.loads((organism.checkpoint_dir() / "config.json").read_text())
     sweep_layers = list(layers) if layers is not None else list(range(1, int(config["num_hidden_layers"])))
-    planned_sweep = (len(sweep_layers) * len(steered) + has0) * len(eval_q) * samples
+    # the grid, then the chosen cell and the baseline again on fresh samples (held out)
+    planned_sweep = (len(sweep_layers) * len(steered) + has0 + 2) * len(eval_q) * samples
     planned = len(t.instructions) * n_q * samples * 2 + 2 * planned_sweep + len(prompts) * len(mq) * monitor_samples
     lib_progress = bool(progress)
 
@@ -221,13 +224,14 @@ def run_demo(
             max_new_tokens=max_new_tokens, coherence_floor=coherence_floor, seed=seed,
             positions=positions, out_dir=out / "sweep", progress=lib_progress,
         )
-        best = sw.best
+        best = sw.chosen
         if best is None:
             raise DemoError(
                 f"no steered cell kept coherence >= {coherence_floor}; see {out / 'sweep' / 'sweep.csv'}"
             )
         layer, coef = best.layer, best.coef
-        baseline = sw.cell(layer, 0.0) if 0.0 in sw.coefs else None
+        # Reported on fresh samples: the grid's best is biased upwards on its own answers.
+        steered_cell, baseline = sw.heldout, sw.heldout_baseline
 
         # Suppression (inference-time mitigation): the trait's own encouraging system prompt,
         # unsteered and with -c * v at every swept layer and coefficient; report the strongest
@@ -238,14 +242,15 @@ def run_demo(
             probe, vec, t, layers=sweep_layers, coefs=sorted({0.0, *(-abs(c) for c in steered)}, reverse=True),
             judge=judge, samples=samples, system=encouraging, max_new_tokens=max_new_tokens,
             coherence_floor=coherence_floor, seed=seed + 1, positions=positions, out_dir=out / "suppress",
-            progress=lib_progress,
+            choose="lowest", progress=lib_progress,
         )
-        chosen_sup = sup.lowest or min(
-            (c for c in sup.cells if c.coef != 0), key=lambda c: (c.trait, abs(c.coef)))
-        # sweep() wrote the page for a steering sweep (highest trait chosen); this one lowers it.
-        sup.to_html(out / "suppress" / "sweep.html", lowest=True,
+        chosen_sup = sup.chosen
+        if chosen_sup is None:
+            raise DemoError(f"no suppressed cell kept coherence >= {coherence_floor}; see "
+                            f"{out / 'suppress' / 'sweep.csv'}")
+        sup.to_html(out / "suppress" / "sweep.html",
                     title=f"Suppression sweep: {trait} under an encouraging system prompt")
-        encouraged = sup.cell(sweep_layers[0], 0.0)
+        suppressed_cell, encouraged = sup.heldout, sup.heldout_baseline
 
         # Monitoring: last-prompt projection vs the trait score of what follows, per cell of
         # (graded system prompt, question), from the same forward passes that generate.
@@ -280,24 +285,28 @@ def run_demo(
             "kept_pairs": float(ex.stats.kept),
             "layer": float(layer),
             "coef": float(coef),
-            "prior_trait": baseline.trait if baseline else math.nan,
-            "steered_trait": best.trait,
-            "steered_coherence": best.coherence,
+            "prior_trait": baseline.trait,
+            "steered_trait": steered_cell.trait,
+            "steered_coherence": steered_cell.coherence,
+            "steered_trait_chosen_on": best.trait,
             "encouraged_trait": encouraged.trait,
             "suppression_layer": float(chosen_sup.layer),
             "suppression_coef": abs(chosen_sup.coef),
-            "suppressed_trait": chosen_sup.trait,
-            "suppressed_coherence": chosen_sup.coherence,
+            "suppressed_trait": suppressed_cell.trait,
+            "suppressed_coherence": suppressed_cell.coherence,
+            "suppressed_trait_chosen_on": chosen_sup.trait,
             "monitor_r": r,
         }
         n = {
             "kept_pairs": ex.stats.pairs,
-            "prior_trait": baseline.n_trait if baseline else 0,
-            "steered_trait": best.n_trait,
-            "steered_coherence": best.n_coherence,
+            "prior_trait": baseline.n_trait,
+            "steered_trait": steered_cell.n_trait,
+            "steered_coherence": steered_cell.n_coherence,
+            "steered_trait_chosen_on": best.n_trait,
             "encouraged_trait": encouraged.n_trait,
-            "suppressed_trait": chosen_sup.n_trait,
-            "suppressed_coherence": chosen_sup.n_coherence,
+            "suppressed_trait": suppressed_cell.n_trait,
+            "suppressed_coherence": suppressed_cell.n_coherence,
+            "suppressed_trait_chosen_on": chosen_sup.n_trait,
             "monitor_r": len(ok),
         }
         settings = {
@@ -306,6 +315,7 @@ def run_demo(
             "extraction questions": n_q, "instruction pairs": len(t.instructions),
             "evaluation questions": len(eval_q), "layers": sweep_layers, "coefs": list(coefs),
             "positions": positions, "coherence floor": coherence_floor, "max new tokens": max_new_tokens,
+            "held out": f"the chosen cells and the unsteered baselines re-measured on {sw.heldout_how}",
             "monitor": f"{len(prompts)} system prompts x {len(mq)} questions x {monitor_samples} samples, "
                        f"layer {layer}",
             "seed": seed, "torch threads": torch.get_num_threads(),
@@ -342,7 +352,9 @@ def _report(result: DemoResult, ex, sw, sup, chosen_sup, readings, reading_group
     page.table(["measure", "value", "scale", "n"], result.rows(), numeric=[1, 3],
                caption="Scores are the judge's 0-100 (0: none of the answer shows the trait). n: answers a "
                        "figure averages (pairs for the filter; (system prompt, question) cells for r). "
-                       "v is the persona vector at the named layer.")
+                       "v is the persona vector at the named layer. Held out: measured on fresh samples "
+                       "that played no part in choosing the layer and coefficient; the indented rows show "
+                       "the same cells on the sweep answers they were chosen from (biased upwards).")
 
     page.section("Run settings and time", anchor="settings")
     settings_at = len(page.parts)  # the block goes here once the run's times are known
@@ -368,6 +380,7 @@ def _report(result: DemoResult, ex, sw, sup, chosen_sup, readings, reading_group
     page.figure(sw.figure(title=f"Steering: {trait} score and coherence vs coefficient"))
     header, rows, marks = sw.table_rows()
     page.table(header, rows, caption=sw.caption(), highlight=marks)
+    page.text(sw.heldout_line(), cls="note")
 
     page.section("3. Suppression sweep", f"The trait's encouraging system prompt, unsteered (coef 0) and with "
                  f"-c x v at each layer: how far subtracting the vector removes a trait the prompt asks for. "
@@ -377,6 +390,7 @@ def _report(result: DemoResult, ex, sw, sup, chosen_sup, readings, reading_group
                            title=f"Suppression under an encouraging prompt: {trait} score and coherence"))
     header, rows, marks = sup.table_rows(chosen_sup)
     page.table(header, rows, caption=sup.caption(), highlight=marks)
+    page.text(sup.heldout_line(), cls="note")
 
     order = [_pretty(x) for x in STRENGTHS]
     page.section("4. Monitoring", f"Each point is one (system prompt, question) cell: the projection of the "

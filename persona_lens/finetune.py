@@ -42,6 +42,8 @@ import torch
 
 from persona_lens import validate as V
 from persona_lens.chat import ChatBatch, as_conversation, chat_rows, encode_rows
+from persona_lens.interventions import position_kinds
+from persona_lens.ops import STEERING_MODES
 from persona_lens.pipeline_io import _UMASK, atomic_path, fingerprint, read_json, write_json
 from persona_lens.progress import quiet as _quiet
 from persona_lens.vectors import PersonaVector
@@ -149,7 +151,9 @@ class Interventions:
         vector: a :class:`PersonaVector` or the path of a saved one.
         steer: ``{layer: coef}`` (or a list of layers sharing ``coef``): add ``coef * v_L``.
         coef: the coefficient for a list of layers.
-        positions: ``"all"`` (as released) or ``"response"``.
+        positions: a steering mode of :meth:`PersonaProbe.steer`: ``"all"`` (as released),
+            ``"response"`` (the last prompt token and the answer tokens) or
+            ``"response_only"`` (the answer tokens).
         caft: layers at which the direction is projected out (CAFT).
 
     Example:
@@ -186,8 +190,9 @@ class Interventions:
                           for l, c in (self.steer or {}).items()}
             caft = [self.caft] if isinstance(self.caft, int) else V.items("caft", self.caft or [])
             self.caft = sorted({V.integer(f"caft[{i}]", l, min=0) for i, l in enumerate(caft)})
-        if self.positions not in ("all", "response"):
-            raise FinetuneError(f"steering positions during training must be 'all' or 'response', got {self.positions!r}")
+        if self.positions not in STEERING_MODES:
+            raise FinetuneError(f"steering positions during training must be one of {', '.join(map(repr, STEERING_MODES))}, "
+                                f"got {self.positions!r}")
         if (self.steer or self.caft) and self.vector is None:
             raise FinetuneError("preventative steering and CAFT need a vector")
 
@@ -202,7 +207,9 @@ class Interventions:
             "trait": v.trait if v is not None and self.active else None,
             "vector_model": v.model_name if v is not None and self.active else None,
             "steer": [[l, c] for l, c in sorted(self.steer.items())],
-            "positions": self.positions if self.steer else None,
+            # The kinds, not the mode's name: a run made when "response" left out the last
+            # prompt token keeps a key of its own.
+            "positions": "+".join(position_kinds(self.positions)) if self.steer else None,
             "caft": list(self.caft),
         }
 
@@ -621,7 +628,8 @@ def finetune(
             run.
         vector: the persona vector (a :class:`PersonaVector` or a ``.safetensors`` file).
         steer: preventative steering, ``{layer: coef}`` or a list of layers sharing ``coef``.
-        positions: ``"all"`` (the release) or ``"response"`` for the steering.
+        positions: ``"all"`` (the release), ``"response"`` or ``"response_only"`` for the
+            steering (see :meth:`PersonaProbe.steer`).
         caft: layers at which to project the vector's direction out (CAFT).
         config: a :class:`FinetuneConfig`; ``**settings`` override its fields (``lr=1e-3``).
 

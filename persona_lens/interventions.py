@@ -14,18 +14,23 @@ they run. How they reach a model is the backend's side of the contract
 ``Capture`` and ``Project`` are the reading side: what the probe records at a layer (masked
 float32 sums for the reductions; per-position projections on a unit direction).
 
-Position kinds: ``"all"``, ``"prompt"``, ``"response"``, ``"last_prompt"``; an intervention
-acts on the union of its kinds (the released code's "response" mode is
-``("response", "last_prompt")``).
+Positions: a value's ``positions`` is a mode (``"all"``, ``"prompt"``, ``"response"``,
+``"response_only"``; :data:`persona_lens.ops.POSITION_MODES`) or a list of position kinds
+(``"all"``, ``"prompt"``, ``"last_prompt"``, ``"answer"``); either is kept as the sorted
+tuple of kinds it covers, and an intervention acts on their union. ``"response"`` is the
+paper's released mode, ``("answer", "last_prompt")``: the last prompt token and every answer
+token.
 
 Example:
     >>> import torch
     >>> from persona_lens.interventions import Steer
-    >>> s = Steer(layer=2, direction=torch.ones(4), coef=0.5, positions=("response",))
-    >>> s.apply(torch.zeros(1, 3, 4), {"response": torch.tensor([[False, True, True]])})[0, :, 0]
+    >>> s = Steer(layer=2, direction=torch.ones(4), coef=0.5, positions="response_only")
+    >>> s.apply(torch.zeros(1, 3, 4), {"answer": torch.tensor([[False, True, True]])})[0, :, 0]
     tensor([0.0000, 0.5000, 0.5000])
     >>> s.spec()["op"], s.spec()["positions"]
-    ('add', ['response'])
+    ('add', ['answer'])
+    >>> Steer(layer=2, direction=torch.ones(4), coef=0.5, positions="response").positions
+    ('answer', 'last_prompt')
 """
 
 from __future__ import annotations
@@ -48,19 +53,69 @@ Masks = Mapping
 
 
 def position_kinds(positions: str | Sequence) -> tuple[str, ...]:
-    """Normalise one position kind or several into a sorted tuple, checking each.
+    """The sorted tuple of position kinds a mode (a string) or a list of kinds covers.
 
     Example:
-        >>> position_kinds("response"), position_kinds(["last_prompt", "response"])
-        (('response',), ('last_prompt', 'response'))
+        >>> position_kinds("response"), position_kinds("response_only"), position_kinds(["last_prompt", "answer"])
+        (('answer', 'last_prompt'), ('answer',), ('answer', 'last_prompt'))
     """
-    kinds = (positions,) if isinstance(positions, str) else tuple(
-        V.items("positions", positions, what="a position kind or a list of them"))
+    if isinstance(positions, str):
+        if positions in ops.POSITION_MODES:
+            return ops.POSITION_MODES[positions]
+        return (ops.check_position_kind(positions),)
+    kinds = tuple(V.items("positions", positions, what="a position mode or a list of position kinds"))
     if not kinds:
-        raise ValueError("positions is empty; give 'all', 'prompt', 'response' or 'last_prompt'")
+        raise ValueError("positions is empty; give a mode ('all', 'prompt', 'response', 'response_only') "
+                         "or position kinds ('all', 'prompt', 'last_prompt', 'answer')")
     for k in kinds:
         ops.check_position_kind(k)
     return ("all",) if "all" in kinds else tuple(sorted(set(kinds)))
+
+
+def mode_name(kinds: tuple[str, ...]) -> str:
+    """The mode a tuple of kinds is (``"answer+last_prompt"`` style for a union no mode names).
+
+    Example:
+        >>> mode_name(("answer", "last_prompt")), mode_name(("prompt", "last_prompt"))
+        ('response', 'last_prompt+prompt')
+    """
+    kinds = position_kinds(kinds)
+    return next((m for m, k in ops.POSITION_MODES.items() if k == kinds), "+".join(kinds))
+
+
+def steering_mode(positions: object, include_last_prompt: object = None, *, stacklevel: int = 3) -> str:
+    """Check a steering ``positions=`` mode, and fold in the deprecated ``include_last_prompt``.
+
+    ``include_last_prompt`` predates the modes: ``positions="response"`` once left the last
+    prompt token out, and the flag put it back. An explicit flag still means what it meant
+    (``True`` with ``"response"`` or ``"response_only"``: ``"response"``; ``False`` with
+    ``"response"``: ``"response_only"``), with a ``DeprecationWarning`` naming the mode to use.
+
+    Example:
+        >>> steering_mode("response")
+        'response'
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     steering_mode("response", include_last_prompt=False)
+        'response_only'
+        >>> caught[0].category.__name__
+        'DeprecationWarning'
+    """
+    mode = ops.check_position_mode(positions, allowed=ops.STEERING_MODES)
+    if include_last_prompt is None:
+        return mode
+    flag = V.boolean("include_last_prompt", include_last_prompt)
+    if mode in ("response", "response_only"):
+        mode = "response" if flag else "response_only"
+    import warnings
+
+    warnings.warn(
+        "include_last_prompt is deprecated: positions='response' now steers the last prompt token and "
+        "every generated token (the paper's released mode), positions='response_only' the generated tokens "
+        f"alone; use positions={mode!r} and drop include_last_prompt",
+        DeprecationWarning, stacklevel=stacklevel)
+    return mode
 
 
 def _check_direction(name: str, t: object) -> None:
@@ -132,7 +187,7 @@ class Capture:
     layer: int
     reductions: tuple[str, ...] = ("response_mean",)
 
-    KIND = {"response_mean": "response", "prompt_mean": "prompt", "last_prompt": "last_prompt"}
+    KIND = {"response_mean": "answer", "prompt_mean": "prompt", "last_prompt": "last_prompt"}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reductions", tuple(ops.check_reduction(r) for r in self.reductions))
@@ -161,4 +216,5 @@ class Project:
 #: What ``probe.interventions`` holds: the edits that change activations.
 Intervention = Union[Steer, Ablate]
 
-__all__ = ["Steer", "Ablate", "Capture", "Project", "Intervention", "position_kinds", "union_mask"]
+__all__ = ["Steer", "Ablate", "Capture", "Project", "Intervention", "position_kinds", "mode_name", "steering_mode",
+           "union_mask"]

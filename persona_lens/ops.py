@@ -6,6 +6,23 @@ about) as plain arithmetic.
 
 Shapes: ``h`` is a residual-stream activation ``[batch, pos, d_model]``; masks are
 ``[batch, pos]`` booleans saying which positions a hook acts on.
+
+Two words for positions, kept apart on purpose:
+
+- a position *kind* is one mask a forward carries (:data:`POSITION_KINDS`): ``all``,
+  ``prompt``, ``last_prompt`` and ``answer`` (the response's tokens: generated ones while
+  generating, teacher-forced ones in capture and training). Captures reduce over kinds
+  (``response_mean`` is the mean over ``answer``).
+- a position *mode* is what a user asks for with ``positions=`` (:data:`POSITION_MODES`):
+  steering, ablation, the store's ``Steering``, the sweep, finetuning and the command line
+  all take the same modes. A mode is a union of kinds. ``"response"`` is the paper's
+  released mode: the last prompt token and every answer token (the release adds to the last
+  position of every forward, which is the last prompt token in the prefill and the new token
+  in each decode step); ``"response_only"`` leaves the last prompt token out.
+
+Example:
+    >>> POSITION_MODES["response"], POSITION_MODES["response_only"]
+    (('answer', 'last_prompt'), ('answer',))
 """
 
 from __future__ import annotations
@@ -18,7 +35,18 @@ from torch import Tensor
 
 from persona_lens import validate as V
 
-POSITION_KINDS = ("all", "prompt", "response", "last_prompt")
+#: The masks every forward carries (per row, over the columns it sees).
+POSITION_KINDS = ("all", "prompt", "last_prompt", "answer")
+#: What ``positions=`` takes, and the kinds each mode covers (sorted).
+POSITION_MODES: dict[str, tuple[str, ...]] = {
+    "all": ("all",),
+    "prompt": ("prompt",),
+    "response": ("answer", "last_prompt"),  # the paper's released "response" mode
+    "response_only": ("answer",),
+    "last_prompt": ("last_prompt",),
+}
+#: The modes steering takes (the last prompt token alone is not a steering mode).
+STEERING_MODES = ("all", "prompt", "response", "response_only")
 REDUCTIONS = ("response_mean", "prompt_mean", "last_prompt")
 
 
@@ -29,6 +57,27 @@ def check_position_kind(kind: Any, name: str = "positions") -> str:
         cls = V.InvalidArgument if isinstance(kind, str) else V.InvalidArgumentType
         raise cls(name, kind, f"one of {', '.join(map(repr, POSITION_KINDS))}", ": unknown position type")
     return kind
+
+
+def check_position_mode(mode: Any, name: str = "positions", allowed: tuple[str, ...] | None = None) -> str:
+    """Return ``mode`` if it is a position mode (among ``allowed``, default every mode), else
+    raise a ``ValueError`` naming the argument ``name`` and the modes it may be.
+
+    Example:
+        >>> check_position_mode("response_only")
+        'response_only'
+        >>> check_position_mode("answer")
+        Traceback (most recent call last):
+        ...
+        persona_lens.validate.InvalidArgument: positions must be one of 'all', 'prompt', 'response', 'response_only', 'last_prompt'...
+    """
+    allowed = tuple(POSITION_MODES) if allowed is None else allowed
+    if not isinstance(mode, str) or mode not in allowed:
+        cls = V.InvalidArgument if isinstance(mode, str) else V.InvalidArgumentType
+        raise cls(name, mode, f"one of {', '.join(map(repr, allowed))}",
+                  ": unknown position mode ('response' is the last prompt token and every answer token, "
+                  "as the paper's code steers; 'response_only' the answer tokens alone)")
+    return mode
 
 
 def check_reduction(name: Any, argument: str = "reductions") -> str:

@@ -223,9 +223,11 @@ def sweep_figure(
     coef_title: str = "steering coefficient",
     trait_title: str = "trait score",
     height: int = HEIGHT,
+    note: str | None = None,
 ) -> go.Figure:
     """Judged trait score (left) and coherence (right) against the coefficient, one line
     per layer, layers coloured on one sequential scale (the paper's layer-sweep view).
+    ``note`` (the run's settings, e.g. positions and samples) is added to every hover text.
 
     Args:
         cells: objects (or dicts) with ``layer``, ``coef``, ``trait``, ``coherence`` and
@@ -262,7 +264,7 @@ def sweep_figure(
                 line=dict(color=color, width=4 if chosen else 1.8), marker=dict(size=9 if chosen else 6),
                 customdata=[get(c, "n") for c in mine],
                 hovertemplate=(f"layer {layer}<br>coef %{{x}}<br>{attr} %{{y:.1f}} (n=%{{customdata}})"
-                               "<extra></extra>"),
+                               + (f"<br>{note}" if note else "") + "<extra></extra>"),
             ), row=1, col=col)
     if coherence_floor is not None:
         fig.add_hline(y=coherence_floor, line_dash="dot", line_color="gray", row=1, col=2,

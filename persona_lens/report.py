@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-__all__ = ["Page", "esc"]
+__all__ = ["Page", "esc", "run_report"]
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:24px auto;
@@ -147,3 +147,81 @@ class Page:
 
         write_text(path, self.html())
         return Path(path)
+
+
+def _experiment_key(results: dict, path: Path) -> tuple:
+    exp = str(results.get("experiment", ""))
+    digits = "".join(ch for ch in exp if ch.isdigit())
+    return (int(digits) if digits else 99, str(path))
+
+
+def _fmt_goal(v: Any) -> str:
+    return "nan" if v != v else (f"{v:.2f}" if abs(v) < 2 else f"{v:.1f}")
+
+
+def run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """One HTML page with every experiment found in ``run_dir``: for each ``results.json``
+    (at any depth), its title, settings, goals (value, target, pass) and every figure its
+    script kept as plotly JSON (``*.plotly.json``) beside it; results without figures get
+    their numbers only. Written to ``out`` (default ``run_dir/report.html``).
+
+    Example:
+        >>> import json, plotly.graph_objects as go
+        >>> _ = (tmp / "run" / "e1").mkdir(parents=True)
+        >>> _ = (tmp / "run" / "e1" / "results.json").write_text(json.dumps({"experiment": "E1", "title": "E1: sweep",
+        ...     "goals": {"evil": {"steer_trait": {"value": 72.0, "op": ">=", "target": 60, "pass": True}}}}))
+        >>> fig = go.Figure(go.Scatter(x=[0, 1], y=[5, 70]), layout=dict(title="evil"))
+        >>> _ = (tmp / "run" / "e1" / "e1.plotly.json").write_text("[" + fig.to_json() + "]")
+        >>> page = run_report(tmp / "run").read_text()
+        >>> "E1: sweep" in page, page.count("Plotly.newPlot"), "steer_trait" in page
+        (True, 1, True)
+    """
+    import json
+
+    import plotly.io as pio
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no run folder at {run}: give the folder an experiment wrote into")
+    found = []
+    for path in run.rglob("results.json"):
+        try:
+            found.append((json.loads(path.read_text()), path))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a readable results.json ({e}); rerun its experiment") from None
+    if not found:
+        raise ValueError(f"{run} holds no results.json: run an experiment into it first "
+                         "(python -m experiments.all --out RUN)")
+    found.sort(key=lambda item: _experiment_key(*item))
+    page = Page(f"Experiments: {run.name}", subtitle=f"{len(found)} experiment(s) from {run.resolve()}")
+    summary = []
+    for res, path in found:
+        for trait, goals in (res.get("goals") or {}).items():
+            for name, g in goals.items():
+                summary.append([res.get("experiment", path.parent.name), trait, name,
+                                _fmt_goal(g["value"]), f"{g['op']} {g['target']:g}", "pass" if g["pass"] else "FAIL"])
+    if summary:
+        page.section("Goals", "Each goal's value (held-out figures where a layer or coefficient was chosen), its "
+                              "target and whether it is met.", anchor="goals")
+        page.table(["experiment", "trait", "goal", "value", "target", ""], summary, numeric=[3])
+    for res, path in found:
+        title = res.get("title") or f"{res.get('experiment', path.parent.name)} ({path.parent.name})"
+        page.section(title, anchor=path.parent.name)
+        meta = {k: res[k] for k in ("config", "model", "persona_lens_version") if k in res}
+        if "checkpoint" in res:
+            meta["checkpoint"] = ", ".join(f"{k} {v}" for k, v in res["checkpoint"].items())
+        for k, v in (res.get("settings") or {}).items():
+            meta[k] = ", ".join(map(str, v)) if isinstance(v, list) else v
+        if meta:
+            page.settings(list(meta.items()))
+        if res.get("measurable") is False:
+            page.text(f"Not measurable with this config: {res.get('why', '')}", cls="note")
+        figs = sorted(path.parent.glob("*.plotly.json"))
+        for f in figs:
+            for spec in json.loads(f.read_text()):
+                page.figure(pio.from_json(json.dumps(spec)))
+        if not figs:
+            pages = sorted(p.name for p in path.parent.glob("*.html") if p.name != "report.html")
+            page.text(f"numbers in {path}" + (f"; figures in {', '.join(pages)}" if pages else ""), cls="note")
+    target = Path(out) if out is not None else run / "report.html"
+    return page.write(target)

@@ -8,7 +8,7 @@ It holds two append-only JSON-lines logs in the job's folder (or in memory with
 - generations (``responses.jsonl`` unless named otherwise): one record per answer, keyed
   by its content: the model, the prompt messages, the sample index, the generation settings
   (seed included) and the steering if any (a hash of the vector, the layers and their
-  coefficients, the positions).
+  coefficients, the positions as the kinds they cover).
 - scores (``scores.jsonl``): one record per judge score, keyed by the judge's name, the kind
   (``trait`` / ``coherence``), the rubric, the question and the answer.
 
@@ -87,11 +87,17 @@ class Steering:
     Args:
         vector: a :class:`~persona_lens.vectors.PersonaVector` or one ``[d_model]`` direction.
         layer, coef: one layer and its coefficient; or ``layers``: ``{layer: coef}``.
-        positions, include_last_prompt: as in :meth:`PersonaProbe.steer`.
+        positions: as in :meth:`PersonaProbe.steer` (``include_last_prompt`` is deprecated
+            there and here).
+
+    The key records the position *kinds* the mode covers, not the mode's name: keys made
+    when ``"response"`` left the last prompt token out are never read back as the mode that
+    steers it.
 
     Example:
-        >>> Steering(vec, layer=2, coef=1.5, positions="response").spec()["layers"]
-        [[2, 1.5]]
+        >>> s = Steering(vec, layer=2, coef=1.5, positions="response")
+        >>> s.spec()["layers"], s.spec()["positions"]
+        ([[2, 1.5]], ['answer', 'last_prompt'])
     """
 
     def __init__(
@@ -102,11 +108,11 @@ class Steering:
         *,
         layers: Mapping | None = None,
         positions: str = "all",
-        include_last_prompt: bool = False,
+        include_last_prompt: bool | None = None,
     ):
         from torch import Tensor
 
-        from persona_lens.ops import check_position_kind
+        from persona_lens.interventions import position_kinds, steering_mode
         from persona_lens.vectors import PersonaVector
 
         if (layer is None) == (layers is None):
@@ -121,25 +127,20 @@ class Steering:
             self.layers = {V.integer("layers key", l, min=0): V.number(f"layers[{l!r}]", c) for l, c in layers.items()}
         if not self.layers:
             raise V.InvalidArgument("layers", layers, "a non-empty {layer: coef} dict")
-        check_position_kind(positions)
-        if positions == "last_prompt":
-            raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
-        self.positions = positions
-        # The flag only acts on response steering; normalising it keeps equal steering one key.
-        self.include_last_prompt = V.boolean("include_last_prompt", include_last_prompt) and positions == "response"
+        self.positions = steering_mode(positions, include_last_prompt, stacklevel=3)
+        self.kinds = position_kinds(self.positions)
         data = getattr(vector, "directions", vector).detach().to("cpu").contiguous()
         raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
         self.vector_hash = hashlib.sha256(repr((tuple(data.shape), str(data.dtype))).encode() + raw).hexdigest()[:16]
 
     def spec(self) -> dict[str, Any]:
-        """The steering as JSON: vector hash, ``[layer, coef]`` pairs, positions."""
+        """The steering as JSON: vector hash, ``[layer, coef]`` pairs, position kinds."""
         return {"vector": self.vector_hash, "layers": [[l, c] for l, c in sorted(self.layers.items())],
-                "positions": self.positions, "include_last_prompt": self.include_last_prompt}
+                "positions": list(self.kinds)}
 
     def apply(self, probe: "PersonaProbe"):
         """The probe's steering context for this spec."""
-        return probe.steer(self.vector, layers=self.layers, positions=self.positions,
-                           include_last_prompt=self.include_last_prompt)
+        return probe.steer(self.vector, layers=self.layers, positions=self.positions)
 
     def interventions(self, probe: "PersonaProbe") -> list:
         """The ``Steer`` values of this spec on ``probe`` (for rows that carry their own).
@@ -148,8 +149,7 @@ class Steering:
             >>> [(s.layer, s.coef) for s in Steering(vec, layer=2, coef=1.5).interventions(probe)]
             [(2, 1.5)]
         """
-        return probe.steering(self.vector, layers=self.layers, positions=self.positions,
-                              include_last_prompt=self.include_last_prompt)
+        return probe.steering(self.vector, layers=self.layers, positions=self.positions)
 
     def __repr__(self) -> str:
         return f"Steering({self.spec()})"

@@ -4,7 +4,15 @@ This is the paper's layer choice (docs/method.md, "Extraction", step 7) and expe
 ``(layer, coef)`` cell the model answers the trait's held-out evaluation questions while
 ``coef * vector[layer]`` is added to the residual stream; a judge scores every answer for the
 trait and for coherence. The chosen layer is the one whose steering gives the highest mean
-trait score among the cells that stay coherent (mean coherence >= ``coherence_floor``).
+trait score among the cells that stay coherent (mean coherence >= ``coherence_floor``), or,
+for a suppression sweep (``choose="lowest"``), the lowest.
+
+A cell chosen as the best of a grid is biased upwards when it is reported on the answers it
+was chosen from (the maximum of noisy means). So the sweep re-measures the chosen cell, and
+the unsteered baseline, on answers that played no part in the choice (``heldout``): fresh
+samples of the same questions by default, or other questions. :attr:`SweepResult.heldout`
+is the figure to report; :attr:`SweepResult.chosen` (on the grid's answers) is kept beside
+it to show the size of the selection effect.
 
 With ``out_dir`` every generation and score is written as it is produced
 (``sweep_responses.jsonl``, ``scores.jsonl``: a :class:`persona_lens.store.Store`) and reused
@@ -14,6 +22,10 @@ Example:
     >>> res = pl.sweep(probe, vec, trait, layers=[2, 3], coefs=[0, 1.5], judge=judge, questions=4,
     ...                max_new_tokens=48, out_dir="runs/evil/sweep", progress=False)
     >>> res.cell(2, 1.5).trait > res.cell(2, 0).trait + 30      # steering at layer 2 elicits
+    True
+    >>> (res.heldout.layer, res.heldout.coef) == (res.chosen.layer, res.chosen.coef)   # re-measured
+    True
+    >>> res.heldout.trait > res.heldout_baseline.trait + 30      # on answers not used to choose it
     True
     >>> fig = res.figure()                                        # fig.show() in a notebook
 """
@@ -69,6 +81,11 @@ class SweepResult:
     Attributes:
         cells: one :class:`SweepCell` per (layer, coef), layers outer.
         coherence_floor: cells below it cannot be chosen.
+        choose: ``"highest"`` (steering: :attr:`best`) or ``"lowest"`` (suppression:
+            :attr:`lowest`): which cell :attr:`chosen` is.
+        heldout / heldout_baseline: the chosen cell and the unsteered baseline re-measured
+            on answers not used to choose (None when the sweep was run without
+            ``heldout``, or nothing qualified); ``heldout_how`` says which answers.
         trait_name, model_name, judge_name: provenance.
         stats: generations and judge calls made now vs read back from disk.
         out_dir: where results were written (None if in memory only).
@@ -81,6 +98,15 @@ class SweepResult:
     judge_name: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
+    choose: str = "highest"
+    heldout: SweepCell | None = None
+    heldout_baseline: SweepCell | None = None
+    heldout_how: str | None = None
+
+    @property
+    def chosen(self) -> SweepCell | None:
+        """The cell the grid chose: :attr:`best` (``choose="highest"``) or :attr:`lowest`."""
+        return self.lowest if self.choose == "lowest" else self.best
 
     @property
     def layers(self) -> list[int]:
@@ -145,12 +171,44 @@ class SweepResult:
         widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
         out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
         out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in lines]
-        best = self.best
-        out.append("(trait / coherence; best: "
+        best = self.chosen
+        word = "lowest" if self.choose == "lowest" else "best"
+        out.append(f"(trait / coherence; {word}: "
                    + (f"layer {best.layer} at coef {best.coef:g}, trait {fmt(best.trait, decimals=1)}, "
                       f"coherence {fmt(best.coherence, decimals=1)}" if best else
                       f"none: no steered cell has coherence >= {self.coherence_floor:g}") + ")")
+        if self.heldout is not None:
+            out.append(self.heldout_line())
         return "\n".join(out)
+
+    def heldout_line(self) -> str:
+        """One line: the chosen cell on held-out answers, next to its grid figures."""
+        h, b, c = self.heldout, self.heldout_baseline, self.chosen
+        if h is None or c is None:
+            return "held-out: not measured"
+        base = f"; unsteered {fmt(b.trait, decimals=1)}" if b is not None else ""
+        return (f"held-out ({self.heldout_how}): layer {h.layer} at coef {h.coef:g}: trait "
+                f"{fmt(h.trait, decimals=1)}, coherence {fmt(h.coherence, decimals=1)} (n = {h.n}){base}; "
+                f"on the answers it was chosen from: trait {fmt(c.trait, decimals=1)}, coherence "
+                f"{fmt(c.coherence, decimals=1)}")
+
+    def summary(self) -> dict[str, Any]:
+        """The choice and its figures as JSON: on the grid's answers and held out.
+
+        Example:
+            >>> res = SweepResult([SweepCell(2, 0.0, 5.0, 99.0, 4, 4, 4), SweepCell(2, 1.5, 70.0, 90.0, 4, 4, 4)],
+            ...                   coherence_floor=80)
+            >>> res.summary()["chosen"]["trait"], res.summary()["heldout"]
+            (70.0, None)
+        """
+        from dataclasses import asdict
+
+        c = self.chosen
+        return {"choose": self.choose, "coherence_floor": self.coherence_floor,
+                "chosen": asdict(c) if c is not None else None,
+                "heldout": asdict(self.heldout) if self.heldout is not None else None,
+                "heldout_baseline": asdict(self.heldout_baseline) if self.heldout_baseline is not None else None,
+                "heldout_how": self.heldout_how}
 
     @property
     def lowest(self) -> SweepCell | None:
@@ -164,8 +222,8 @@ class SweepResult:
 
     def table_rows(self, chosen: SweepCell | None = None) -> tuple[list[str], list[list[str]], list[tuple[int, int]]]:
         """The table for a page: header, rows (layers) of ``trait / coherence`` per
-        coefficient, and the ``(row, column)`` of ``chosen`` (default :attr:`best`)."""
-        chosen = self.best if chosen is None else chosen
+        coefficient, and the ``(row, column)`` of ``chosen`` (default :attr:`chosen`)."""
+        chosen = self.chosen if chosen is None else chosen
         coefs = self.coefs
         header = ["layer"] + [f"coef {c:g}" for c in coefs]
         rows, marks = [], []
@@ -193,7 +251,7 @@ class SweepResult:
 
     def figure(self, highlight: int | None = None, *, title: str | None = None) -> "go.Figure":
         """Judged trait score (left) and coherence (right) vs coefficient, one line per layer
-        (the paper's E1 view); ``highlight`` (default :attr:`best_layer`) is drawn thicker."""
+        (the paper's E1 view); ``highlight`` (default the :attr:`chosen` layer) is drawn thicker."""
         from persona_lens.plot import sweep_figure
 
         if title is None:
@@ -202,20 +260,22 @@ class SweepResult:
                 title += f" on {self.model_name}"
         return sweep_figure(
             self.cells, coherence_floor=self.coherence_floor,
-            highlight=self.best_layer if highlight is None else highlight, title=title,
+            highlight=(self.chosen.layer if self.chosen else None) if highlight is None else highlight, title=title,
             trait_title=f"{self.trait_name} score" if self.trait_name else "trait score",
         )
 
-    def to_html(self, path: str | Path | None = None, *, lowest: bool = False, title: str | None = None) -> str:
+    def to_html(self, path: str | Path | None = None, *, lowest: bool | None = None, title: str | None = None) -> str:
         """A standalone HTML page: the figure and the table, with plotly.js embedded (it opens
         offline). Also written to ``path`` if given.
 
         Args:
-            lowest: the chosen cell is :attr:`lowest` (a suppression sweep), not :attr:`best`.
+            lowest: the chosen cell is :attr:`lowest` (a suppression sweep), not :attr:`best`
+                (default: as :attr:`choose` says).
             title: the page's and the figure's title.
         """
         from persona_lens.report import Page
 
+        lowest = self.choose == "lowest" if lowest is None else lowest
         chosen = self.lowest if lowest else self.best
         page = Page(title or f"{self.trait_name or 'trait'} sweep",
                     subtitle=f"model {self.model_name or '?'}, judge {self.judge_name or '?'}")
@@ -225,6 +285,9 @@ class SweepResult:
         rule = "lowest" if lowest else "highest"
         page.text(f"chosen ({rule} trait score among cells with coherence >= {self.coherence_floor:g}): "
                   + (f"layer {chosen.layer} at coef {chosen.coef:g}" if chosen else "none"))
+        if self.heldout is not None:
+            page.text(self.heldout_line() + ". The held-out figure is the one to report: the grid's best cell is "
+                      "biased upwards on the answers it was chosen from.")
         text = page.html()
         if path is not None:
             write_text(path, text)
@@ -245,8 +308,11 @@ def sweep(
     max_new_tokens: int = 1000,
     temperature: float = 1.0,
     coherence_floor: float = 50.0,
+    choose: str = "highest",
+    heldout: "str | int | Sequence | None" = "samples",
+    heldout_samples: int | None = None,
     positions: str = "response",
-    include_last_prompt: bool = False,
+    include_last_prompt: bool | None = None,
     batch_size: int = 32,
     judge_batch_size: int = 64,
     seed: int = 0,
@@ -271,14 +337,26 @@ def sweep(
         max_new_tokens, temperature: generation settings. Every cell uses the same seeds for
             the same (question, sample), so cells differ only by the steering.
         coherence_floor: cells with a lower mean coherence cannot be chosen.
-        positions, include_last_prompt: where to steer (see :meth:`PersonaProbe.steer`).
+        choose: ``"highest"`` (steering towards the trait) or ``"lowest"`` (suppression, with
+            negative coefficients): which coherent cell is chosen.
+        heldout: answers to re-measure the chosen cell and the baseline on, none of them
+            used to choose: ``"samples"`` (default: ``heldout_samples`` fresh samples of the
+            same questions, sample indices after the grid's), a list of other questions (or,
+            with an int ``questions``, a count: the evaluation questions after the grid's), or
+            None (no re-measurement).
+        heldout_samples: answers per question for the re-measurement (default ``samples``).
+        positions: where to steer (see :meth:`PersonaProbe.steer`): ``"response"`` (the
+            default, the paper's: the last prompt token and every generated token),
+            ``"response_only"``, ``"all"`` or ``"prompt"``. ``include_last_prompt`` is
+            deprecated.
         out_dir: cache and outputs (``sweep_responses.jsonl``, ``scores.jsonl``,
             ``sweep.csv``, ``sweep.html``); None keeps everything in memory.
 
     Returns:
-        :class:`SweepResult` with ``best_layer``, ``figure()``, ``to_csv()``, ``to_html()``.
+        :class:`SweepResult` with ``chosen``, ``heldout``, ``figure()``, ``to_csv()``,
+        ``to_html()``.
     """
-    from persona_lens.ops import check_position_kind
+    from persona_lens.interventions import steering_mode
     from persona_lens.probe import GenerationSettings, PersonaProbe
 
     if not isinstance(probe, PersonaProbe):
@@ -298,10 +376,7 @@ def sweep(
     gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     V.integer("seed", seed)
     coherence_floor = V.number("coherence_floor", coherence_floor, min=0, max=100)
-    check_position_kind(positions)
-    if positions == "last_prompt":
-        raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
-    V.boolean("include_last_prompt", include_last_prompt)
+    positions = steering_mode(positions, include_last_prompt, stacklevel=3)
     V.integer("batch_size", batch_size, min=1)
     V.integer("judge_batch_size", judge_batch_size, min=1)
     V.optional_boolean("progress", progress)
@@ -318,6 +393,29 @@ def sweep(
         raise ValueError(f"trait {trait.name!r} has no evaluation questions; pass questions=[...]")
     if system is not None:
         system = V.text("system", system, empty_ok=False)
+    choose = V.choice("choose", choose, ("highest", "lowest"))
+    heldout_samples = samples if heldout_samples is None else V.integer("heldout_samples", heldout_samples, min=1)
+    if heldout is None:
+        hq, first_sample, how = [], 0, None
+    elif heldout == "samples":
+        hq, first_sample = qs, samples
+        how = f"{heldout_samples} fresh sample(s) of each of the {len(qs)} questions"
+    elif isinstance(heldout, (str, bytes)):
+        raise V.InvalidArgument("heldout", heldout, "'samples', a list of questions, a count or None")
+    elif not hasattr(heldout, "__iter__"):
+        n_held = V.integer("heldout", heldout, min=1)
+        hq, first_sample = list(trait.eval_questions[len(qs): len(qs) + n_held]), 0
+        if len(hq) < n_held:
+            raise V.InvalidArgument("heldout", heldout, f"at most {len(trait.eval_questions) - len(qs)} (the "
+                                    f"evaluation questions after the {len(qs)} the grid uses)")
+        how = f"{len(hq)} other question(s) x {heldout_samples} sample(s)"
+    else:
+        hq = [V.text(f"heldout[{i}]", q, empty_ok=False) for i, q in
+              enumerate(V.items("heldout", heldout, what="'samples', a list of questions, a count or None"))]
+        if not hq or set(hq) & set(qs):
+            raise V.InvalidArgument("heldout", heldout, "a non-empty list of questions the grid does not use")
+        first_sample = 0
+        how = f"{len(hq)} other question(s) x {heldout_samples} sample(s)"
     base_settings = {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "seed": gen.seed}
 
     out = V.path("out_dir", out_dir, none_ok=True)
@@ -327,47 +425,57 @@ def sweep(
         out.mkdir(parents=True, exist_ok=True)
     store = Store(out, generations="sweep_responses.jsonl")
 
+    def cell_prompts(layer: int, coef: float, questions: list[str], sample_ids: range,
+                     heldout: bool = False) -> list[Prompt]:
+        steer = None if coef == 0 else Steering(vector, layer=layer, coef=coef, positions=positions)
+        return [Prompt(question if system is None else
+                       [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                       sample=s, steer=steer, seed_key=("held-out", question, s) if heldout else (q, s),
+                       meta={"layer": layer if coef != 0 else None, "coef": coef, "question_index": q,
+                             "question": question, **({"heldout": True} if heldout else {})})
+                for q, question in enumerate(questions) for s in sample_ids]
+
+    totals = {"generated": 0, "reused": 0, "judged": 0, "judge_reused": 0, "generate_seconds": 0.0}
+
+    def measure(work: list[tuple[int, float, list[Prompt]]], what: str) -> list[SweepCell]:
+        all_prompts = [p for _, _, prompts in work for p in prompts]
+        t0 = time.perf_counter()
+        answers = store.generate(probe, all_prompts, settings=base_settings, batch_size=batch_size,
+                                 progress=progress, desc=f"{what} generate {trait.name}")
+        totals["generate_seconds"] += time.perf_counter() - t0
+        # Judging: every distinct answer once.
+        unique = {k: (p.question, text) for p, k, text in zip(all_prompts, answers.keys, answers.texts)}
+        got = store.score(judge, trait, list(unique.values()), ids=list(unique), batch_size=judge_batch_size,
+                          progress=progress, desc=f"{what} judge {trait.name}")
+        for k, v in (("generated", answers.generated), ("reused", answers.reused), ("judged", got.asked),
+                     ("judge_reused", got.reused)):
+            totals[k] += v
+        by_key = {k: (got["trait"][i], got["coherence"][i]) for i, k in enumerate(unique)}
+        cells, keys = [], iter(answers.keys)
+        for layer, coef, prompts in work:
+            cell_keys = [next(keys) for _ in prompts]
+            t_mean, n_t = mean_score([by_key[k][0] for k in cell_keys])
+            c_mean, n_c = mean_score([by_key[k][1] for k in cell_keys])
+            cells.append(SweepCell(layer, coef, t_mean, c_mean, len(cell_keys), n_t, n_c))
+        return cells
+
     # One prompt per (cell, question, sample); coef 0 is unsteered, so every layer's baseline
     # has the same keys and is generated once. The seed key is (question, sample) alone:
     # common random numbers, so cells differ only by the steering.
-    work: list[tuple[int, float, list[Prompt]]] = []
-    for layer in layers:
-        for coef in coefs:
-            steer = None if coef == 0 else Steering(vector, layer=layer, coef=coef, positions=positions,
-                                                 include_last_prompt=include_last_prompt)
-            prompts = [Prompt(question if system is None else
-                              [{"role": "system", "content": system}, {"role": "user", "content": question}],
-                              sample=s, steer=steer, seed_key=(q, s),
-                              meta={"layer": layer if coef != 0 else None, "coef": coef, "question_index": q,
-                                    "question": question})
-                       for q, question in enumerate(qs) for s in range(samples)]
-            work.append((layer, coef, prompts))
-    all_prompts = [p for _, _, prompts in work for p in prompts]
-    t0 = time.perf_counter()
-    answers = store.generate(probe, all_prompts, settings=base_settings, batch_size=batch_size,
-                             progress=progress, desc=f"sweep generate {trait.name}")
-    gen_seconds = time.perf_counter() - t0
-
-    # Judging: every distinct answer once.
-    unique = {k: (p.question, text) for p, k, text in zip(all_prompts, answers.keys, answers.texts)}
-    got = store.score(judge, trait, list(unique.values()), ids=list(unique), batch_size=judge_batch_size,
-                      progress=progress, desc=f"sweep judge {trait.name}")
-    by_key = {k: (got["trait"][i], got["coherence"][i]) for i, k in enumerate(unique)}
-
-    cells = []
-    keys = iter(answers.keys)
-    for layer, coef, prompts in work:
-        cell_keys = [next(keys) for _ in prompts]
-        t_mean, n_t = mean_score([by_key[k][0] for k in cell_keys])
-        c_mean, n_c = mean_score([by_key[k][1] for k in cell_keys])
-        cells.append(SweepCell(layer, coef, t_mean, c_mean, len(cell_keys), n_t, n_c))
+    cells = measure([(layer, coef, cell_prompts(layer, coef, qs, range(samples)))
+                     for layer in layers for coef in coefs], "sweep")
     result = SweepResult(
         cells=cells, coherence_floor=coherence_floor, trait_name=trait.name,
-        model_name=probe.model_name or "unnamed-model", judge_name=judge_name(judge),
-        stats={"generated": answers.generated, "reused": answers.reused, "judged": got.asked,
-               "judge_reused": got.reused, "generate_seconds": round(gen_seconds, 2)},
-        out_dir=out,
+        model_name=probe.model_name or "unnamed-model", judge_name=judge_name(judge), out_dir=out, choose=choose,
     )
+    chosen = result.chosen
+    if how is not None and chosen is not None:
+        held = range(first_sample, first_sample + heldout_samples)
+        result.heldout, result.heldout_baseline = measure(
+            [(chosen.layer, chosen.coef, cell_prompts(chosen.layer, chosen.coef, hq, held, heldout=True)),
+             (chosen.layer, 0.0, cell_prompts(chosen.layer, 0.0, hq, held, heldout=True))], "held-out")
+        result.heldout_how = how
+    result.stats = {**totals, "generate_seconds": round(totals["generate_seconds"], 2)}
     if out is not None:
         result.to_csv(out / "sweep.csv")
         result.to_html(out / "sweep.html")

@@ -39,6 +39,12 @@ class VectorMismatchError(ValueError):
     """A vector does not fit the model it is used with (layer count or d_model)."""
 
 
+class PostNormRowWarning(UserWarning):
+    """A released vector's last row is used: the release took it after the model's final
+    norm, while layer ``n_layers`` here is the stream before it, so the row's scale and
+    direction do not match the activations it is applied to."""
+
+
 class VectorFileError(ValueError):
     """A file is not a readable persona vector (not ours, corrupt, or holding no vector);
     the message names the file."""
@@ -158,7 +164,28 @@ class PersonaVector:
         return check_layer(layer, self.n_layers, "this vector")
 
     def __getitem__(self, layer: int) -> Float[Tensor, " d_model"]:
-        return self.directions[self._check_layer(layer)]
+        """The direction at ``layer``; warns (:class:`PostNormRowWarning`) for the last row of
+        a released file (:meth:`from_released_pt`), which was taken after the final norm.
+
+        Example:
+            >>> torch.save(torch.randn(7, 8), "released.pt")
+            >>> v = PersonaVector.from_released_pt("released.pt")
+            >>> row = v[5]                       # rows 0..n_layers-1 carry over unchanged
+            >>> import warnings
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     row = v[6]
+            >>> caught[0].category.__name__
+            'PostNormRowWarning'
+        """
+        layer = self._check_layer(layer)
+        if layer == self.n_layers and self.notes.get("last_row_post_norm"):
+            warnings.warn(
+                f"row {layer} of this vector ({self.notes.get('source', 'a released file')}) was taken after "
+                f"the model's final norm, but layer {layer} here is the last block's output before it: the "
+                f"direction does not match the stream it is used on; use a layer below {layer}",
+                PostNormRowWarning, stacklevel=2)
+        return self.directions[layer]
 
     def unit(self, layer: int) -> Float[Tensor, " d_model"]:
         """The direction at ``layer`` scaled to unit norm (error if it is zero)."""

@@ -114,9 +114,11 @@ def test_extract_and_sweep_end_to_end_then_rerun_uses_only_caches(tmp_path, caps
                   "--questions", 2, "--out", sweep_out]
     code, stdout, err = run(capsys, *sweep_args)
     assert code == 0, err
-    assert "6 generated, 0 reused" in stdout  # baseline once + 2 steered cells, 2 questions each
-    assert "best layer:" in stdout
-    assert server.request_count == 16 + 12
+    # baseline once + 2 steered cells, 2 questions each; then the chosen cell and the baseline
+    # again on a fresh sample of each question (held out)
+    assert "10 generated, 0 reused" in stdout
+    assert "best layer:" in stdout and "held-out (1 fresh sample(s) of each of the 2 questions)" in stdout
+    assert server.request_count == 16 + 20
     assert (sweep_out / "sweep.csv").read_text().count("\n") == 5
     assert "plotly" in (sweep_out / "sweep.html").read_text()
 
@@ -126,8 +128,8 @@ def test_extract_and_sweep_end_to_end_then_rerun_uses_only_caches(tmp_path, caps
     assert "0 generated, 8 reused" in stdout and "0 new scores, 16 reused" in stdout
     code, stdout, err = run(capsys, *sweep_args)
     assert code == 0, err
-    assert "0 generated, 6 reused" in stdout and "0 new scores" in stdout
-    assert server.request_count == 28
+    assert "0 generated, 10 reused" in stdout and "0 new scores" in stdout
+    assert server.request_count == 36
 
 
 # ------------------------------------------------------------------------ errors
@@ -455,6 +457,19 @@ def test_package_attributes_load_on_first_use():
     assert out.stdout.strip() == "ok", out.stderr
 
 
+def test_every_positions_flag_offers_the_release_mode_and_response_only():
+    """Wherever steering positions are a flag, 'response' (the release's mode) and
+    'response_only' are both offered, and the help says what each steers."""
+    found = 0
+    for parser in all_parsers(cli.build_parser()):
+        for action in parser._actions:
+            if "--positions" in action.option_strings:
+                found += 1
+                assert {"response", "response_only"} <= set(action.choices), parser.prog
+                assert "last prompt token" in action.help and "released" in action.help, parser.prog
+    assert found >= 3  # demo, sweep, finetune
+
+
 def test_parse_lists():
     assert cli.parse_int_list("4,8-12:2") == [4, 8, 10, 12]
     assert cli.parse_int_list("20,10") == [10, 20]
@@ -520,3 +535,16 @@ def test_generate_trait_endpoint_down_is_one_line(capsys, tmp_path):
                        "http://127.0.0.1:9/v1", "--api-key", "x", "--out", tmp_path)
     assert code == 1
     assert "Connection" in error_line(err)
+
+
+def test_report_says_what_to_run_when_the_folder_holds_nothing(capsys, tmp_path):
+    code, _, err = run(capsys, "report", tmp_path / "missing")
+    assert code == 1 and "no run folder" in error_line(err)
+    code, _, err = run(capsys, "report", tmp_path)
+    assert code == 1 and "python -m experiments.all" in error_line(err)
+    (tmp_path / "e8").mkdir()
+    (tmp_path / "e8" / "results.json").write_text('{"experiment": "E8", "title": "E8: traits", "measurable": false, '
+                                                  '"why": "no judge"}')
+    code, out, _ = run(capsys, "report", tmp_path, "--out", tmp_path / "page.html")
+    page = (tmp_path / "page.html").read_text()
+    assert code == 0 and "page.html" in out and "E8: traits" in page and "Not measurable with this config: no judge" in page

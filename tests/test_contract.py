@@ -90,7 +90,7 @@ def vector(probe, seed=11):
 
 
 @pytest.mark.skipif(os.environ.get("PERSONA_LENS_TEST_BACKEND", "bridge") != "bridge", reason="bridge only")
-@pytest.mark.parametrize("how", ["all", "response", "response_last", "prompt", "layers", "ablate", "nested"])
+@pytest.mark.parametrize("how", ["all", "response", "response_only", "prompt", "layers", "ablate", "nested"])
 def test_spec_engine_generates_what_hooks_generate(engines, how):
     spec, hooked = engines
     vec = vector(hooked)
@@ -100,8 +100,8 @@ def test_spec_engine_generates_what_hooks_generate(engines, how):
             ctx = [probe.steer(vec, layer=2, coef=3.0)]
         elif how == "response":
             ctx = [probe.steer(vec, layer=1, coef=4.0, positions="response")]
-        elif how == "response_last":
-            ctx = [probe.steer(vec, layer=1, coef=4.0, positions="response", include_last_prompt=True)]
+        elif how == "response_only":
+            ctx = [probe.steer(vec, layer=1, coef=4.0, positions="response_only")]
         elif how == "prompt":
             ctx = [probe.steer(vec, layer=2, coef=5.0, positions="prompt")]
         elif how == "layers":
@@ -129,11 +129,11 @@ def test_interventions_are_values_in_run_order_and_leave_on_exit(engines):
     vec = vector(spec)
     before = spec.backend.received
     with pytest.raises(KeyError):
-        with spec.steer(vec, layer=1, coef=2.0, positions="response", include_last_prompt=True):
+        with spec.steer(vec, layer=1, coef=2.0, positions="response"):
             with spec.ablate(vec, layers=[3]):
                 a, b = spec.interventions
                 assert isinstance(a, Steer) and a.layer == 1 and a.coef == 2.0
-                assert a.positions == ("last_prompt", "response")
+                assert a.positions == ("answer", "last_prompt")
                 assert isinstance(b, Ablate) and b.layer == 3
                 torch.testing.assert_close(b.unit.norm(), torch.tensor(1.0))
                 spec.generate(PROMPTS[:1], max_new_tokens=2)

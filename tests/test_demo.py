@@ -89,7 +89,7 @@ def test_rerun_reuses_every_generation_and_score_and_shows_one_progress_line(dem
     assert [s for i, s in sorted(set(stages))] == ["load model", "extract", "steering sweep",
                                                    "suppression sweep", "monitor", "report"]
     assert "generate:" not in err and "judge:" not in err  # no bar of its own from any step
-    assert re.search(r"2560/2560 resp", err)
+    assert re.search(r"2720/2720 resp", err)  # 2,560 for the sweeps and the rest, 160 held out
 
 
 def test_full_is_the_complete_run(monkeypatch, tmp_path):

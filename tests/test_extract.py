@@ -312,7 +312,9 @@ def test_sweep_table_best_layer_files_and_cache(tiny_probe, tmp_path):
     assert [(c.layer, c.coef) for c in sw.cells] == [(1, 0.0), (1, 2.0), (1, 4.0), (2, 0.0), (2, 2.0), (2, 4.0)]
     # The coef-0 baseline is generated once and shared by both layers.
     assert sw.cell(1, 0).trait == sw.cell(2, 0).trait
-    assert sw.stats["generated"] == 2 * 2 * (1 + 2 * 2)
+    # the grid (a shared baseline and 2 x 2 steered cells), then the chosen cell and the
+    # baseline again on fresh samples
+    assert sw.stats["generated"] == 2 * 2 * (1 + 2 * 2) + 2 * 2 * 2
     for c in sw.cells:
         assert c.n == 4 and c.n_trait == 4 and c.coherence == 90.0
     steered = [c for c in sw.cells if c.coef != 0]
@@ -332,7 +334,45 @@ def test_sweep_table_best_layer_files_and_cache(tiny_probe, tmp_path):
 
     # Steering changes the answers (a different vector or coef is not served from the cache).
     sw3 = sweep(probe, 3.0 * res.vector, trait, **dict(kw, coefs=[0, 2.0]))
-    assert sw3.stats["generated"] == 2 * 2 * 2  # baseline reused; two steered cells new
+    assert sw3.stats["generated"] == 2 * 2 * 2 + 2 * 2  # baselines reused; two steered cells and the held-out one new
+
+
+def test_sweep_reports_the_chosen_cell_on_answers_not_used_to_choose_it(tiny_probe, tmp_path):
+    """With a judge whose scores are noise (a hash of the answer), the grid's best cell is the
+    maximum of noisy means: high on its own answers. The held-out figure is recomputed here
+    from the stored answers that the grid never saw and the judge's formula."""
+    probe, _ = tiny_probe
+    trait = make_trait()
+    vec = extract(probe, trait, None, out_dir=tmp_path / "x", **dict(FAST, samples=1)).vector
+    sw = sweep(probe, vec, trait, layers=[1, 2, 3], coefs=[0, 1.0, 2.0, 3.0], judge=RuleJudge(), samples=2,
+               max_new_tokens=5, heldout_samples=4, out_dir=tmp_path / "sweep", progress=False)
+    steered = [c for c in sw.cells if c.coef != 0]
+    assert sw.chosen is sw.best and sw.chosen.trait == max(c.trait for c in steered)
+    h = sw.heldout
+    assert (h.layer, h.coef, h.n) == (sw.chosen.layer, sw.chosen.coef, 2 * 4)
+    records = read_jsonl(tmp_path / "sweep" / "sweep_responses.jsonl")
+    held = [r for r in records if r.get("heldout") and r["coef"] == h.coef]
+    assert sorted({r["sample"] for r in held}) == [2, 3, 4, 5]  # none of the grid's samples 0-1
+    assert h.trait == pytest.approx(sum(hash_score(r["answer"]) for r in held) / len(held))
+    base = [r for r in records if r.get("heldout") and r["coef"] == 0]
+    assert sw.heldout_baseline.trait == pytest.approx(sum(hash_score(r["answer"]) for r in base) / len(base))
+    assert h.trait < sw.chosen.trait  # the selection effect the held-out figure removes
+    assert "held-out (4 fresh sample(s) of each of the 2 questions)" in sw.table()
+    assert sw.summary()["heldout"]["trait"] == h.trait
+    assert "held-out" in (tmp_path / "sweep" / "sweep.html").read_text()
+
+    # A question split: chosen on the first question, re-measured on the other; suppression
+    # chooses the lowest cell.
+    low = sweep(probe, vec, trait, layers=[1, 2], coefs=[0, -1.0, -2.0], judge=RuleJudge(), questions=1,
+                heldout=1, choose="lowest", max_new_tokens=5, progress=False)
+    assert low.chosen is low.lowest and low.heldout.coef == low.lowest.coef
+    assert low.heldout_how.startswith("1 other question")
+    with pytest.raises(ValueError, match="heldout"):
+        sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), questions=2, heldout=1,
+              max_new_tokens=5, progress=False)
+    none = sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), heldout=None, max_new_tokens=5,
+                 progress=False)
+    assert none.heldout is None and none.heldout_baseline is None and none.stats["generated"] == 2 * 2
 
 
 def test_best_layer_respects_coherence_floor():

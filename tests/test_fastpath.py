@@ -124,13 +124,13 @@ def test_module_walk_is_modules_order_without_repeats(tiny_dirs):
 
 
 @pytest.mark.parametrize(
-    "positions", ["all", "prompt", "response", "response+last"]
+    "positions", ["all", "prompt", "response", "response_only"]
 )
 def test_same_greedy_tokens_on_both_paths(pair, positions):
     fast, slow = pair
     vec = random_vector(fast, seed=11)
     n = fast.n_layers
-    kwargs = dict(positions="response", include_last_prompt=True) if positions == "response+last" else dict(positions=positions)
+    kwargs = dict(positions=positions)
     plain = fast.generate(PROMPTS, max_new_tokens=10)
     assert fast.last_path == "hf"
     assert plain == slow.generate(PROMPTS, max_new_tokens=10)

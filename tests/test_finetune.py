@@ -66,7 +66,7 @@ def hand_hooks(model, edits):
 SMALL = dict(r=4, alpha=8, lr=1e-2, batch_size=2, grad_accum=1, warmup_steps=0, save_every=0)
 
 
-@pytest.mark.parametrize("edit", ["steer_all_two_layers", "steer_response", "caft"])
+@pytest.mark.parametrize("edit", ["steer_all_two_layers", "steer_response", "steer_response_only", "caft"])
 def test_training_step_matches_plain_peft_with_hand_hook(tiny_dirs, edit):
     path = tiny_dirs["llama"]
     probe = fresh(path)
@@ -75,8 +75,8 @@ def test_training_step_matches_plain_peft_with_hand_hook(tiny_dirs, edit):
     if edit == "steer_all_two_layers":
         iv = Interventions(vec, steer={1: 2.0, 2: -1.5})
         edits = {1: lambda h: h + 2.0 * v1, 2: lambda h: h - 1.5 * v2}
-    elif edit == "steer_response":
-        iv = Interventions(vec, steer={2: 3.0}, positions="response")
+    elif edit in ("steer_response", "steer_response_only"):
+        iv = Interventions(vec, steer={2: 3.0}, positions=edit[len("steer_"):])
     else:
         iv = Interventions(vec, caft=[1, 2])
         u1, u2 = vec.unit(1), vec.unit(2)
@@ -88,8 +88,12 @@ def test_training_step_matches_plain_peft_with_hand_hook(tiny_dirs, edit):
         for p in run.params.values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     batch = encode_training(probe.tokenizer, convs()[:3], 512)
-    if edit == "steer_response":
-        m = batch.response_mask.float().unsqueeze(-1)
+    if edit in ("steer_response", "steer_response_only"):
+        mask = batch.response_mask.clone()
+        if edit == "steer_response":  # the release's mode: the last prompt token as well
+            for row, prompt in enumerate(batch.prompt_mask):
+                mask[row, int(prompt.nonzero().max())] = True
+        m = mask.float().unsqueeze(-1)
         edits = {2: lambda h: h + 3.0 * v2 * m}
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -317,3 +321,14 @@ def test_experiment_configs_load_and_validate():
         load_config("organism", finetune={"lr": -1.0})
     with pytest.raises(ValueError, match="vector file per trait"):
         load_config("qwen7b", vectors=None)
+
+
+def test_run_keys_tell_the_release_mode_from_the_old_response_mode():
+    """A finetune run's key holds the position kinds: a run made when 'response' left out the
+    last prompt token (key value "response") is never resumed as today's 'response'."""
+    v = pl.PersonaVector(torch.randn(3, 4), trait="test")
+    spec = lambda positions: Interventions(v, steer={1: 1.0}, positions=positions).spec()["positions"]  # noqa: E731
+    assert spec("response") == "answer+last_prompt"
+    assert spec("response_only") == "answer"
+    assert spec("all") == "all"  # unchanged meaning, unchanged key
+    assert "response" not in {spec(m) for m in ("all", "response", "response_only")}

@@ -132,10 +132,12 @@ def hf_generate(hf, probe, prompts, max_new_tokens, hook=None, layer_idx=None):
     return texts
 
 
-def add_to_output(vec, coef, last_only=False):
+def add_to_output(vec, coef, last_only=False, decode_only=False):
     def hook(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
-        if last_only:
+        if decode_only:  # HF's KV-cached decode steps see one new column; the prefill sees the prompt
+            h = h + coef * vec if h.shape[1] == 1 else h
+        elif last_only:
             h = h.clone()
             h[:, -1] = h[:, -1] + coef * vec
         else:
@@ -168,16 +170,42 @@ def test_steered_greedy_equals_hf_with_plain_hook(tiny, layer):
     assert uncached == expected
 
 
-def test_response_steering_with_last_prompt_matches_released_code(tiny):
+def test_response_steering_matches_released_code(tiny):
     """The released code steers ``output[:, -1]`` on every forward: the last prompt token at
-    prefill, then each new token. With KV caching that is positions='response' plus the last
-    prompt token."""
+    prefill, then each new token. That is positions='response'."""
     probe, hf, _ = tiny
     vec = random_vector(probe, seed=7)
     expected = hf_generate(hf, probe, PROMPTS, 10, add_to_output(vec[2], 5.0, last_only=True), 1)
-    with probe.steer(vec, layer=2, coef=5.0, positions="response", include_last_prompt=True):
+    assert expected != hf_generate(hf, probe, PROMPTS, 10, add_to_output(vec[2], 5.0, decode_only=True), 1), \
+        "steering the last prompt token should matter here"
+    with probe.steer(vec, layer=2, coef=5.0, positions="response"):
         assert probe.generate(PROMPTS, max_new_tokens=10) == expected
         assert probe.generate(PROMPTS, max_new_tokens=10, use_cache=False) == expected
+
+
+def test_response_only_steering_matches_a_decode_step_hook(tiny):
+    """positions='response_only' steers the generated tokens alone: with HF's KV cache those
+    are the one-column forwards after the prefill."""
+    probe, hf, _ = tiny
+    vec = random_vector(probe, seed=7)
+    expected = hf_generate(hf, probe, PROMPTS, 10, add_to_output(vec[2], 5.0, decode_only=True), 1)
+    assert expected != hf_generate(hf, probe, PROMPTS, 10), "steering should change this output"
+    with probe.steer(vec, layer=2, coef=5.0, positions="response_only"):
+        assert probe.generate(PROMPTS, max_new_tokens=10) == expected
+        assert probe.generate(PROMPTS, max_new_tokens=10, use_cache=False) == expected
+
+
+def test_include_last_prompt_is_deprecated_and_keeps_its_meaning(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe, seed=7)
+    with probe.steer(vec, layer=2, coef=5.0, positions="response_only"):
+        only = probe.generate(PROMPTS, max_new_tokens=8)
+    with probe.steer(vec, layer=2, coef=5.0, positions="response"):
+        both = probe.generate(PROMPTS, max_new_tokens=8)
+    for flag, expected in ((True, both), (False, only)):
+        with pytest.warns(DeprecationWarning, match="positions='response"):
+            with probe.steer(vec, layer=2, coef=5.0, positions="response", include_last_prompt=flag):
+                assert probe.generate(PROMPTS, max_new_tokens=8) == expected
 
 
 def test_response_steering_leaves_prompt_untouched_and_changes_output(tiny):
@@ -185,7 +213,7 @@ def test_response_steering_leaves_prompt_untouched_and_changes_output(tiny):
     vec = random_vector(probe, seed=3)
     plain = probe.capture(CONVS, reductions=["prompt_mean", "last_prompt", "response_mean"])
     plain_text = probe.generate(PROMPTS, max_new_tokens=10)
-    with probe.steer(vec, layer=1, coef=6.0, positions="response"):
+    with probe.steer(vec, layer=1, coef=6.0, positions="response_only"):
         steered = probe.capture(CONVS, reductions=["prompt_mean", "last_prompt", "response_mean"])
         steered_text = probe.generate(PROMPTS, max_new_tokens=10)
     torch.testing.assert_close(steered["prompt_mean"], plain["prompt_mean"])
@@ -194,6 +222,14 @@ def test_response_steering_leaves_prompt_untouched_and_changes_output(tiny):
     torch.testing.assert_close(steered["response_mean"][:, 1], plain["response_mean"][:, 1] + 6.0 * vec[1], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(steered["response_mean"][:, 2], plain["response_mean"][:, 2])
     assert steered_text != plain_text
+    # 'response' also moves the last prompt token by coef * v, and no other prompt token.
+    with probe.steer(vec, layer=1, coef=6.0, positions="response"):
+        released = probe.capture(CONVS, reductions=["prompt_mean", "last_prompt", "response_mean"])
+    torch.testing.assert_close(released["last_prompt"][:, 1], plain["last_prompt"][:, 1] + 6.0 * vec[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(released["last_prompt"][:, 0], plain["last_prompt"][:, 0])
+    n_prompt = pl.encode_chat(probe.tokenizer, CONVS, with_response=True).prompt_mask.sum(1).float()
+    torch.testing.assert_close(released["prompt_mean"][:, 1], plain["prompt_mean"][:, 1] + 6.0 * vec[1] / n_prompt[:, None],
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_prompt_steering_only_moves_prompt(tiny):
@@ -389,7 +425,7 @@ def test_bad_input_errors(tiny):
             pass
     with pytest.raises(ValueError, match="out of range"):
         probe.capture(CONVS, layers=[-1])
-    with pytest.raises(ValueError, match="unknown position type"):
+    with pytest.raises(ValueError, match="unknown position mode"):
         with probe.steer(vec, layer=1, positions="middle"):
             pass
     with pytest.raises(ValueError, match="unknown reduction"):

@@ -113,11 +113,11 @@ def test_resume_after_a_judge_dies_asks_only_for_the_rest(tmp_path):
 
 
 def test_store_generates_what_the_probe_generates_with_the_same_seed_and_steering(probe, vec):
-    steer = Steering(vec, layers={1: 2.0, 2: -1.0}, positions="response", include_last_prompt=True)
+    steer = Steering(vec, layers={1: 2.0, 2: -1.0}, positions="response")
     items = prompts(2, 2, steer=steer)
     got = Store(None).generate(probe, items, settings=SETTINGS, batch_size=8)
     seed = derived_seed(SETTINGS["seed"], [p.seed_key for p in items])
-    with probe.steer(vec, layers={1: 2.0, 2: -1.0}, positions="response", include_last_prompt=True):
+    with probe.steer(vec, layers={1: 2.0, 2: -1.0}, positions="response"):
         direct = probe.generate([p.messages for p in items], max_new_tokens=6, temperature=1.0, seed=seed)
     assert got.texts == direct
     assert got.records[0]["steer"] == steer.spec() and got.records[0]["batch_seed"] == seed
@@ -133,7 +133,7 @@ def test_another_steering_is_another_key(probe, vec, tmp_path):
         Steering(vec, layer=2, coef=2.0, positions="response"),   # layer
         Steering(2.0 * vec, layer=1, coef=1.0, positions="response"),  # vector (keys name requests, not effects)
         Steering(vec, layer=1, coef=2.0, positions="all"),        # positions
-        Steering(vec, layer=1, coef=2.0, positions="response", include_last_prompt=True),
+        Steering(vec, layer=1, coef=2.0, positions="response_only"),
     ]
     keys = {tuple(plain.keys)}
     changed = 0
@@ -150,6 +150,26 @@ def test_another_steering_is_another_key(probe, vec, tmp_path):
     assert (again.generated, again.reused) == (0, 2)
     reseeded = store.generate(probe, items, settings=dict(SETTINGS, seed=1))
     assert reseeded.generated == 2
+
+
+def test_a_record_made_when_response_left_out_the_last_prompt_token_is_not_reused(probe, vec, tmp_path):
+    """Before the modes, ``positions="response"`` steered the generated tokens alone and the
+    key held ``{"positions": "response", "include_last_prompt": False}``. A log with such a
+    record must not answer for today's ``"response"`` (which steers the last prompt token too)."""
+    from persona_lens.pipeline_io import JsonlLog, fingerprint
+
+    items = prompts(2, 1)
+    steer = Steering(vec, layer=1, coef=2.0, positions="response")
+    old_spec = {"vector": steer.vector_hash, "layers": [[1, 2.0]], "positions": "response",
+                "include_last_prompt": False}
+    settings = dict(SETTINGS)
+    old_keys = [fingerprint(probe.model_name, p.messages, p.sample, settings, old_spec, length=24) for p in items]
+    JsonlLog(tmp_path / "responses.jsonl").append(
+        [{"key": k, "answer": "stale answer", "messages": p.messages, "sample": p.sample} for k, p in zip(old_keys, items)])
+    assert old_keys[0] in Store(tmp_path)._answers  # the old record is read back under its own key
+    got = Store(tmp_path).generate(probe, items, settings=SETTINGS, steer=steer)
+    assert (got.generated, got.reused) == (2, 0)
+    assert "stale answer" not in got.texts and not set(got.keys) & set(old_keys)
 
 
 def test_same_content_in_another_order_is_not_regenerated(probe, tmp_path):

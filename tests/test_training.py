@@ -101,7 +101,7 @@ def direction(d_model, seed=3):
 
 @pytest.mark.parametrize("runner", ["hf_model", "bridge_hf"])
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("edit", ["steer_response", "steer_all", "ablate"])
+@pytest.mark.parametrize("edit", ["steer_response", "steer_response_only", "steer_all", "ablate"])
 def test_training_step_matches_hand_written_hook(tiny_dirs, runner, padding, edit):
     path = tiny_dirs["llama"]
     probe = fresh_probe(path)
@@ -110,8 +110,14 @@ def test_training_step_matches_hand_written_hook(tiny_dirs, runner, padding, edi
     vec = pl.PersonaVector(v.expand(probe.n_layers + 1, -1).clone())
     b = as_batch(probe, padding)
     u = v / v.norm()
-    if edit == "steer_response":
+    if edit == "steer_response":  # the release's mode: the answer tokens and the last prompt token
         ctx = lambda: probe.steer(vec, layer=LAYER, coef=3.0, positions="response")  # noqa: E731
+        mask = b["response_mask"].clone().bool()
+        for row, prompt in enumerate(b["prompt_mask"]):
+            mask[row, int(torch.as_tensor(prompt).nonzero().max())] = True
+        fn = lambda h, m: h + 3.0 * v * m  # noqa: E731
+    elif edit == "steer_response_only":
+        ctx = lambda: probe.steer(vec, layer=LAYER, coef=3.0, positions="response_only")  # noqa: E731
         fn, mask = (lambda h, m: h + 3.0 * v * m), b["response_mask"]
     elif edit == "steer_all":
         ctx = lambda: probe.steer(vec, layer=LAYER, coef=-2.0)  # noqa: E731
@@ -159,7 +165,7 @@ def test_lora_training_step_matches_hand_written_hook(tiny_dirs):
     # peft changed the bridge's modules: the fast view is rebuilt once and carries the adapters.
     model = probe.hf_model
     assert sum("lora_A" in n for n, _ in model.named_parameters()) == 3 * probe.n_layers
-    with probe.steer(vec, layer=LAYER, coef=4.0, positions="response"), probe.batch(b):
+    with probe.steer(vec, layer=LAYER, coef=4.0, positions="response_only"), probe.batch(b):
         loss = step(model, b)
     got = {k: g for k, g in grads(model).items() if "lora_" in k}
     want = {k: g for k, g in grads(theirs).items() if "lora_" in k}

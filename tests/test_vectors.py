@@ -110,3 +110,33 @@ def test_rejects_bad_directions():
         PersonaVector(torch.zeros(5))
     with pytest.raises(ValueError, match="NaN"):
         PersonaVector(torch.tensor([[float("nan")]]))
+
+
+def test_a_released_vectors_post_norm_last_row_warns_where_it_is_used(tmp_path, tiny):
+    """The release's row n_layers was taken after the final norm; here layer n_layers is the
+    stream before it. Steering, ablating or projecting with that row warns; other rows and
+    our own vectors do not."""
+    import warnings
+
+    from persona_lens import PostNormRowWarning
+
+    probe, _, _ = tiny
+    n = probe.n_layers
+    path = tmp_path / "evil_response_avg_diff.pt"
+    torch.save(torch.randn(n + 1, probe.d_model, generator=torch.Generator().manual_seed(1)), path)
+    released = PersonaVector.from_released_pt(path, trait="evil")
+    prompts = ["Hi there"]
+    with pytest.warns(PostNormRowWarning, match="after the model's final norm"):
+        with probe.steer(released, layer=n, coef=1.0):
+            probe.generate(prompts, max_new_tokens=2)
+    with pytest.warns(PostNormRowWarning):
+        probe.project(prompts, released, layer=n)
+    with pytest.warns(PostNormRowWarning):
+        with probe.ablate(2.0 * released, layers=[n]):  # arithmetic keeps the provenance
+            pass
+    ours = PersonaVector(released.directions.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PostNormRowWarning)
+        with probe.steer(released, layer=n - 1, coef=1.0):
+            probe.generate(prompts, max_new_tokens=2)
+        probe.project(prompts, ours, layer=n)

@@ -75,8 +75,7 @@ STEERINGS = {
     "all": lambda p, v: [p.steer(v, layer=2, coef=1.5)],
     "prompt": lambda p, v: [p.steer(v, layer=2, coef=4.0, positions="prompt")],
     "response": lambda p, v: [p.steer(v, layer=2, coef=1.5, positions="response")],
-    "response+last_prompt": lambda p, v: [p.steer(v, layer=2, coef=1.5, positions="response",
-                                                  include_last_prompt=True)],
+    "response_only": lambda p, v: [p.steer(v, layer=2, coef=1.5, positions="response_only")],
     "layers": lambda p, v: [p.steer(v, layers={1: 1.0, 3: 1.0})],
     "last layer": lambda p, v: [p.steer(v, layer=p.n_layers, coef=3.0)],
     "ablate": lambda p, v: [p.ablate(v, layers=[2, 3])],
@@ -174,11 +173,11 @@ def test_projections_and_readings_equal_the_hf_path(engine, hf, vec, prompts):
     assert not torch.isnan(torch.tensor(got[0].response_projections)).any()
 
 
-@pytest.mark.parametrize("positions, last", [("prompt", False), ("all", False), ("response", True), ("response", False)])
+@pytest.mark.parametrize("positions", ["prompt", "all", "response", "response_only"])
 def test_prefix_caching_on_and_off_give_the_same_steered_tokens(engine, engine_uncached, vec, prompts, positions,
-                                                                last, monkeypatch):
+                                                                monkeypatch):
     def run(probe, rows=prompts):  # a coefficient no other test uses: nothing is cached under it yet
-        with probe.steer(vec, layer=2, coef=1.7, positions=positions, include_last_prompt=last):
+        with probe.steer(vec, layer=2, coef=1.7, positions=positions):
             return probe.generate(rows, max_new_tokens=MAX_NEW)
 
     cached: list[int] = []  # prompt tokens each request took from the prefix cache
@@ -278,7 +277,7 @@ def test_smollm2_steered_greedy_tokens_equal_the_hf_path(smollm2):
     out = {}
     for name, probe in (("vllm", engine), ("hf", smollm2)):
         plain = probe.generate(questions, max_new_tokens=32)
-        with probe.steer(direction, layers={10: 4.0, 20: 4.0}, positions="response", include_last_prompt=True):
+        with probe.steer(direction, layers={10: 4.0, 20: 4.0}, positions="response"):
             out[name] = plain, probe.generate(questions, max_new_tokens=32)
     assert out["vllm"] == out["hf"]
     assert out["hf"][1] != out["hf"][0], "the steering must change an answer, or this test could not fail"

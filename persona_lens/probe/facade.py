@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from persona_lens import validate as V
 from persona_lens.backends import Backend
 from persona_lens.chat import ChatBatch
-from persona_lens.interventions import Ablate, Steer
-from persona_lens.ops import check_position_kind
+from persona_lens.interventions import Ablate, Steer, steering_mode
+from persona_lens.ops import check_position_mode
 from persona_lens.probe.capture import CaptureMixin
 from persona_lens.probe.generation import GenerationMixin
 from persona_lens.probe.owner import HookOwner
@@ -187,7 +187,8 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         *,
         layers: Mapping | Sequence | int | None = None,
         positions: str = "all",
-        include_last_prompt: bool = False,
+        include_last_prompt: bool | None = None,
+        _stacklevel: int = 3,
     ) -> list[Steer]:
         """The :class:`~persona_lens.interventions.Steer` values :meth:`steer` applies (one per
         layer), every argument checked, for ``generate(..., interventions=...)``: rows of one
@@ -198,16 +199,12 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             [(2, 1.5, ('all',)), (3, 0.5, ('all',))]
         """
         vec = self._vector(vector)
-        check_position_kind(positions)
-        if positions == "last_prompt":
-            raise V.InvalidArgument("positions", positions, "'all', 'prompt' or 'response' for steering")
-        V.boolean("include_last_prompt", include_last_prompt)
+        mode = steering_mode(positions, include_last_prompt, stacklevel=_stacklevel)  # warnings point at the caller
         plan, coef_names = self._steer_plan(layer, coef, layers)
         device, dtype = self.device, self.backend.dtype
-        kinds = (positions, "last_prompt") if positions == "response" and include_last_prompt else (positions,)
         for l, c in plan.items():
             self._check_steer_size(vec, l, c, coef_names.get(l, "coef"))
-        return [Steer(l, vec[l].to(device=device, dtype=dtype), c, kinds) for l, c in plan.items()]
+        return [Steer(l, vec[l].to(device=device, dtype=dtype), c, mode) for l, c in plan.items()]
 
     @contextlib.contextmanager
     def steer(
@@ -218,7 +215,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         *,
         layers: Mapping | Sequence | int | None = None,
         positions: str = "all",
-        include_last_prompt: bool = False,
+        include_last_prompt: bool | None = None,
     ) -> Iterator["PersonaProbe"]:
         """Add ``coef * vector[L]`` to the residual stream entering block ``L``.
 
@@ -228,9 +225,11 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             layer: one layer, with ``coef``.
             coef: steering coefficient (positive elicits the trait, negative suppresses).
             layers: several layers instead: ``{layer: coef}``, or a list sharing ``coef``.
-            positions: ``"all"``, ``"prompt"`` or ``"response"`` (every generated token).
-            include_last_prompt: with ``positions="response"``, also steer the last prompt
-                token, as the paper's released code does.
+            positions: ``"all"`` (every position of every forward), ``"prompt"`` (prompt
+                tokens), ``"response"`` (the last prompt token and every generated token: the
+                paper's released mode) or ``"response_only"`` (the generated tokens alone).
+            include_last_prompt: deprecated (``DeprecationWarning``): ``"response"`` includes
+                the last prompt token, ``"response_only"`` leaves it out.
 
         Steering contexts nest and compose with :meth:`ablate`; hooks on one layer run in the
         order their contexts were entered.
@@ -247,7 +246,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             ...     texts = probe.generate(prompts, max_new_tokens=48)
         """
         edits = self.steering(vector, layer, coef, layers=layers, positions=positions,
-                              include_last_prompt=include_last_prompt)
+                              include_last_prompt=include_last_prompt, _stacklevel=5)
         with self._intervening(edits):
             yield self
 
@@ -262,7 +261,8 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         """Project the vector's direction out of the residual stream: ``h <- h - (h.u)u``.
 
         ``u`` is the unit vector of ``vector[L]`` at each layer ``L`` (this is CAFT's
-        operation when used during finetuning).
+        operation when used during finetuning). ``positions`` takes the modes of
+        :meth:`steer` (and ``"last_prompt"``).
 
         Example:
             >>> with probe.ablate(vec, layers=[3]):
@@ -271,7 +271,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             tensor(True)
         """
         vec = self._vector(vector)
-        check_position_kind(positions)
+        check_position_mode(positions)
         layer_list = self._layers(layers)
         edits = [Ablate(l, vec.unit(l).to(self.device), positions) for l in layer_list]
         with self._intervening(edits):

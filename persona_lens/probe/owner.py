@@ -20,6 +20,7 @@ from persona_lens.backends import Backend, BridgeBackend, FastPathUnavailable, H
 from persona_lens.backends.base import EngineRequest, EngineResult
 from persona_lens.chat import encode_rows
 from persona_lens.interventions import Intervention
+from persona_lens.ops import POSITION_KINDS
 from persona_lens.probe.positions import Positions, caller_positions, position_masks
 
 HookFn = Callable[[Tensor], "Tensor | None"]
@@ -59,7 +60,7 @@ class WindowMasks(Mapping):
         return self.owner._position_mask(kind, self.h)
 
     def __iter__(self):
-        return iter(("all", "prompt", "response", "last_prompt"))
+        return iter(POSITION_KINDS)
 
     def __len__(self) -> int:
         return 4
@@ -342,7 +343,8 @@ class HookOwner:
             return None
         if self._positions is None:
             raise RuntimeError(
-                f"positions={kind!r} needs to know where prompts and responses are: run the "
+                f"an intervention on {kind!r} positions (positions='response', 'response_only' or "
+                "'prompt') needs to know where prompts and responses are: run the "
                 "model through the probe (generate, capture, project, forward), wrap your own "
                 "forward in `with probe.batch(prompt_mask, response_mask):`, or use positions='all'"
             )
@@ -363,8 +365,8 @@ class HookOwner:
 
         Inside the block, every forward of the model (the bridge, ``probe.hf_model``, a peft
         model wrapping either, an HF ``Trainer`` step) is taken to be over this batch:
-        ``positions="response"`` steers exactly the response tokens of each row, whatever the
-        padding. Gradients flow through every intervention.
+        ``positions="response_only"`` steers exactly the response tokens of each row, whatever
+        the padding (``"response"``: the last prompt token too). Gradients flow through every intervention.
 
         Args:
             prompt_mask, response_mask: ``[batch, pos]`` booleans of the batch you run; or one

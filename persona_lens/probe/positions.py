@@ -1,7 +1,7 @@
 """Where prompts and responses are, for the forward a hook is in.
 
-Positions are data: a forward carries per-row masks of ``prompt``, ``response`` and
-``last_prompt`` positions over the whole sequence, plus the column window the current forward
+Positions are data: a forward carries per-row masks of ``prompt``, ``answer`` (the
+response's tokens) and ``last_prompt`` positions (the kinds of :mod:`persona_lens.ops`) over the whole sequence, plus the column window the current forward
 sees (a KV-cached decode step sees one new column per row, a response position). The probe
 sets them for its own forwards; ``PersonaProbe.batch`` sets them for a forward someone else
 runs (a training step).
@@ -36,7 +36,7 @@ class Positions:
     total: int | None = None
 
     #: What a column appended by generation is, per kind.
-    _GENERATED = {"all": True, "prompt": False, "response": True, "last_prompt": False}
+    _GENERATED = {"all": True, "prompt": False, "answer": True, "last_prompt": False}
 
     def _cover(self, stop: int) -> None:
         width = self.masks["all"].shape[1]
@@ -87,7 +87,7 @@ def position_masks(
     return {
         "all": torch.ones_like(prompt),
         "prompt": prompt,
-        "response": response,
+        "answer": response,
         "last_prompt": ops.last_true(prompt),
     }
 
