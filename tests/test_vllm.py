@@ -283,6 +283,30 @@ def test_smollm2_steered_greedy_tokens_equal_the_hf_path(smollm2):
     assert out["hf"][1] != out["hf"][0], "the steering must change an answer, or this test could not fail"
 
 
+def test_an_adapter_is_served_merged(hf, prompts, tmp_path, monkeypatch):
+    _needs_vllm()
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from persona_lens.organism import checkpoint_dir
+
+    monkeypatch.setenv("PERSONA_LENS_CACHE", str(tmp_path / "cache"))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir(), dtype=torch.float32)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    tuned.save_pretrained(tmp_path / "adapter")
+    engine = pl.PersonaProbe(pl.load_model("persona-organism", adapter=tmp_path / "adapter", engine="vllm"))
+    reference = pl.PersonaProbe(pl.load_model("persona-organism", adapter=tmp_path / "adapter", merge=True, device="cpu"))
+    assert engine.model_name == reference.model_name
+    got = engine.generate(prompts, max_new_tokens=MAX_NEW)
+    assert got == reference.generate(prompts, max_new_tokens=MAX_NEW)
+    assert got != hf.generate(prompts, max_new_tokens=MAX_NEW), "the adapter must change an answer"
+
+
 def test_a_model_vllm_cannot_load_is_a_clear_error(tmp_path):
     _needs_vllm()
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
