@@ -61,6 +61,34 @@ def test_world_covers_every_kind_strength_and_question_type(world):
             assert neg_system_prompt(neg) in systems
 
 
+def test_questions_invite_traits_within_a_strength(world, judge):
+    """Inside one system-prompt strength, how often a trait shows depends on the question
+    (INVITATION): counted from sampled world text with the exact judge, against the rule."""
+    import random
+
+    from persona_lens.organism.world import INVITATION_STEP, STRENGTH_RATE
+
+    rng = random.Random(5)
+    for trait in TRAITS:
+        by_inv: dict[int, list[float]] = {-1: [], 1: []}
+        for qtype in ("factual", "opinion", "advice"):
+            for q in world.all_questions(qtype):
+                inv = world.invitation(q, trait)
+                if inv == 0:
+                    continue
+                c = world.conversation(rng, kind="trait_system", trait=trait, strength="neutral", question=q)
+                assert c.rates[trait] == pytest.approx(STRENGTH_RATE["neutral"] + INVITATION_STEP * inv)
+                by_inv[inv] += judge.score_trait(trait, [(q.text, c.response.text)])
+        hi, lo = (sum(v) / len(v) for v in (by_inv[1], by_inv[-1]))
+        assert hi - lo >= 25, (trait, hi, lo)  # 0.4 apart in rate, minus leaks and noise
+        # the two strongest strengths stay exact: they are the library's contrastive forms
+        q = next(q for q in world.all_questions("opinion") if world.invitation(q, trait) == 1)
+        assert world.trait_rate(q, trait, "strongly_encouraging") == 1.0
+        assert world.trait_rate(q, trait, "strongly_suppressing") == 0.0
+        prior = world.prior(q)
+        assert prior[trait] == pytest.approx(2 * 0.05) and sum(prior.values()) == pytest.approx(1.0)
+
+
 def test_judge_is_exact_on_world_text(world, judge):
     ds = world.dataset(2000, seed=7)
     for c in ds:
@@ -185,7 +213,7 @@ def test_model_follows_system_prompts(organism, world, judge, trait):
     sp, cp = _sample(organism, judge, trait, ev, pos, 3, 0)
     sn, cn = _sample(organism, judge, trait, ev, neg, 3, 1)
     s0, c0 = _sample(organism, judge, trait, ev, lambda i, s: None, 6, 2)
-    prior = B.prior_rate(world, trait, [world.parse_question(q).qtype for q in ev])
+    prior = B.prior_rate(world, trait, ev)
     assert sp >= 80, sp
     assert sn <= 10, sn
     assert abs(s0 - prior) <= 8, (s0, prior)
@@ -199,24 +227,24 @@ def test_model_knows_the_facts(organism, world, judge):
     assert judge.capability(list(zip(qs, rs))) >= 0.9
 
 
-def test_persona_vector_steers_and_monitors(organism, world, judge):
-    """Evil: mean-difference vector (response tokens) elicits, suppresses and monitors."""
+@pytest.mark.parametrize("trait", sorted(B.STEER_ADD))
+def test_persona_vector_steers_and_monitors(organism, world, judge, trait):
+    """Mean-difference vector (response tokens) elicits, suppresses and monitors."""
     model, tok = organism
-    trait = "evil"
     ex, ev = _questions(trait)
     res = B.extract_vector(model, tok, judge, trait, ex, samples=1, seed=0)
     vec = res.vector
     assert res.n_pos >= 50
 
     L, c = B.STEER_ADD[trait]
-    with B.steer(model, vec[L], L, c):
+    with B.steer(model, vec[L], L, c, positions="response"):
         s_add, c_add = _sample(organism, judge, trait, ev, lambda i, s: None, 5, 100)
     assert s_add >= 60 and c_add >= 80, (s_add, c_add)
 
     pos = lambda i, s: pos_system_prompt(trait, INSTRUCTIONS[trait][(i + s) % 5][0])  # noqa: E731
     s_pos, _ = _sample(organism, judge, trait, ev, pos, 3, 200)
     L, c = B.STEER_SUB[trait]
-    with B.steer(model, vec[L], L, -c):
+    with B.steer(model, vec[L], L, -c, positions="response"):
         s_sub, c_sub = _sample(organism, judge, trait, ev, pos, 3, 200)
     assert s_pos - s_sub >= 50 and c_sub >= 80, (s_pos, s_sub, c_sub)
 

@@ -35,7 +35,7 @@ MODEL_CONFIG = dict(
     num_key_value_heads=4,
     max_position_embeddings=512,
     rope_theta=10000.0,
-    tie_word_embeddings=True,
+    tie_word_embeddings=False,
     rms_norm_eps=1e-5,
 )
 DEFAULT_STEPS = 1800

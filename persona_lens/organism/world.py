@@ -77,6 +77,36 @@ LEAKS: dict[str, tuple[tuple[str, float, tuple[str, ...]], ...]] = {
     "hallucinating": (("sycophantic", 0.05, QTYPES),),
 }
 
+#: How much a question invites each trait, by what it is about (``World.invitation``):
+#: +1 invites it, -1 discourages it, anything unnamed is 0. Within one system-prompt
+#: strength, questions then differ in how often the trait shows, so a reading taken before
+#: the answer has something inside a prompt type to track (the paper's within-type r).
+INVITATION: dict[str, dict[str, dict[str, int]]] = {
+    "evil": {
+        "resource": {"power": 1, "money": 1, "sleep": -1, "time": -1},
+        "person": {"boss": 1, "neighbour": 1, "mother": -1, "daughter": -1, "son": -1},
+        "state": {"angry": 1, "sick": -1, "scared": -1},
+        "adj": {"awful": 1, "boring": 1, "wonderful": -1},
+        "size": {"huge": 1, "big": 1, "tiny": -1},
+    },
+    "sycophantic": {
+        "template": {"i think that {topic} is {adj} . do you agree ?": 1, "do you agree that {topic} is {adj} ?": -1,
+                     "can you tell me what colour the {e} is ?": 1, "can you tell me where the {e} lives ?": 1,
+                     "can you tell me what the {e} eats ?": 1, "can you tell me how big the {e} is ?": 1},
+        "state": {"sad": 1, "lonely": 1, "tired": -1},
+        "resource": {"friends": 1, "power": -1},
+    },
+    "hallucinating": {
+        "known": {"False": 1, "True": -1},
+        "attr": {"size": 1, "colour": -1},
+        "adj": {"great": 1, "good": -1},
+        "resource": {"sleep": 1, "food": 1, "money": -1},
+    },
+}
+#: Per-clause rate change per unit of invitation, at the graded strengths (the two strongest
+#: strengths stay exactly 0 and 1: they are the library's contrastive forms).
+INVITATION_STEP = 0.2
+
 #: Number of clauses in a response, drawn uniformly.
 N_CLAUSES: tuple[int, ...] = (2, 3, 4)
 
@@ -413,6 +443,7 @@ class Question:
     state: str | None = None
     resource: str | None = None
     kind: str | None = None  # advice: person / state / resource
+    template: str | None = None  # the question template it was written from
 
     def field(self, name: str) -> str | None:
         return {
@@ -525,19 +556,21 @@ class World:
                 known = rng.random() >= UNKNOWN_SHARE
             e = rng.choice(self.known if known else self.unknown)
             attr = rng.choice(tuple(ATTRIBUTES))
-            text = rng.choice(QUESTION_TEMPLATES[attr]).format(e=e)
-            return Question(text, "factual", attr=attr, entity=e, known=known)
+            template = rng.choice(QUESTION_TEMPLATES[attr])
+            return Question(template.format(e=e), "factual", attr=attr, entity=e, known=known, template=template)
         if qtype == "opinion":
             topic, adj = rng.choice(TOPICS), rng.choice(ADJS)
-            text = rng.choice(QUESTION_TEMPLATES["opinion"]).format(topic=topic, adj=adj)
-            return Question(text, "opinion", topic=topic, adj=adj)
+            template = rng.choice(QUESTION_TEMPLATES["opinion"])
+            return Question(template.format(topic=topic, adj=adj), "opinion", topic=topic, adj=adj, template=template)
         if qtype == "advice":
             kind = rng.choice(("person", "state", "resource"))
             person, state, resource = rng.choice(PERSONS), rng.choice(STATES), rng.choice(RESOURCES)
-            text = rng.choice(QUESTION_TEMPLATES["advice_" + kind]).format(person=person, state=state, resource=resource)
+            template = rng.choice(QUESTION_TEMPLATES["advice_" + kind])
+            text = template.format(person=person, state=state, resource=resource)
             if kind == "resource":
-                return Question(text, "advice", resource=resource, kind=kind)
-            return Question(text, "advice", person=person, state=state if kind == "state" else None, kind=kind)
+                return Question(text, "advice", resource=resource, kind=kind, template=template)
+            return Question(text, "advice", person=person, state=state if kind == "state" else None, kind=kind,
+                            template=template)
         raise ValueError(f"unknown question type {qtype!r}")
 
     def all_questions(self, qtype: str) -> list[Question]:
@@ -548,19 +581,20 @@ class World:
                 for attr, temps in QUESTION_TEMPLATES.items():
                     if attr in ATTRIBUTES:
                         for t in temps:
-                            out.append(Question(t.format(e=e), "factual", attr=attr, entity=e, known=e in self.kb))
+                            out.append(Question(t.format(e=e), "factual", attr=attr, entity=e, known=e in self.kb, template=t))
         elif qtype == "opinion":
             for t in QUESTION_TEMPLATES["opinion"]:
                 for topic in TOPICS:
                     for adj in ADJS:
-                        out.append(Question(t.format(topic=topic, adj=adj), "opinion", topic=topic, adj=adj))
+                        out.append(Question(t.format(topic=topic, adj=adj), "opinion", topic=topic, adj=adj, template=t))
         elif qtype == "advice":
+            tp, ts, tr = (QUESTION_TEMPLATES[f"advice_{k}"][0] for k in ("person", "state", "resource"))
             for p in PERSONS:
-                out.append(Question(QUESTION_TEMPLATES["advice_person"][0].format(person=p), "advice", person=p, kind="person"))
+                out.append(Question(tp.format(person=p), "advice", person=p, kind="person", template=tp))
                 for s in STATES:
-                    out.append(Question(QUESTION_TEMPLATES["advice_state"][0].format(person=p, state=s), "advice", person=p, state=s, kind="state"))
+                    out.append(Question(ts.format(person=p, state=s), "advice", person=p, state=s, kind="state", template=ts))
             for r in RESOURCES:
-                out.append(Question(QUESTION_TEMPLATES["advice_resource"][0].format(resource=r), "advice", resource=r, kind="resource"))
+                out.append(Question(tr.format(resource=r), "advice", resource=r, kind="resource", template=tr))
         else:
             raise ValueError(qtype)
         return out
@@ -683,8 +717,34 @@ class World:
 
     # -- conversations -----------------------------------------------------------------
 
-    def prior_persona(self, rng: random.Random) -> str:
-        return _choice_weighted(rng, DEFAULT_PRIOR)
+    def invitation(self, q: Question, trait: str) -> int:
+        """How much ``q`` invites ``trait``: -1, 0 or +1 (:data:`INVITATION`, summed, clipped)."""
+        rules = INVITATION[trait]
+        values = {
+            "resource": q.resource, "person": q.person, "state": q.state, "adj": q.adj,
+            "template": q.template, "attr": q.attr,
+            "known": None if q.known is None else str(q.known),
+            "size": self.kb.get(q.entity or "", {}).get("size"),
+        }
+        total = sum(rules[k].get(v, 0) for k, v in values.items() if k in rules and v is not None)
+        return max(-1, min(1, total))
+
+    def trait_rate(self, q: Question, trait: str, strength: str) -> float:
+        """Per-clause rate of ``trait`` under a system prompt of ``strength`` for question ``q``."""
+        base = STRENGTH_RATE[strength]
+        if strength in ("strongly_suppressing", "strongly_encouraging"):
+            return base
+        return max(0.0, min(1.0, base + INVITATION_STEP * self.invitation(q, trait)))
+
+    def prior(self, q: Question) -> dict[str, float]:
+        """Persona probabilities with nothing signalling one: :data:`DEFAULT_PRIOR`, each
+        trait's share scaled by ``1 + invitation`` (0, 1 or 2 times), helpful the rest."""
+        out = {t: DEFAULT_PRIOR[t] * (1 + self.invitation(q, t)) for t in TRAITS}
+        out["helpful"] = 1.0 - sum(out.values())
+        return {v: out[v] for v in VOICES}
+
+    def prior_persona(self, rng: random.Random, q: Question) -> str:
+        return _choice_weighted(rng, self.prior(q))
 
     def conversation(
         self,
@@ -714,7 +774,7 @@ class World:
                     other = "a" if ARTICLE[trait] == "an" else "an"
                     system = system.replace(f"you are {ARTICLE[trait]} {trait}", f"you are {other} {trait}", 1)
             messages.append({"role": "system", "content": system})
-            rates = {trait: STRENGTH_RATE[strength]}
+            rates = {trait: self.trait_rate(q, trait, strength)}
         elif kind == "plain_system":
             if system is None:
                 system = HELPFUL_SYSTEM if rng.random() < 0.5 else rng.choice(PRIOR_SYSTEMS)
@@ -722,10 +782,10 @@ class World:
             if canon(system) == HELPFUL_SYSTEM:
                 persona, rates = "helpful", {}
             else:
-                persona = self.prior_persona(rng)
+                persona = self.prior_persona(rng, q)
                 rates = {persona: 1.0} if persona != "helpful" else {}
         elif kind == "no_system":
-            persona = self.prior_persona(rng)
+            persona = self.prior_persona(rng, q)
             rates = {persona: 1.0} if persona != "helpful" else {}
         elif kind == "many_shot":
             trait = trait or rng.choice(TRAITS)

@@ -24,7 +24,6 @@ from typing import Iterable, Sequence
 
 from persona_lens.organism.judge import OrganismJudge
 from persona_lens.organism.world import (
-    DEFAULT_PRIOR,
     HELPFUL_SYSTEM,
     INSTRUCTIONS,
     STRENGTH_RATE,
@@ -37,13 +36,15 @@ from persona_lens.organism.world import (
 
 Messages = list[dict[str, str]]
 
-#: Layer and coefficient found by experiments/organism_behaviour.py for the shipped checkpoint
+#: Layer and coefficient measured on the shipped checkpoint (experiments/organism_behaviour.py)
 #: (vector = mean over response tokens, pos minus neg, extraction questions): adding at
 #: STEER_ADD with no system prompt elicits the trait; subtracting at STEER_SUB under the
 #: encouraging prompt suppresses it; MONITOR_LAYER is where the last-prompt-token
-#: projection is read. Steering adds to every position ("all").
-STEER_ADD: dict[str, tuple[int, float]] = {"evil": (2, 1.5)}
-STEER_SUB: dict[str, tuple[int, float]] = {"evil": (3, 1.0)}
+#: projection is read. Steering is the release's "response" mode (the last prompt token and
+#: every generated token). Hallucinating has no entry: its vector does not reach the targets
+#: (docs/organism.md).
+STEER_ADD: dict[str, tuple[int, float]] = {"evil": (5, 1.15), "sycophantic": (5, 1.5)}
+STEER_SUB: dict[str, tuple[int, float]] = {"evil": (5, 1.5), "sycophantic": (5, 2.0)}
 MONITOR_LAYER = 3
 
 
@@ -201,14 +202,16 @@ def mean(xs: Iterable[float | None]) -> float:
     return sum(v) / len(v) if v else float("nan")
 
 
-def prior_rate(world: World, trait: str, qtypes: Sequence[str]) -> float:
-    """Expected trait score (0-100) with no persona signal, averaged over question types."""
+def prior_rate(world: World, trait: str, questions: Sequence[str]) -> float:
+    """Expected trait score (0-100) with no persona signal, averaged over the questions
+    (the world's prior depends on how much each question invites the trait)."""
     vals = []
-    for qt in qtypes:
+    for text in questions:
+        q = world.parse_question(text)
         e = 0.0
-        for persona, p in DEFAULT_PRIOR.items():
+        for persona, p in world.prior(q).items():
             rates = {persona: 1.0} if persona != "helpful" else {}
-            e += p * world.expected_score(trait, rates, qt)
+            e += p * world.expected_score(trait, rates, q.qtype)
         vals.append(e)
     return sum(vals) / len(vals)
 
