@@ -22,7 +22,7 @@ so examples that need no model cost nothing. Each example runs in a fresh tempor
   a ``generate_trait`` request with valid artifacts for the trait named in it.
 
 An example that assigns one of these names before using it keeps its own value (and nothing
-is built for it). On the organism, ``vec`` at layer 2 with ``coef=1.5`` steers towards
+is built for it). On the organism, ``vec`` at layer 5 with ``coef=1.15`` steers towards
 ``evil``, and its last-prompt projection at layer 3 tracks the system prompt's strength
 (docs/organism.md). Nothing here imports ``persona_lens`` at module level: jaxtyping's import
 hook must see the package's first import.

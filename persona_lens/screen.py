@@ -275,12 +275,8 @@ def _named_vectors(vectors: Any) -> dict[str, "PersonaVector"]:
 
 
 def _context_length(probe: "PersonaProbe") -> int | None:
-    cfg = getattr(probe.model, "cfg", None)
-    for value in (getattr(cfg, "n_ctx", None),
-                  getattr(getattr(getattr(probe, "hf_model", None), "config", None), "max_position_embeddings", None)):
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    # The backend's answer: a vLLM engine has no HF model to ask (its context is max_model_len).
+    return probe.backend.n_ctx
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -142,6 +142,15 @@ class Steering:
         """The probe's steering context for this spec."""
         return probe.steer(self.vector, layers=self.layers, positions=self.positions)
 
+    def interventions(self, probe: "PersonaProbe") -> list:
+        """The ``Steer`` values of this spec on ``probe`` (for rows that carry their own).
+
+        Example:
+            >>> [(s.layer, s.coef) for s in Steering(vec, layer=2, coef=1.5).interventions(probe)]
+            [(2, 1.5)]
+        """
+        return probe.steering(self.vector, layers=self.layers, positions=self.positions)
+
     def __repr__(self) -> str:
         return f"Steering({self.spec()})"
 
@@ -327,7 +336,9 @@ class Store:
 
         Missing requests are generated in the order given, grouped by steering (a group per
         distinct steering, in order of first appearance), ``batch_size`` at a time; each
-        batch is appended to the log as soon as it finishes. Prompts with the same key are
+        batch is appended to the log as soon as it finishes. On an engine that runs whole
+        requests (vLLM) rows of one batch carry their own steering, so the missing requests
+        are not grouped: a whole sweep runs in batches of ``batch_size`` mixed cells. Prompts with the same key are
         generated once and share the record.
 
         Args:
@@ -381,8 +392,20 @@ class Store:
                 missing[k] = p
                 stale += p.id is not None and self._key_of_id.get(p.id, k) != k
         groups: dict[str | None, list[tuple[str, Prompt]]] = {}
+        # An engine that runs whole requests takes per-row steering (duck-typed probes may have no backend).
+        per_row = getattr(getattr(probe, "backend", None), "runs", "steps") == "requests"
         for k, p in missing.items():
-            groups.setdefault(None if p.steer is None else fingerprint(p.steer.spec()), []).append((k, p))
+            group = None if per_row or p.steer is None else fingerprint(p.steer.spec())
+            groups.setdefault(group, []).append((k, p))
+        values: dict[str, list] = {}  # steering fingerprint -> its Steer values, shared by its rows
+
+        def own(p: Prompt) -> list:
+            if p.steer is None:
+                return []
+            key = fingerprint(p.steer.spec())
+            if key not in values:
+                values[key] = p.steer.interventions(probe)
+            return values[key]
 
         bar = _bar(total=len(reused) + len(missing), initial=len(reused), desc=desc, unit="resp",
                    disable=_quiet(progress, len(missing)))
@@ -397,11 +420,17 @@ class Store:
                     batch = [p for _, p in chunk]
                     seed = (batch_seed(batch) if batch_seed is not None
                             else derived_seed(settings["seed"], [p.seed_key for p in batch]))
-                    with group_steer.apply(probe) if group_steer is not None else contextlib.nullcontext():
+                    if per_row:
                         gens = probe.generate(
                             [p.messages for p in batch], **gen_kwargs, seed=seed, batch_size=len(batch),
-                            return_generations=True, progress=False,
+                            return_generations=True, progress=False, interventions=[own(p) for p in batch],
                         )
+                    else:
+                        with group_steer.apply(probe) if group_steer is not None else contextlib.nullcontext():
+                            gens = probe.generate(
+                                [p.messages for p in batch], **gen_kwargs, seed=seed, batch_size=len(batch),
+                                return_generations=True, progress=False,
+                            )
                     recs = [
                         {"key": k, **p.meta, **({"id": p.id} if p.id is not None else {}),
                          "messages": p.messages, "sample": p.sample,

@@ -19,9 +19,9 @@ With ``out_dir`` every generation and score is written as it is produced
 by a rerun; the table goes to ``sweep.csv`` and the figure to ``sweep.html``.
 
 Example:
-    >>> res = pl.sweep(probe, vec, trait, layers=[2, 3], coefs=[0, 1.5], judge=judge, questions=4,
+    >>> res = pl.sweep(probe, vec, trait, layers=[3, 5], coefs=[0, 1.5], judge=judge, questions=4,
     ...                max_new_tokens=48, out_dir="runs/evil/sweep", progress=False)
-    >>> res.cell(2, 1.5).trait > res.cell(2, 0).trait + 30      # steering at layer 2 elicits
+    >>> res.cell(3, 1.5).trait > res.cell(3, 0).trait + 30      # steering at layer 3 elicits
     True
     >>> (res.heldout.layer, res.heldout.coef) == (res.chosen.layer, res.chosen.coef)   # re-measured
     True

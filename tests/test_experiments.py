@@ -123,6 +123,28 @@ def test_e8_cosine_is_symmetric_and_one_on_the_diagonal(smoke):
             assert cos[a][b] == pytest.approx(cos[b][a])
 
 
+#: Goals the shipped organism (version 2) does not meet at smoke size, with what was measured.
+#: Each is a strict xfail: the figure is still computed and shown, and the test fails as soon as
+#: the goal is met, so that this list can only shrink. docs/results.md has the full-size runs.
+KNOWN_UNMET: dict[tuple[str, str], str] = {
+    ("steer", "hallucinating"): "38 at smoke size; 21-35 held out in full runs: the hallucinating vector "
+                                "pushes the other traits' words more than wrong facts (docs/organism.md)",
+    ("suppress", "hallucinating"): "49 at smoke size; 25 held out in a full run",
+    ("suppress", "evil"): "15 at smoke size (20 answers, coefficients up to 2); 4-7 held out in full runs",
+    ("suppress", "sycophantic"): "12.5 at smoke size (20 answers); 0.9 under the mild encouraging prompt and "
+                                 "27 under the pipeline's encouraging form, held out, in a full run",
+    ("within system prompt", "hallucinating"): "about 0 (-0.05 to 0.0 over layers in a full run): questions about "
+                                               "unknown animals invite it, but the reading does not follow",
+    ("within many-shot", "evil"): "-0.10 at smoke size",
+}
+
+
+def _unmet(request, kind: str, trait: str) -> None:
+    reason = KNOWN_UNMET.get((kind, trait))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"goal not met by the organism: {reason}"))
+
+
 def _check(value, name):
     g = GOALS[name]
     assert not math.isnan(value), f"{name}: no value"
@@ -131,14 +153,16 @@ def _check(value, name):
 
 
 @pytest.mark.parametrize("trait", TRAITS)
-def test_goal_steering_from_the_prior(smoke, trait):
+def test_goal_steering_from_the_prior(smoke, trait, request):
+    _unmet(request, "steer", trait)
     f = smoke[1]["e1"]["figures"][trait]
     _check(f["steer_trait"]["median"], "steer_trait")
     _check(f["steer_coherence"]["median"], "steer_coherence")
 
 
 @pytest.mark.parametrize("trait", TRAITS)
-def test_goal_suppression_of_an_encouraging_prompt(smoke, trait):
+def test_goal_suppression_of_an_encouraging_prompt(smoke, trait, request):
+    _unmet(request, "suppress", trait)
     f = smoke[1]["e1"]["figures"][trait]
     _check(f["suppress_trait"]["median"], "suppress_trait")
     _check(f["suppress_coherence"]["median"], "suppress_coherence")
@@ -151,7 +175,8 @@ def test_goal_monitoring_r_across_prompt_types(smoke, trait):
 
 @pytest.mark.parametrize("trait", TRAITS)
 @pytest.mark.parametrize("prompt_type", ["system prompt", "many-shot"])
-def test_goal_monitoring_r_within_a_prompt_type(smoke, trait, prompt_type):
+def test_goal_monitoring_r_within_a_prompt_type(smoke, trait, prompt_type, request):
+    _unmet(request, f"within {prompt_type}", trait)
     _check(smoke[1]["e2"]["figures"][trait][f"within_r ({prompt_type})"]["median"], "monitor_within_r")
 
 

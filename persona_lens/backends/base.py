@@ -10,6 +10,11 @@ model takes them as hooks (the probe attaches each intervention's ``apply`` at
 ``resid_site(layer)``); an engine that exposes no modules (vLLM) takes them as declarative
 specs (``Intervention.spec()``, see ``persona_lens.interventions``) with each step.
 
+How forwards are run is the other half (``Backend.runs``): a local model runs the probe's own
+steps (one forward per token, :meth:`Backend.logits`); an engine that schedules whole requests
+itself (vLLM) takes :class:`EngineRequest` values, each with its own specs and position masks,
+and returns an :class:`EngineResult` per request (:meth:`Backend.run`).
+
 Layer ``L < n_layers`` is the input of block ``L``; layer ``n_layers`` is the output of the
 last block, before the final norm (docs/method.md).
 """
@@ -17,10 +22,59 @@ last block, before the final norm (docs/method.md).
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass
+class EngineRequest:
+    """One request for an engine that runs whole requests (``Backend.runs == "requests"``).
+
+    Attributes:
+        prompt_ids: the prompt's tokens (chat template included).
+        response_ids: a given response to read after the prompt (captures); empty to generate.
+        max_new_tokens: tokens to generate (0: read the prompt and response, generate nothing).
+        specs: the request's own interventions and readings, in the order they run
+            (``Steer.spec()``, ``Ablate.spec()``, ``Capture.spec()``, ``Project.spec()``).
+        masks: position kind -> ``[1, total]`` bool mask over every position the request may
+            reach (``persona_lens.probe.positions``), prompt first.
+
+    Example:
+        >>> r = EngineRequest([1, 2, 3], [], 4, [], {"all": torch.ones(1, 7, dtype=torch.bool)})
+        >>> r.max_new_tokens, r.masks["all"].shape
+        (4, torch.Size([1, 7]))
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    max_new_tokens: int
+    specs: list[dict]
+    masks: dict[str, Tensor]
+
+
+@dataclass
+class EngineResult:
+    """What an engine returns for one :class:`EngineRequest`.
+
+    Attributes:
+        new_ids: generated tokens, the stop token included when one ended the request.
+        finished: True if an end-of-sequence token ended it.
+        reads: one entry per read spec of the request, in their order: a capture gives
+            ``{reduction: [d_model] float32 sum over its positions}``; a projection gives a
+            ``[total]`` float32 tensor by position (NaN where no forward reached).
+
+    Example:
+        >>> r = EngineResult([5, 9, 2], True, [{"response_mean": torch.zeros(4)}])
+        >>> r.finished, r.reads[0]["response_mean"].shape
+        (True, torch.Size([4]))
+    """
+
+    new_ids: list[int]
+    finished: bool
+    reads: list[Any] = field(default_factory=list)
 
 
 class Backend:
@@ -31,6 +85,9 @@ class Backend:
     #: ``resid_site``) or ``"specs"`` (an engine with no modules to hook receives the active
     #: interventions' specs with each step).
     takes: str = "hooks"
+    #: How forwards run: ``"steps"`` (the probe's own loop calls :meth:`logits`) or
+    #: ``"requests"`` (an engine that schedules whole requests: :meth:`run`).
+    runs: str = "steps"
 
     def __init__(self, model: nn.Module, tokenizer: Any, n_layers: int, d_model: int, name: str | None):
         if tokenizer is None:
@@ -95,6 +152,12 @@ class Backend:
         """Spec-taking engines only (``takes = "specs"``): the active interventions' specs
         (``Intervention.spec()``, in the order they run) and the ``[batch, pos]`` position
         masks of the columns the next :meth:`logits` call sees."""
+        raise NotImplementedError
+
+    def run(self, requests: Sequence[EngineRequest], *, temperature: float = 0.0, top_p: float = 1.0,
+            seed: int | None = 0, progress: bool = False) -> list[EngineResult]:
+        """Request-running engines only (``runs = "requests"``): every request generated or
+        read with its own specs; results in the requests' order."""
         raise NotImplementedError
 
     def logits(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -133,8 +133,17 @@ class CaptureMixin:
             for r in reductions:
                 current[r] = torch.zeros(n, len(layers), self.d_model, device=self.device)
 
-        with self._hooked([(read.layer, make(read)) for read in reads]):
-            for batch, positions in self._stream(rows, batch_size, progress, "capture", fresh):
+        def fill(j: int, got: list) -> None:  # an engine's reads of one row, one per Capture
+            for read, sums in zip(reads, got):
+                for r in reductions:
+                    current[r][j, slot[read.layer]] = sums[r]
+
+        if self._on_engine:
+            source = self._engine_stream(rows, batch_size, progress, "capture", reads, fresh, fill)
+        else:
+            source = self._stream(rows, batch_size, progress, "capture", fresh)
+        with self._hooked([] if self._on_engine else [(read.layer, make(read)) for read in reads]):
+            for batch, positions in source:
                 counts = {r: positions.masks[Capture.KIND[r]].sum(1) for r in reductions}
                 reduced = {
                     r: current[r] / counts[r].clamp(min=1).to(torch.float32)[:, None, None]
@@ -172,6 +181,29 @@ class CaptureMixin:
                     except StopForward:
                         pass
                 yield batch, positions
+                bar.update(len(idx))
+
+    def _engine_stream(
+        self,
+        rows: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        progress: bool | None,
+        desc: str,
+        reads: Sequence[Any],
+        before: Callable[[int], None],
+        fill: Callable[[int, list], None],
+    ) -> Iterator[tuple[ChatBatch, Positions]]:
+        """:meth:`_stream` on an engine: each batch of rows is one engine call that reads the
+        prompt and response of every row (nothing is generated); ``fill(j, reads)`` hands row
+        ``j``'s readings over before the batch is yielded."""
+        groups = self._batches(rows, batch_size)
+        with progress_bar(total=len(rows), desc=desc, unit="conv", disable=quiet(progress, len(groups))) as bar:
+            for idx in groups:
+                batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx)
+                before(len(idx))
+                for j, res in enumerate(self._engine_run([rows[i] for i in idx], 0, reads)):
+                    fill(j, res.reads)
+                yield batch, batch_positions(batch)
                 bar.update(len(idx))
 
     @torch.no_grad()
@@ -308,6 +340,21 @@ class CaptureMixin:
         out: list[Tensor] = [torch.empty(0)] * len(rows)
         read = Project(layer, unit.to(self.device))
         current: dict[str, Tensor] = {}
+        if self._on_engine:
+            def fresh(n: int) -> None:
+                current["p"] = torch.full((n, max(len(p) + len(r) for p, r in rows)), math.nan, device=self.device)
+
+            def fill(j: int, got: list) -> None:  # right-aligned, as the local batch is left-padded
+                current["p"][j, current["p"].shape[1] - got[0].shape[0]:] = got[0]
+
+            for batch, _ in self._engine_stream(rows, batch_size, progress, "project", [read], fresh, fill):
+                width = batch.input_ids.shape[1]
+                p = current["p"][: len(batch.index), -width:]
+                if not bool(torch.isfinite(p[batch.attention_mask.bool()]).all()):
+                    raise V.NumericalError(self._numerical_message(f"the projections at layer {layer}"))
+                for j, i in enumerate(batch.index):
+                    out[i] = p[j][batch.response_mask[j]].cpu()
+            return out
 
         def fn(h: Tensor) -> None:
             current["p"] = read.read(h)

@@ -179,6 +179,33 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
                 f"{str(dtype).split('.')[-1]} (the direction's norm at layer {layer} is {float(vec[layer].norm()):.3g}; "
                 f"|coef| * norm must stay below {_MAX_NORM:.2g})")
 
+    def steering(
+        self,
+        vector: PersonaVector | Tensor,
+        layer: int | None = None,
+        coef: float = 1.0,
+        *,
+        layers: Mapping | Sequence | int | None = None,
+        positions: str = "all",
+        include_last_prompt: bool | None = None,
+        _stacklevel: int = 3,
+    ) -> list[Steer]:
+        """The :class:`~persona_lens.interventions.Steer` values :meth:`steer` applies (one per
+        layer), every argument checked, for ``generate(..., interventions=...)``: rows of one
+        call that carry different steering.
+
+        Example:
+            >>> [(s.layer, s.coef, s.positions) for s in probe.steering(vec, layers={2: 1.5, 3: 0.5})]
+            [(2, 1.5, ('all',)), (3, 0.5, ('all',))]
+        """
+        vec = self._vector(vector)
+        mode = steering_mode(positions, include_last_prompt, stacklevel=_stacklevel)  # warnings point at the caller
+        plan, coef_names = self._steer_plan(layer, coef, layers)
+        device, dtype = self.device, self.backend.dtype
+        for l, c in plan.items():
+            self._check_steer_size(vec, l, c, coef_names.get(l, "coef"))
+        return [Steer(l, vec[l].to(device=device, dtype=dtype), c, mode) for l, c in plan.items()]
+
     @contextlib.contextmanager
     def steer(
         self,
@@ -218,13 +245,8 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             >>> with probe.steer(vec, layers={2: 0.75, 3: 0.75}, positions="response"):
             ...     texts = probe.generate(prompts, max_new_tokens=48)
         """
-        vec = self._vector(vector)
-        mode = steering_mode(positions, include_last_prompt, stacklevel=4)
-        plan, coef_names = self._steer_plan(layer, coef, layers)
-        device, dtype = self.device, self.backend.dtype
-        for l, c in plan.items():
-            self._check_steer_size(vec, l, c, coef_names.get(l, "coef"))
-        edits = [Steer(l, vec[l].to(device=device, dtype=dtype), c, mode) for l, c in plan.items()]
+        edits = self.steering(vector, layer, coef, layers=layers, positions=positions,
+                              include_last_prompt=include_last_prompt, _stacklevel=5)
         with self._intervening(edits):
             yield self
 
@@ -274,6 +296,8 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             >>> logits.shape == (*batch.input_ids.shape, len(probe.tokenizer))
             True
         """
+        self._refuse_on_engine("probe.forward (the logits of every position)",
+                               "load the model with the default engine for it")
         if not isinstance(batch, ChatBatch):
             raise V.InvalidArgumentType("batch", batch, "a ChatBatch (from probe.encode)")
         batch = batch.to(self.device)

@@ -142,6 +142,7 @@ class GenerationMixin:
         use_cache: bool = DEFAULTS.use_cache,
         return_generations: bool = False,
         progress: bool | None = DEFAULTS.progress,
+        interventions: Sequence[Sequence[Any]] | None = None,
     ) -> list[str] | list[Generation]:
         """Generate responses to chat prompts; active steering/monitoring hooks apply.
 
@@ -153,12 +154,22 @@ class GenerationMixin:
             seed: seeds sampling (one generator per call; same seed, same batches -> same text).
             use_cache: KV-cached decoding (uncached gives the same tokens, slower).
             return_generations: return :class:`Generation` records instead of strings.
+            interventions: per prompt, a list of its own ``Steer`` / ``Ablate`` values (see
+                :meth:`PersonaProbe.steering`), applied after the active ones: rows of one call
+                may carry different vectors and coefficients. The vLLM engine runs them all as
+                one batch; a local model runs one batch per distinct list.
 
         Example:
             >>> smollm2.generate(["What is the capital of France?"], max_new_tokens=16)
             ['The capital of France is Paris.']
             >>> outs = probe.generate(prompts[:2], temperature=1.0, seed=3, return_generations=True)
             >>> [g.text for g in outs] == probe.generate(prompts[:2], temperature=1.0, seed=3)
+            True
+            >>> cells = [probe.steering(vec, layer=2, coef=c) for c in (0.0, 1.5)]
+            >>> both = probe.generate([prompts[0]] * 2, max_new_tokens=16, interventions=cells)
+            >>> with probe.steer(vec, layer=2, coef=1.5):
+            ...     alone = probe.generate(prompts[:1], max_new_tokens=16)
+            >>> both[1] == alone[0]
             True
         """
         prompts = as_conversations(prompts, name="prompts")
@@ -167,8 +178,56 @@ class GenerationMixin:
             system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             seed=seed, batch_size=batch_size, use_cache=use_cache, progress=progress,
         )
-        texts, gens = self._generate(prompts, settings, reader=None)
+        if interventions is not None:
+            interventions = V.items("interventions", interventions, what="a list of interventions per prompt")
+            if len(interventions) != len(prompts):
+                raise V.InvalidArgument("interventions", interventions, f"one list per prompt ({len(prompts)})",
+                                        f": {len(interventions)} lists")
+            interventions = [list(V.items(f"interventions[{i}]", ivs, what="a list of Steer / Ablate values"))
+                             for i, ivs in enumerate(interventions)]
+        if interventions is None or not any(interventions):
+            texts, gens = self._generate(prompts, settings, reader=None)
+        elif self._on_engine:
+            gens, _ = self._generate_on_engine(prompts, settings, extra=interventions)
+            texts = [g.text for g in gens]
+        else:
+            gens = self._generate_per_row(prompts, settings, interventions)
+            texts = [g.text for g in gens]
         return gens if return_generations else texts
+
+    def _generate_per_row(self, prompts, settings, interventions) -> list[Generation]:
+        """A local model: one batch per distinct list of interventions, in order of first use."""
+        groups: dict[tuple, list[int]] = {}
+        for i, ivs in enumerate(interventions):
+            groups.setdefault(tuple(id(iv) for iv in ivs), []).append(i)
+        gens: list[Generation | None] = [None] * len(prompts)
+        for idx in groups.values():
+            with self._intervening(interventions[idx[0]]):
+                _, part = self._generate([prompts[i] for i in idx], settings, reader=None)
+            for i, g in zip(idx, part):
+                gens[i] = g
+        return gens
+
+    def _generate_on_engine(
+        self,
+        prompts: Sequence[ConversationLike],
+        settings: GenerationSettings,
+        extra: Sequence[Sequence[Any]] | None = None,
+        reads: Sequence[Any] = (),
+    ) -> tuple[list[Generation], list[Any]]:
+        """Generation on an engine that runs whole requests: every prompt is one request, and
+        the engine batches them itself (``batch_size`` and ``use_cache`` do not apply)."""
+        convs = as_conversations(prompts, name="prompts", system=settings.system)
+        rows = chat_rows(self.tokenizer, convs, with_response=False, name="prompts")
+        self._check_context([len(p) for p, _ in rows], "prompts")
+        results = self._engine_run(
+            rows, settings.max_new_tokens, reads, extra, temperature=settings.temperature, top_p=settings.top_p,
+            seed=settings.seed, progress=not quiet(settings.progress, 1))
+        gens = []
+        for conv, (p, _), res in zip(convs, rows, results):
+            text = self.tokenizer.decode(res.new_ids, skip_special_tokens=True).strip()
+            gens.append(Generation(conv, text, list(p), list(res.new_ids), bool(res.finished)))
+        return gens, results
 
     def _generate(
         self,
@@ -179,6 +238,11 @@ class GenerationMixin:
         system, max_new_tokens, temperature = settings.system, settings.max_new_tokens, settings.temperature
         top_p, seed, batch_size, use_cache, progress = (
             settings.top_p, settings.seed, settings.batch_size, settings.use_cache, settings.progress)
+        if self._on_engine:
+            if reader is not None:  # pragma: no cover - monitor has its own engine path
+                raise NotImplementedError("readers run on the probe's own forwards")
+            gens, _ = self._generate_on_engine(prompts, settings)
+            return [g.text for g in gens], gens
         convs = as_conversations(prompts, name="prompts", system=system)
         rows = chat_rows(self.tokenizer, convs, with_response=False, name="prompts")
         self._check_context([len(p) for p, _ in rows], "prompts")
@@ -289,6 +353,18 @@ class GenerationMixin:
         prompts = as_conversations(prompts, name="prompts")
         layer = self.check_layer(layer)
         read = Project(layer, self._vector(vector).unit(layer).to(self.device))
+        if self._on_engine:
+            gens, results = self._generate_on_engine(prompts, settings, reads=[read])
+            out = []
+            for g, res in zip(gens, results):
+                proj, p = res.reads[0], len(g.prompt_ids)
+                out.append(Reading(
+                    text=g.text, prompt_tokens=self.tokenizer.convert_ids_to_tokens(g.prompt_ids),
+                    prompt_projections=proj[:p].tolist(),
+                    response_tokens=self.tokenizer.convert_ids_to_tokens(g.response_ids),
+                    # As on a local model: token k was chosen from the position before it.
+                    response_projections=proj[p - 1 : p - 1 + len(g.response_ids)].tolist(), layer=layer))
+            return out
         buffers: dict[str, Any] = {}
 
         def fn(h: Tensor) -> None:

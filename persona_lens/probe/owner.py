@@ -17,9 +17,11 @@ from torch import Tensor, nn
 
 from persona_lens import validate as V
 from persona_lens.backends import Backend, BridgeBackend, FastPathUnavailable, HFBackend, make_backend
+from persona_lens.backends.base import EngineRequest, EngineResult
+from persona_lens.chat import encode_rows
 from persona_lens.interventions import Intervention
 from persona_lens.ops import POSITION_KINDS
-from persona_lens.probe.positions import Positions, caller_positions
+from persona_lens.probe.positions import Positions, caller_positions, position_masks
 
 HookFn = Callable[[Tensor], "Tensor | None"]
 
@@ -106,6 +108,7 @@ class HookOwner:
             >>> out.logits.shape[:2] == batch.input_ids.shape
             True
         """
+        self._refuse_on_engine("probe.hf_model", "load the model with the default engine for training steps")
         if self._fast is None:
             raise ValueError(f"no fast HF view: {self._fast_error}; run the model itself instead")
         if self._fast.scan()[0]:
@@ -181,6 +184,7 @@ class HookOwner:
             >>> len(seen) > 0
             True
         """
+        self._refuse_on_engine("add_hooks", "load the model with the default engine to hook TransformerLens hook points")
         specs = V.items("fwd_hooks", fwd_hooks, what="a list of (hook name, function) pairs")
         for i, spec in enumerate(specs):
             if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
@@ -208,6 +212,51 @@ class HookOwner:
             masks = {k: pos.columns(k) for k in list(pos.masks)}
             run.receive([iv.spec() for iv in self._interventions], masks)
         return run.logits(input_ids, attention_mask, cache, last_only)
+
+    @property
+    def _on_engine(self) -> bool:
+        """True when the model is an engine that runs whole requests (vLLM)."""
+        return self.backend.runs == "requests"
+
+    def _refuse_on_engine(self, what: str, instead: str) -> None:
+        if self._on_engine:
+            raise NotImplementedError(
+                f"{what} is not available on the {self.backend.kind} engine, which runs whole requests "
+                f"and exposes no forward of its own; {instead}")
+
+    def _engine_run(
+        self,
+        rows: Sequence[tuple[list[int], list[int]]],
+        max_new_tokens: int,
+        reads: Sequence[Any] = (),
+        extra: Sequence[Sequence[Intervention]] | None = None,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+        progress: bool = False,
+    ) -> list[EngineResult]:
+        """The engine counterpart of :meth:`_step`, and the one place its requests go: each
+        row becomes a request carrying the active interventions' specs, then the row's own
+        ``extra`` interventions, then the ``reads`` (``Capture`` / ``Project``), with the
+        position masks of every position it may reach."""
+        specs: dict[int, dict] = {}  # rows sharing a value share its spec (one tensor in the engine)
+
+        def spec(v: Any) -> dict:
+            if id(v) not in specs:
+                specs[id(v)] = v.spec()
+            return specs[id(v)]
+
+        common = [spec(iv) for iv in self._interventions]
+        read_specs = [spec(r) for r in reads]
+        requests = []
+        for i, (p, r) in enumerate(rows):
+            batch = encode_rows(self.tokenizer, [(p, r)])
+            masks = position_masks(batch.prompt_mask, batch.response_mask, len(p) + len(r) + max_new_tokens)
+            own = [spec(iv) for iv in extra[i]] if extra is not None else []
+            requests.append(EngineRequest(list(p), list(r), max_new_tokens, common + own + read_specs, masks))
+        self.last_path = self.backend.kind
+        return self.backend.run(requests, temperature=temperature, top_p=top_p, seed=seed, progress=progress)
 
     def _runner(self) -> Backend:
         """The backend for the next forward(s), chosen from what hooks are active."""
@@ -333,6 +382,7 @@ class HookOwner:
             >>> loss.backward()          # gradients flow through the steering
             >>> probe.model.zero_grad(set_to_none=True)
         """
+        self._refuse_on_engine("probe.batch", "load the model with the default engine for forwards you run yourself")
         positions = caller_positions(prompt_mask, response_mask)
         with self._at(positions, 0, positions.stop):
             yield self
