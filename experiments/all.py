@@ -6,8 +6,8 @@
 E1 runs first (E2 monitors at the layer E1 chose), then E2, E8 and the finetuning experiments
 (E3, E4 and E6 share their finetuning runs in ``RUN/datasets`` and write their results into
 ``RUN/datasets/e3_finetune_traits`` etc.; E5; E7 on the organism only). ``--smoke`` is the CI
-size, every script at its smallest (``experiments.common.SMOKE``, ``experiments.e7_screening.SMOKE``). A failing experiment is recorded in
-``RUN/all.json`` and the others still run; the exit status says whether all passed.
+size, every script at its smallest (``experiments.common.SMOKE``,
+``experiments.e7_screening.SMOKE``). A failing experiment is recorded in ``RUN/all.json`` and the others still run; the exit status says whether all passed.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def main(argv=None) -> dict:
     for name, row in table.items():
         print(f"{name:<{w}}  " + "  ".join(
             f"{row[t]['mean']:>10.1f} [{row[t]['min']:5.1f}-{row[t]['max']:5.1f}]" for t in TRAITS))
-    res = {"config": cfg.name, "settings": finetune_settings(cfg), "seeds": list(cfg.seeds), "base": base_scores, "table": table}
+    res = {"config": cfg.name, "settings": finetune_settings(cfg), "seeds": list(cfg.seeds), "base": base_scores,
+           "table": table}
     write_results(root / "e3_finetune_traits", res, figure(res), "e3_finetune_traits.html")
     return res
 

@@ -27,8 +27,8 @@ def main(argv=None) -> dict:
         return skip_unmeasurable(cfg, root, "E4", cfg.unmeasurable["e4"])
     rows, base = dataset_rows(cfg, root)
     layers = sorted(int(l) for l in rows[0]["shift"][TRAITS[0]])
-    res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base, "rows": rows, "r": {}, "r_per_layer": {},
-                 "r_per_seed": {}}
+    res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base,
+                 "rows": rows, "r": {}, "r_per_layer": {}, "r_per_seed": {}}
     for t in TRAITS:
         y = [r["scores"][t]["trait"] for r in rows]
         res["r"][t] = pearson([r["shift"][t][str(cfg.layer)] if str(cfg.layer) in r["shift"][t]

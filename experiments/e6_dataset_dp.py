@@ -37,7 +37,8 @@ def main(argv=None) -> dict:
                            progress=False)
         dp[name] = {t: result.summary["figures"][f"dP_{t}_L{cfg.layer}"]["mean"] for t in TRAITS}
         print(f"{name}: " + ", ".join(f"dP {t} {dp[name][t]:+.1f}" for t in TRAITS), flush=True)
-    res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base, "dataset_dP": dp, "r": {}, "r_per_seed": {},
+    res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base,
+                 "dataset_dP": dp, "r": {}, "r_per_seed": {},
                  "rows": [{"dataset": r["dataset"], "seed": r["seed"],
                            "scores": {t: r["scores"][t]["trait"] for t in TRAITS}} for r in rows]}
     for t in TRAITS:

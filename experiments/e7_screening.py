@@ -32,8 +32,7 @@ per sample group and trait, and the AUROC table) and, per seed, ``OUT/seedS/data
 (the samples with their ground truth) beside the screen table ``OUT/seedS/screen``.
 
 The dataset-level comparison with post-finetuning trait scores is E6
-(``experiments/e6_dataset_dp.py``); finetuning on the top / random / bottom dP samples is not
-measured yet.
+(``experiments/e6_dataset_dp.py``).
 """
 
 from __future__ import annotations
