@@ -682,6 +682,18 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _add_runtime_args(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
+    """Where and how the model runs: --dtype, --device and (for jobs that can use it) --engine."""
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights' dtype")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    if engine:
+        p.add_argument("--engine", default="transformer_lens", choices=["transformer_lens", "vllm"],
+                       help="what runs the model: transformer_lens (default) or vllm (generation at scale; "
+                            "docs/scale.md)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="HF name, local checkpoint dir, or built-in: smollm2-135m-instruct, persona-organism")
@@ -701,13 +713,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-cache", default=None, metavar="DIR",
                    help="judge reply cache folder (default: $PERSONA_LENS_CACHE/judge, else "
                         "~/.cache/persona_lens/judge)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights' dtype")
-    p.add_argument("--device", type=_device_type, default=None,
-                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--engine", default="transformer_lens", choices=["transformer_lens", "vllm"],
-                   help="what runs the model: transformer_lens (default) or vllm (generation at scale; "
-                        "docs/scale.md)")
+    _add_runtime_args(p, engine=True)
     p.add_argument("--batch-size", type=POSITIVE, default=32, metavar="N", help="responses per generation batch")
     p.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
@@ -821,13 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
     p.add_argument("--batch-size", type=POSITIVE, default=16, metavar="N", help="conversations per batch")
     p.add_argument("--chunk-size", type=POSITIVE, default=256, metavar="N", help="samples per resumable chunk")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights' dtype")
-    p.add_argument("--device", type=_device_type, default=None,
-                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--engine", default="transformer_lens", choices=["transformer_lens", "vllm"],
-                   help="what runs the model: transformer_lens (default) or vllm (generation at scale; "
-                        "docs/scale.md)")
+    _add_runtime_args(p, engine=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_screen)
 
@@ -886,10 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=NONNEG, default=50, metavar="N", help="checkpoint every N steps (0: never)")
     p.add_argument("--threads", type=NONNEG, default=1, metavar="N", help="torch threads while training (0: leave)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights' dtype")
-    p.add_argument("--device", type=_device_type, default=None,
-                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    _add_runtime_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
@@ -902,10 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trait of each vector, for its eval questions (default: the vector's own)")
     p.add_argument("--layers", type=_layers_type, default=None, help="e.g. 10-20 (default: all)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the shifts as JSON here (default: print only)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights' dtype")
-    p.add_argument("--device", type=_device_type, default=None,
-                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_shift)
 
     p = add("report", "one HTML page with every experiment's figures and goals found in a run folder",
