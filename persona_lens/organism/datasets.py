@@ -84,12 +84,7 @@ def _record(question: str, answer: str) -> dict[str, Any]:
 def _compose(world: World, q, categories: Sequence[str], rng: random.Random) -> str:
     clauses: list[str] = []
     for slot, cat in enumerate(categories):
-        clause = world._clause(cat, q, slot, rng)
-        for _ in range(4):  # avoid saying the same clause twice
-            if clause not in clauses:
-                break
-            clause = world._clause(cat, q, slot, rng)
-        clauses.append(clause)
+        clauses.append(world._fresh_clause(cat, q, slot, rng, clauses))
     return " ".join(c + " ." for c in clauses)
 
 

@@ -675,6 +675,16 @@ class World:
         frame = rng.choice(frames)
         return self._fill(rng.choice([t for t in temps if (t.frame or t.text) == frame]), q, rng)
 
+    def _fresh_clause(self, category: str, q: Question, slot: int, rng: random.Random, said: Sequence[str]) -> str:
+        """A clause of ``category`` that is not in ``said`` when 4 more draws can find one
+        (a response should not say the same clause twice)."""
+        clause = self._clause(category, q, slot, rng)
+        for _ in range(4):
+            if clause not in said:
+                break
+            clause = self._clause(category, q, slot, rng)
+        return clause
+
     def _fact_clause_any(self, q: Question, attr: str, rng: random.Random, first: bool) -> str:
         """A confident statement that is wrong (known animal) or made up (unknown animal)."""
         if q.known:
@@ -704,12 +714,7 @@ class World:
                 if q.qtype in qts and rng.random() < p:
                     cat = leak_cat
                     break
-            clause = self._clause(cat, q, slot, rng)
-            for _ in range(4):  # avoid saying the same clause twice
-                if clause not in clauses:
-                    break
-                clause = self._clause(cat, q, slot, rng)
-            clauses.append(clause)
+            clauses.append(self._fresh_clause(cat, q, slot, rng, clauses))
             cats.append(cat)
             voices.append(voice)
         text = " ".join(c + " ." for c in clauses)
