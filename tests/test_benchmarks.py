@@ -16,7 +16,6 @@ import pytest
 import torch
 
 
-
 def test_random_model_greedy_tokens_decode_to_text():
     """The random model's output rows beyond the tokenizer are zeroed so that greedy tokens
     are the tokenizer's own (screening needs non-empty base responses)."""
