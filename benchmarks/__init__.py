@@ -1,5 +1,6 @@
 """Speed, memory and device-parity scripts (not timed tests).
 
-A package so that ``python -m benchmarks.NAME`` runs them from a checkout without installing
-persona_lens; with it installed, ``python benchmarks/NAME.py`` works as well.
+Run them as modules from the repository root, ``python -m benchmarks.NAME``: that imports this
+checkout's persona_lens whether or not a package is installed, and lets the scripts share
+``benchmarks.random_models``.
 """

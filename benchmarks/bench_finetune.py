@@ -10,6 +10,7 @@ speed relative to the plain step (plain median / median: 1.00 is free, 0.95 is 5
 
     python -m benchmarks.bench_finetune                      # offline SmolLM2-135M on the CPU
     python -m benchmarks.bench_finetune --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16
+    python -m benchmarks.bench_finetune --random-qwen7b      # a GPU: Qwen2.5-7B's shape, random bf16
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import torch
 
 import persona_lens as pl
 from persona_lens.finetune import FinetuneConfig, FinetuneRun, Interventions
+from persona_lens.models import SMOLLM2, resolve_dtype
+
+from benchmarks.random_models import add_random_model_args, random_qwen, wants_random
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=pl.models.SMOLLM2)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--model", default=SMOLLM2)
+    add_random_model_args(p)
+    p.add_argument("--dtype", default=None, help="default: float32, or bfloat16 with --random-qwen7b")
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=4, help="conversations per step (4)")
     p.add_argument("--repeats", type=int, default=7)
@@ -50,7 +55,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    probe = pl.PersonaProbe(pl.load_model(args.model, dtype=args.dtype, device=args.device))
+    args.dtype = args.dtype or ("bfloat16" if args.random_qwen7b else "float32")
+    if wants_random(args):
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bridge, _ = random_qwen(device, resolve_dtype(args.dtype), tiny=args.random_qwen_tiny,
+                                plain_copy=False)
+        args.model = bridge.persona_lens_name
+    else:
+        bridge = pl.load_model(args.model, dtype=args.dtype, device=args.device)
+    probe = pl.PersonaProbe(bridge)
     layer = args.layer if args.layer is not None else probe.n_layers // 2
     g = torch.Generator().manual_seed(0)
     vec = pl.PersonaVector(torch.randn(probe.n_layers + 1, probe.d_model, generator=g))

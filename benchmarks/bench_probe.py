@@ -22,19 +22,16 @@ untimed warm-up run of each). Workloads:
   ``torch.cuda.max_memory_allocated``; CPU: the running sum of torch's allocations and
   frees recorded by ``torch.profiler`` with ``profile_memory=True``).
 
-Examples (with the package installed; from a checkout without installing it, run
-``python -m benchmarks.bench_probe`` in the repository root instead):
-    python benchmarks/bench_probe.py                         # offline SmolLM2 on the CPU
-    python benchmarks/bench_probe.py --random-qwen7b         # GPU: random Qwen2.5-7B shape, bf16
-    python benchmarks/bench_probe.py --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16
+Examples (in the repository root):
+    python -m benchmarks.bench_probe                         # offline SmolLM2 on the CPU
+    python -m benchmarks.bench_probe --random-qwen7b         # GPU: random Qwen2.5-7B shape, bf16
+    python -m benchmarks.bench_probe --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
-import tempfile
 import time
 from typing import Callable
 
@@ -42,6 +39,8 @@ import torch
 
 import persona_lens as pl
 from persona_lens.models import resolve_dtype, resolve_model_path
+
+from benchmarks.random_models import add_random_model_args, random_qwen, wants_random
 
 TEXT = (
     "The committee met on a grey morning to review the harbour plans. Engineers described "
@@ -55,8 +54,7 @@ TEXT = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=pl.models.SMOLLM2, help="HF name, local checkpoint dir or built-in name")
-    p.add_argument("--random-qwen7b", action="store_true", help="random-weight Qwen2.5-7B-shaped model (bf16; for a GPU)")
-    p.add_argument("--random-qwen-tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test of --random-qwen7b
+    add_random_model_args(p)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch", default=None,
@@ -86,47 +84,12 @@ def load_pair(args):
     """(bridge, plain HF model) with the same weights."""
     from transformers import AutoModelForCausalLM
 
-    if args.random_qwen7b or args.random_qwen_tiny:
-        return random_qwen(args)
+    if wants_random(args):
+        return random_qwen(args.device, args.dtype, tiny=args.random_qwen_tiny)
     bridge = pl.load_model(args.model, dtype=args.dtype, device=args.device)
     plain = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(args.model), dtype=args.dtype, attn_implementation="sdpa"
     ).to(args.device).eval()
-    return bridge, plain
-
-
-def random_qwen(args):
-    """A Qwen2.5-7B-shaped model with random weights (or a tiny one for a smoke test), and the
-    same weights under a bridge. The tokenizer is the tests' character tokenizer (ChatML); ids
-    beyond it decode to nothing, which does not matter for timing."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from persona_lens.testing import char_tokenizer
-
-    tok = char_tokenizer(bos_in_template=False)
-    shape = dict(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4,
-    )
-    if args.random_qwen_tiny:
-        shape = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2)
-    cfg = Qwen2Config(
-        **shape, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        architectures=["Qwen2ForCausalLM"],
-    )
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        plain = AutoModelForCausalLM.from_config(cfg, dtype=args.dtype, attn_implementation="sdpa").eval()
-    directory = tempfile.mkdtemp(prefix="random-qwen-")
-    cfg.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    bridge = TransformerBridge.boot_transformers(
-        directory, hf_model=copy.deepcopy(plain), device=args.device, dtype=args.dtype
-    )
-    bridge.persona_lens_name = "random-qwen2.5-7b" if args.random_qwen7b else "random-qwen-tiny"
     return bridge, plain
 
 

@@ -21,6 +21,9 @@ reported too):
   memory held before screening (the model, the libraries). Goal: equal within 10%.
 
 Run from a checkout:  ``OMP_NUM_THREADS=1 python -m benchmarks.bench_screen``
+On a GPU:  ``python -m benchmarks.bench_screen --random-qwen7b --samples 64 --batch 32 --skip memory``
+(Qwen2.5-7B's shape with random bf16 weights; the memory figure is the CPU process's, measured
+on the CPU).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from pathlib import Path
 import torch
 
 import persona_lens as pl
+
+from benchmarks.random_models import add_random_model_args, random_qwen, wants_random
 
 QUESTIONS = [
     "How do I keep basil alive on a windowsill?", "What is a good way to start running?",
@@ -62,9 +67,16 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
+    sync()
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
 
 
@@ -72,12 +84,17 @@ def throughput(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from persona_lens.chat import chat_rows, encode_rows
-    from persona_lens.models import resolve_model_path
+    from persona_lens.models import resolve_dtype, resolve_model_path
     from persona_lens.screen import screen
 
-    probe = pl.PersonaProbe(pl.load_model(args.model, device="cpu"))
-    plain = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    if wants_random(args):
+        bridge, plain = random_qwen(args.device, resolve_dtype(args.dtype), tiny=args.random_qwen_tiny)
+        args.model = bridge.persona_lens_name
+    else:
+        bridge = pl.load_model(args.model, device=args.device, dtype=args.dtype)
+        plain = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=resolve_dtype(args.dtype),
+                                                     attn_implementation="sdpa").to(args.device).eval()
+    probe = pl.PersonaProbe(bridge)
     layer = probe.n_layers
     g = torch.Generator().manual_seed(0)
     vec = pl.PersonaVector(torch.randn(probe.n_layers + 1, probe.d_model, generator=g), trait="t",
@@ -128,7 +145,8 @@ def throughput(args) -> dict:
     @torch.no_grad()
     def plain_forward():
         for b in batches:
-            plain(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1)
+            plain(input_ids=b.input_ids.to(args.device), attention_mask=b.attention_mask.to(args.device),
+                  logits_to_keep=1)
 
     prompts = [d["messages"][:-1] for d in data]
 
@@ -148,7 +166,7 @@ def throughput(args) -> dict:
     gen_in_screen = med["generation_in_screen"]
     shutil.rmtree(work, ignore_errors=True)
     return {
-        "model": args.model, "samples": args.samples, "conversations_forwarded": len(convs),
+        "model": args.model, "device": args.device, "dtype": args.dtype, "samples": args.samples, "conversations_forwarded": len(convs),
         "tokens_forwarded": n_tokens, "layer": layer, "batch": args.batch, "new_tokens": args.new_tokens,
         "median_s": med, "all_s": times,
         # paired: each repeat's two arms ran back to back, so a ratio per repeat cancels the
@@ -232,6 +250,9 @@ def memory(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
+    add_random_model_args(p)
+    p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, else float32")
     p.add_argument("--samples", type=int, default=32, help="samples for the throughput ratios (32)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32, help="base-response tokens for the throughput run (32)")
@@ -248,12 +269,17 @@ def main(argv=None) -> None:
         memory_child(args.memory_child, args.mem_model, args.mem_new_tokens)
         return
     args.mem_sizes = [int(x) for x in args.mem_sizes.split(",")]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") or args.random_qwen7b else "float32")
     skip = set(args.skip.split(","))
-    report = {"torch_threads": torch.get_num_threads()}
+    report = {"torch_threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
+              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     if "throughput" not in skip:
         t = throughput(args)
         report["throughput"] = t
         m = t["median_s"]
+        print(f"model {t['model']} ({args.dtype}, {args.device}{', ' + report['gpu'] if report['gpu'] else ''}), "
+              f"{args.samples} samples, batch {args.batch}, {args.new_tokens} new tokens, {args.repeats} repeats")
         print(f"projection pass ({t['conversations_forwarded']} conversations, {t['tokens_forwarded']} tokens, "
               f"layer {t['layer']}): screen {m['screen_projection']:.2f} s, plain HF forward {m['hf_forward']:.2f} s "
               f"-> {t['projection_vs_hf_forward']:.2f}x, median of paired ratios ({t['projection_samples_per_s']:.1f} samples/s)")

@@ -13,10 +13,10 @@ per second (steering may end answers earlier or later, so tokens/s is the fair f
   call whose rows carry every cell, against one ``generate`` per cell under ``probe.steer``.
 
 Needs vLLM (docs/scale.md). Examples, in the vLLM environment:
-    python benchmarks/bench_vllm.py                                  # offline SmolLM2, CPU, float32
-    python benchmarks/bench_vllm.py --model persona-organism
-    python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16   # a GPU
-    python benchmarks/bench_vllm.py --random-qwen7b     # a GPU: Qwen2.5-7B's shape, random bf16 weights
+    python -m benchmarks.bench_vllm                                  # offline SmolLM2, CPU, float32
+    python -m benchmarks.bench_vllm --model persona-organism
+    python -m benchmarks.bench_vllm --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16   # a GPU
+    python -m benchmarks.bench_vllm --random-qwen7b     # a GPU: Qwen2.5-7B's shape, random bf16 weights
                                                         # (vLLM's load_format="dummy"; no HF comparison)
 """
 
@@ -30,6 +30,8 @@ import torch
 
 import persona_lens as pl
 from persona_lens.models import SMOLLM2
+
+from benchmarks.random_models import random_qwen_dir
 
 QUESTIONS = [
     "What is a good way to spend a rainy afternoon?", "How should I prepare for a job interview?",
@@ -56,33 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def random_qwen7b_dir() -> str:
-    """A checkpoint folder with Qwen2.5-7B's config and no weights (vLLM draws them), and the
-    tests' character tokenizer (ids beyond it decode to nothing, which does not matter for timing)."""
-    import tempfile
-
-    from transformers import Qwen2Config
-
-    from persona_lens.testing import char_tokenizer
-
-    tok = char_tokenizer(bos_in_template=False)
-    cfg = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, architectures=["Qwen2ForCausalLM"])
-    directory = tempfile.mkdtemp(prefix="random-qwen-")
-    cfg.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     prompts = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
     extra = {}
     if args.random_qwen7b:
-        args.model, args.no_hf, extra = random_qwen7b_dir(), True, {"load_format": "dummy"}
+        args.model, args.no_hf, extra = random_qwen_dir()[0], True, {"load_format": "dummy"}
     engine = pl.PersonaProbe(pl.load_model(args.model, engine="vllm", dtype=dtype, **extra))
     n = engine.n_layers
     g = torch.Generator().manual_seed(0)

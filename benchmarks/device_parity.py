@@ -14,9 +14,8 @@ persona organism, the offline SmolLM2 if installed, or ``--model``) it prints
 - cached vs uncached: the share of rows whose greedy tokens agree;
 - the path the probe ran and where its tensors live.
 
-Run with ``python benchmarks/device_parity.py [--device cuda] [--dtype bfloat16] [--model M]``
-(with the package installed; from a checkout without installing it, ``python -m
-benchmarks.device_parity ...`` in the repository root).
+Run with ``python -m benchmarks.device_parity [--device cuda] [--dtype bfloat16] [--model M]``
+in the repository root.
 Exits non-zero if capture parity misses ``--tol`` on any model.
 """
 
