@@ -17,7 +17,7 @@
 # 5. bench_vllm.py on the same shape, when vLLM imports on the machine (a CUDA build of vllm
 #    0.32.x matching its torch); otherwise it says it was skipped.
 #
-# Budget: about 8 minutes on one H100 (each step builds the 7B weights once: about 15 GB, 30 GB
+# Budget: about 9 minutes on one H100 or H200 (each step builds the 7B weights once: about 15 GB, 30 GB
 # where a plain HF copy is compared). BENCH_MODEL=--random-qwen-tiny runs the same steps on a
 # toy model without a GPU (a smoke test of the script).
 set -uo pipefail
@@ -55,7 +55,7 @@ EOF
 step finetune "${T_FINETUNE:-150}" "$py" -m benchmarks.bench_finetune $model --batch 8 --repeats 7
 step screen "${T_SCREEN:-170}" "$py" -m benchmarks.bench_screen $model --samples 64 --batch 32 --new-tokens 64 \
   --repeats 5 --skip memory --json "$log/screen.json"
-step probe "${T_PROBE:-150}" "$py" -m benchmarks.bench_probe $model --batch 32 --repeats "$repeats"
+step probe "${T_PROBE:-240}" "$py" -m benchmarks.bench_probe $model --batch 32 --repeats "$repeats"
 step parity "${T_PARITY:-60}" "$py" -m benchmarks.device_parity
 if "$py" -c "import vllm" 2>/dev/null; then
   step vllm "${T_VLLM:-150}" "$py" -m benchmarks.bench_vllm ${model/--random-qwen-tiny/--model persona-organism} \

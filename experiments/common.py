@@ -242,6 +242,20 @@ def parse(description: str, argv=None) -> tuple[ExperimentConfig, Path, argparse
     return cfg, Path(args.out) if args.out else None, args
 
 
+def start(experiment: str, folder: str, doc: str, argv=None) -> tuple[ExperimentConfig, Path, dict[str, Any] | None]:
+    """What every figure's script does first: parse its arguments, pick its run folder
+    (``--out``, else ``experiment_runs/FOLDER/CONFIG``), and, where the config cannot measure
+    ``experiment`` (``"e1"``...), record why in that folder.
+
+    Returns ``(config, folder, skipped)``; ``skipped`` is the results.json written for an
+    unmeasurable experiment (the script returns it), else None.
+    """
+    cfg, out, _ = parse(doc.split("\n")[0], argv)
+    root = out or Path("experiment_runs") / folder / cfg.name
+    why = cfg.unmeasurable.get(experiment)
+    return cfg, root, (skip_unmeasurable(cfg, root, experiment.upper(), why) if why else None)
+
+
 # ----------------------------------------------------------------------------- pieces
 
 

@@ -19,10 +19,9 @@ marked).
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import persona_lens as pl
-from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, parse, skip_unmeasurable,
+from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, start,
                                  vectors, write_results)
 
 HEADLINES = ("steer_trait", "steer_coherence", "prior_trait", "steer_trait_chosen_on", "suppress_trait",
@@ -30,10 +29,9 @@ HEADLINES = ("steer_trait", "steer_coherence", "prior_trait", "steer_trait_chose
 
 
 def main(argv=None) -> dict:
-    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / "e1_steering" / cfg.name
-    if cfg.unmeasurable.get("e1"):
-        return skip_unmeasurable(cfg, root, "E1", cfg.unmeasurable["e1"])
+    cfg, root, skipped = start("e1", "e1_steering", __doc__, argv)
+    if skipped is not None:
+        return skipped
     probe, judge = base_probe(cfg), make_judge(cfg)
     vecs = vectors(cfg, probe, root)
     layers = list(cfg.sweep_layers or range(1, probe.n_layers))

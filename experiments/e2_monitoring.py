@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, parse, skip_unmeasurable,
+from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, start,
                                  vectors, write_results)
 from persona_lens.pipeline_io import read_json
 from persona_lens.stats import mean_score, pearson
@@ -125,10 +125,9 @@ def monitor_layer(cfg, root: Path, trait: str) -> tuple[int, str]:
 
 
 def main(argv=None) -> dict:
-    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / "e2_monitoring" / cfg.name
-    if cfg.unmeasurable.get("e2"):
-        return skip_unmeasurable(cfg, root, "E2", cfg.unmeasurable["e2"])
+    cfg, root, skipped = start("e2", "e2_monitoring", __doc__, argv)
+    if skipped is not None:
+        return skipped
     probe, judge = base_probe(cfg), make_judge(cfg)
     vecs = vectors(cfg, probe, root)
     store = Store(root / "store")

@@ -11,18 +11,14 @@ E6 share.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
-from experiments.common import TRAITS, dataset_rows, finetune_settings, parse, write_results
+from experiments.common import TRAITS, dataset_rows, finetune_settings, start, write_results
 
 
 def main(argv=None) -> dict:
-    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / "datasets" / cfg.name
-    if cfg.unmeasurable.get("e3"):
-        from experiments.common import skip_unmeasurable
-
-        return skip_unmeasurable(cfg, root, "E3", cfg.unmeasurable["e3"])
+    cfg, root, skipped = start("e3", "datasets", __doc__, argv)
+    if skipped is not None:
+        return skipped
     rows, base = dataset_rows(cfg, root)
     table: dict = {}
     for name in cfg.datasets:

@@ -13,18 +13,13 @@ E3 and E6 (same --out).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from experiments.common import TRAITS, dataset_rows, finetune_settings, parse, pearson, write_results
+from experiments.common import TRAITS, dataset_rows, finetune_settings, start, pearson, write_results
 
 
 def main(argv=None) -> dict:
-    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / "datasets" / cfg.name
-    if cfg.unmeasurable.get("e4"):
-        from experiments.common import skip_unmeasurable
-
-        return skip_unmeasurable(cfg, root, "E4", cfg.unmeasurable["e4"])
+    cfg, root, skipped = start("e4", "datasets", __doc__, argv)
+    if skipped is not None:
+        return skipped
     rows, base = dataset_rows(cfg, root)
     layers = sorted(int(l) for l in rows[0]["shift"][TRAITS[0]])
     res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base,

@@ -19,10 +19,9 @@ column per set).
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import persona_lens as pl
-from experiments.common import (base_probe, capability, finetune_settings, finetuned, make_judge, parse,
+from experiments.common import (base_probe, capability, finetune_settings, finetuned, make_judge, start,
                                  trait_scores, vectors, write_results)
 
 
@@ -30,12 +29,9 @@ def main(argv=None) -> dict:
     from persona_lens.pipeline_io import read_json, write_json
     from persona_lens.store import Steering, Store
 
-    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / "mitigation" / cfg.name
-    if cfg.unmeasurable.get("e5"):
-        from experiments.common import skip_unmeasurable
-
-        return skip_unmeasurable(cfg, root, "E5", cfg.unmeasurable["e5"])
+    cfg, root, skipped = start("e5", "mitigation", __doc__, argv)
+    if skipped is not None:
+        return skipped
     judge, store = make_judge(cfg), Store(root / "store")
     base = base_probe(cfg)
     vecs = vectors(cfg, base, root)
@@ -57,8 +53,8 @@ def main(argv=None) -> dict:
             row: dict = {"inference": {}, "preventative": {}}
 
             def measure(probe, steer=None):
-                return {"trait": trait_scores(cfg, probe, judge, store, [trait], steer=steer, seed=seed)[trait]["trait"],
-                        "coherence": trait_scores(cfg, probe, judge, store, [trait], steer=steer, seed=seed)[trait]["coherence"],
+                scores = trait_scores(cfg, probe, judge, store, [trait], steer=steer, seed=seed)[trait]
+                return {"trait": scores["trait"], "coherence": scores["coherence"],
                         "capability": capability(cfg, probe, judge, store, steer=steer)}
 
             tuned = pl.PersonaProbe(pl.load_model(finetuned(cfg, root, name, seed), dtype=cfg.dtype))
@@ -90,26 +86,49 @@ def _mean(rows, kind, c, key):
     return statistics.mean(vals) if vals else None
 
 
-def summarize(cell) -> dict:
-    """Per method, mean over seeds; the mildest preventative coef keeping the trait within 10
-    points of the base, and the inference coef reaching the same trait score."""
-    rows = list(cell["seeds"].values())
+def _methods(rows) -> dict:
+    """Per method and coefficient, trait and capability averaged over ``rows`` (one per seed)."""
     keys = lambda kind: sorted({float(k) for r in rows for k in r[kind]})  # noqa: E731
-    out = {"inference": {c: {k: _mean(rows, "inference", _key(rows, "inference", c), k) for k in ("trait", "capability")}
-                         for c in keys("inference")},
-           "preventative": {c: {k: _mean(rows, "preventative", _key(rows, "preventative", c), k)
-                                for k in ("trait", "capability")} for c in keys("preventative")}}
+    out = {kind: {c: {k: _mean(rows, kind, _key(rows, kind, c), k) for k in ("trait", "capability")}
+                  for c in keys(kind)} for kind in ("inference", "preventative")}
     if all("caft" in r for r in rows):
         out["caft"] = {k: statistics.mean(r["caft"][k] for r in rows if r["caft"][k] is not None)
                        for k in ("trait", "capability")}
-    base_t, base_c = cell["base"]["trait"], cell["base"]["capability"]
-    ok = [c for c, v in out["preventative"].items() if v["trait"] <= base_t + 10
+    return out
+
+
+def _choose(methods, base) -> tuple[float | None, float | None]:
+    """(the mildest preventative coef keeping the trait within 10 points of the base with
+    capability >= 95% of the base's, the mildest inference coef reaching the trait score that
+    coef gives), either None where none does."""
+    base_t, base_c = base["trait"], base["capability"]
+    ok = [c for c, v in methods["preventative"].items() if v["trait"] <= base_t + 10
           and (base_c is None or v["capability"] >= 0.95 * base_c)]
-    out["preventative_ok"] = min(ok) if ok else None
-    if ok:
-        target = out["preventative"][min(ok)]["trait"]
-        reach = [c for c, v in out["inference"].items() if v["trait"] <= target]
-        out["inference_matching"] = min(reach) if reach else None
+    if not ok:
+        return None, None
+    target = methods["preventative"][min(ok)]["trait"]
+    reach = [c for c, v in methods["inference"].items() if v["trait"] <= target]
+    return min(ok), (min(reach) if reach else None)
+
+
+def summarize(cell) -> dict:
+    """Per method, mean over seeds, and the coefficients :func:`_choose` picks on that mean;
+    ``heldout``: per seed, the coefficients chosen on the other seeds' finetuning runs and
+    answers, with their figures on this seed's runs, which played no part in the choice."""
+    seeds = list(cell["seeds"])
+    out = _methods(list(cell["seeds"].values()))
+    out["preventative_ok"], out["inference_matching"] = _choose(out, cell["base"])
+    if len(seeds) > 1:
+        out["heldout"] = {}
+        for s in seeds:
+            chosen, matching = _choose(_methods([cell["seeds"][o] for o in seeds if o != s]), cell["base"])
+            own = _methods([cell["seeds"][s]])
+            out["heldout"][s] = {
+                "preventative_coef": chosen,
+                "preventative": own["preventative"].get(chosen) if chosen is not None else None,
+                "inference_coef": matching,
+                "inference": own["inference"].get(matching) if matching is not None else None,
+            }
     return out
 
 

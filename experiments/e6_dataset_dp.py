@@ -13,20 +13,15 @@ e6_dataset_dp.html (one scatter per trait).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import persona_lens as pl
-from experiments.common import (TRAITS, base_probe, dataset, dataset_rows, finetune_settings, parse, pearson,
+from experiments.common import (TRAITS, base_probe, dataset, dataset_rows, finetune_settings, start, pearson,
                                 vectors, write_results)
 
 
 def main(argv=None) -> dict:
-    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / "datasets" / cfg.name
-    if cfg.unmeasurable.get("e6"):
-        from experiments.common import skip_unmeasurable
-
-        return skip_unmeasurable(cfg, root, "E6", cfg.unmeasurable["e6"])
+    cfg, root, skipped = start("e6", "datasets", __doc__, argv)
+    if skipped is not None:
+        return skipped
     rows, base = dataset_rows(cfg, root)
     probe = base_probe(cfg)
     vecs = vectors(cfg, probe, root)

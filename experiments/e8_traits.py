@@ -16,19 +16,16 @@ and the mean projection of each trait's answers on each vector per layer).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from experiments.common import TRAITS, base_probe, load_trait, parse, skip_unmeasurable, vectors, write_results
+from experiments.common import TRAITS, base_probe, load_trait, start, vectors, write_results
 from persona_lens.store import Prompt, Store
 
 
 def main(argv=None) -> dict:
-    cfg, out, _ = parse(__doc__.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / "e8_traits" / cfg.name
-    if cfg.unmeasurable.get("e8"):
-        return skip_unmeasurable(cfg, root, "E8", cfg.unmeasurable["e8"])
+    cfg, root, skipped = start("e8", "e8_traits", __doc__, argv)
+    if skipped is not None:
+        return skipped
     probe = base_probe(cfg)
     vecs = vectors(cfg, probe, root)
     layers = list(range(1, probe.n_layers + 1))

@@ -170,8 +170,29 @@ def chat_rows(
     prompt_tokens = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     if not with_response:
         return [(list(p), []) for p in prompt_tokens]
-    response_tokens = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    return [(list(p), list(r)) for p, r in zip(prompt_tokens, response_tokens)]
+    return with_responses(tokenizer, prompt_tokens, responses)
+
+
+def with_responses(
+    tokenizer: Any, prompt_ids: Sequence[Sequence[int]], responses: Sequence[str]
+) -> list[tuple[list[int], list[int]]]:
+    """Rows of :func:`chat_rows` for new responses to prompts already tokenized, without
+    rendering the chat template again (screening pairs each sample's prompt with two
+    responses; rendering is most of the cost of encoding on a GPU, where the forward is fast).
+
+    Example:
+        >>> conv = [{"role": "user", "content": "what colour is the blub ?"}]
+        >>> prompt, _ = chat_rows(tok, [conv], with_response=False)[0]
+        >>> with_responses(tok, [prompt], ["the blub is red ."]) == chat_rows(
+        ...     tok, [conv + [{"role": "assistant", "content": "the blub is red ."}]], with_response=True)
+        True
+    """
+    if len(prompt_ids) != len(responses):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(responses)} responses")
+    if not responses:
+        return []
+    response_tokens = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    return [(list(p), list(r)) for p, r in zip(prompt_ids, response_tokens)]
 
 
 def split_conversation(conv: list[dict[str, str]], name: str = "the conversation") -> tuple[list[dict[str, str]], str]:

@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from persona_lens import validate as V
-from persona_lens.chat import chat_rows
+from persona_lens.chat import chat_rows, with_responses
 from persona_lens.pipeline_io import atomic_path, fingerprint, read_json, write_text
 from persona_lens.progress import quiet
 from persona_lens.store import Prompt, Store
@@ -304,7 +304,8 @@ class _Screener:
     def run(self, samples: list[Sample], store: Store) -> tuple[list[dict[str, Any]], int, int]:
         probe, max_new = self.probe, int(self.settings.get("max_new_tokens", BASE_SETTINGS["max_new_tokens"]))
         rows: dict[int, dict[str, Any]] = {}
-        todo: list[tuple[Sample, list[dict[str, str]], str, int, int]] = []
+        # (sample, prompt messages, response, its chat_rows row); the row is filled below
+        todo: list[tuple[Sample, list[dict[str, str]], str, Any]] = []
         for s in samples:
             if s.error is not None:
                 rows[s.index] = self.empty_row(s, s.error)
@@ -320,12 +321,12 @@ class _Screener:
             if not response.strip():
                 rows[s.index] = self.empty_row(s, "empty_response")
                 continue
-            todo.append((s, prompt, response, 0, 0))
+            todo.append((s, prompt, response, None))
         if todo:
-            lengths = chat_rows(probe.tokenizer, [p + [{"role": "assistant", "content": r}] for _, p, r, _, _ in todo],
-                                with_response=True)
+            token_rows = chat_rows(probe.tokenizer, [p + [{"role": "assistant", "content": r}] for _, p, r, _ in todo],
+                                   with_response=True)
             kept = []
-            for (s, p, r, _, _), (pi, ri) in zip(todo, lengths):
+            for (s, p, r, _), (pi, ri) in zip(todo, token_rows):
                 n_p, n_r = len(pi), len(ri)
                 if n_r == 0:
                     rows[s.index] = self.empty_row(s, "empty_response", n_prompt_tokens=n_p, n_response_tokens=0)
@@ -338,36 +339,38 @@ class _Screener:
                         s, f"too_long: {n_p} prompt tokens + max_new_tokens {max_new} for the base response "
                            f"exceed the context of {self.context}", n_prompt_tokens=n_p, n_response_tokens=n_r)
                 else:
-                    kept.append((s, p, r, n_p, n_r))
+                    kept.append((s, p, r, (pi, ri)))
             todo = kept
         generated = reused = 0
         if todo:
-            answers = store.generate(probe, [Prompt(p) for _, p, _, _, _ in todo], settings=self.settings,
+            answers = store.generate(probe, [Prompt(p) for _, p, _, _ in todo], settings=self.settings,
                                      batch_size=self.batch_size, progress=False, desc="base responses")
             generated, reused = answers.generated, answers.reused
             base = answers.texts
             ready = []
-            for (s, p, r, n_p, n_r), b in zip(todo, base):
+            for (s, p, r, row), b in zip(todo, base):
                 if not b.strip():
                     rows[s.index] = self.empty_row(s, "empty_base_response: the model answered nothing",
-                                                   n_prompt_tokens=n_p, n_response_tokens=n_r, base_response=b)
+                                                   n_prompt_tokens=len(row[0]), n_response_tokens=len(row[1]),
+                                                   base_response=b)
                 else:
-                    ready.append((s, p, r, n_p, n_r, b))
+                    ready.append((s, row, b))
             if ready:
-                convs = [p + [{"role": "assistant", "content": r}] for _, p, r, _, _, _ in ready]
-                convs += [p + [{"role": "assistant", "content": b}] for _, p, _, _, _, b in ready]
-                acts = probe.capture(convs, layers=self.layers, reductions=["response_mean"],
-                                     batch_size=self.batch_size, progress=False)
+                # The given responses were tokenized above; the base responses share their
+                # prompts, so only the new responses are encoded (no second template rendering).
+                given_rows = [row for _, row, _ in ready]
+                base_rows = with_responses(probe.tokenizer, [pi for pi, _ in given_rows], [b for _, _, b in ready])
+                acts = probe._capture_rows(given_rows + base_rows, layers=self.layers, reductions=["response_mean"],
+                                           batch_size=self.batch_size, progress=False)
                 n = len(ready)
-                base_len = [len(ids) for _, ids in
-                            chat_rows(probe.tokenizer, convs[n:], with_response=True)]
                 # One matrix-vector product per vector, in float64: a vector's figures do not
                 # depend on which other vectors were screened with it (bit for bit).
                 proj = {l: torch.stack([acts.at("response_mean", l).double() @ u.double() for u in self.units[l]], 1)
                         for l in self.layers}  # [2n, n_vectors]
-                for j, (s, p, r, n_p, n_r, b) in enumerate(ready):
+                for j, (s, (pi, ri), b) in enumerate(ready):
+                    n_p, n_r = len(pi), len(ri)
                     row = {"index": s.index, "id": s.id, "status": OK, "n_prompt_tokens": n_p,
-                           "n_response_tokens": n_r, "n_base_tokens": base_len[j], "base_response": b}
+                           "n_response_tokens": n_r, "n_base_tokens": len(base_rows[j][1]), "base_response": b}
                     for k, name in enumerate(self.names):
                         for l in self.layers:
                             given, own = float(proj[l][j, k]), float(proj[l][n + j, k])

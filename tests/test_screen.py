@@ -116,13 +116,13 @@ def test_evil_samples_rank_first(probe, vec, data):
 
 def test_several_vectors_in_one_pass(probe, vec, other, data, monkeypatch):
     calls = []
-    original = type(probe).capture
+    original = type(probe)._run_reductions  # every capture's forward passes go through it
 
-    def counting(self, conversations, **kw):
-        calls.append(len(conversations))
-        return original(self, conversations, **kw)
+    def counting(self, rows, *args, **kw):
+        calls.append(len(rows))
+        return original(self, rows, *args, **kw)
 
-    monkeypatch.setattr(type(probe), "capture", counting)
+    monkeypatch.setattr(type(probe), "_run_reductions", counting)
     both = run(probe, data, [vec, other], chunk_size=100).rows()
     assert len(calls) == 1 and calls[0] == 2 * len(data)  # one forward per response for both vectors
     alone = {name: run(probe, data, v, chunk_size=100).rows() for name, v in (("evil", vec), ("noise", other))}
@@ -135,9 +135,9 @@ def test_several_vectors_in_one_pass(probe, vec, other, data, monkeypatch):
 
 def test_chunks_bound_what_is_held(probe, vec, data, monkeypatch):
     sizes = []
-    original = type(probe).capture
-    monkeypatch.setattr(type(probe), "capture",
-                        lambda self, c, **kw: sizes.append(len(c)) or original(self, c, **kw))
+    original = type(probe)._run_reductions
+    monkeypatch.setattr(type(probe), "_run_reductions",
+                        lambda self, rows, *a, **kw: sizes.append(len(rows)) or original(self, rows, *a, **kw))
     run(probe, data, vec, chunk_size=4)
     assert sizes == [8, 8, 8, 4]
 

@@ -98,7 +98,7 @@ class CaptureMixin:
 
     def _run_reductions(
         self,
-        conversations: Sequence[ConversationLike],
+        rows: list[tuple[list[int], list[int]]],
         layers: list[int],
         reductions: Sequence[str],
         batch_size: int,
@@ -110,10 +110,8 @@ class CaptureMixin:
         ``sink(batch, reduced, counts)`` gets ``reduced[r]`` of shape
         ``[batch, len(layers), d_model]`` (float32) and ``counts[r]`` of shape ``[batch]``.
         """
-        conversations = as_conversations(conversations)
         V.optional_boolean("progress", progress)
         reads = [Capture(l, tuple(reductions)) for l in layers]
-        rows = chat_rows(self.tokenizer, conversations, with_response=True)
         self._check_context([len(p) + len(r) for p, r in rows], "conversations")
         deepest = max(layers)
         slot = {l: i for i, l in enumerate(layers)}
@@ -235,17 +233,31 @@ class CaptureMixin:
             >>> acts["last_prompt"].shape                  # [n_samples, layers, d_model]
             torch.Size([3, 2, 128])
         """
-        conversations = as_conversations(conversations)
+        rows = chat_rows(self.tokenizer, as_conversations(conversations), with_response=True)
+        return self._capture_rows(rows, layers=layers, reductions=reductions, batch_size=batch_size,
+                                  progress=progress)
+
+    @torch.no_grad()
+    def _capture_rows(
+        self,
+        rows: list[tuple[list[int], list[int]]],
+        *,
+        layers: int | Sequence | None,
+        reductions: str | Sequence,
+        batch_size: int,
+        progress: bool | None,
+    ) -> Activations:
+        """:meth:`capture` of conversations already tokenized (``chat.chat_rows`` rows)."""
         layer_list = self._layers(layers)
         reductions = _reductions(reductions)
-        out = {r: torch.empty(len(conversations), len(layer_list), self.d_model) for r in reductions}
+        out = {r: torch.empty(len(rows), len(layer_list), self.d_model) for r in reductions}
 
         def sink(batch: ChatBatch, reduced: dict[str, Tensor], counts: dict[str, Tensor]) -> None:
             for r, t in reduced.items():
                 t = t.masked_fill((counts[r] == 0)[:, None, None], math.nan)
                 out[r][batch.index] = t.cpu()
 
-        self._run_reductions(conversations, layer_list, reductions, batch_size, progress, sink)
+        self._run_reductions(rows, layer_list, reductions, batch_size, progress, sink)
         return Activations(layer_list, out)
 
     @torch.no_grad()
@@ -289,7 +301,8 @@ class CaptureMixin:
                 acc.counts[r] = acc.counts.get(r, 0) + int(keep.sum())
                 acc.skipped[r] = acc.skipped.get(r, 0) + int((~keep).sum())
 
-        self._run_reductions(conversations, layer_list, reductions, batch_size, progress, sink)
+        rows = chat_rows(self.tokenizer, conversations, with_response=True)
+        self._run_reductions(rows, layer_list, reductions, batch_size, progress, sink)
         return acc
 
     @torch.no_grad()
