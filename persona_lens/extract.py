@@ -643,11 +643,16 @@ def _compute_vectors(
 
 
 def iter_responses(path: str | Path) -> Iterable[Response]:
-    """Read ``responses.jsonl`` back as :class:`Response` records (latest line per id)."""
+    """Read ``responses.jsonl`` back as :class:`Response` records (latest line per id), with
+    the shards' logs beside it (``responses.shard-i-of-N.jsonl``) merged as a Store merges them."""
+    from persona_lens.store import log_files
+
+    path = Path(path)
     latest: dict[str, dict[str, Any]] = {}
-    for rec in JsonlLog(path).read():
-        if "id" in rec:
-            latest[rec["id"]] = rec
+    for log in log_files(path.parent, path.name):
+        for rec in JsonlLog(log).read():
+            if "id" in rec:
+                latest[rec["id"]] = rec
     return [Response.from_record(r) for r in latest.values()]
 
 

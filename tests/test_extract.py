@@ -253,6 +253,10 @@ def test_extraction_split_in_shards_then_finished_equals_one_run(tiny_probe, tmp
     assert by_id((tmp_path / "split").glob("responses.shard-*-of-3.jsonl")) == by_id([tmp_path / "one" / "responses.jsonl"])
     assert (tmp_path / "split" / "pairs.csv").read_text() == (tmp_path / "one" / "pairs.csv").read_text()
     assert 0 < split.stats.kept < split.stats.pairs
+    from persona_lens.extract import iter_responses
+
+    assert {r.id: r.answer for r in iter_responses(split.responses_path)} == {
+        r.id: r.answer for r in iter_responses(one.responses_path)}
     for r in REDUCTIONS:
         assert torch.equal(split.vectors[r].directions, one.vectors[r].directions), r
 
