@@ -3,8 +3,8 @@
 ::
 
     persona-lens demo [--full] [--trait evil] [--out persona_demo]
-    persona-lens extract --model M --trait NAME|PATH [--judge MODEL|none|organism] [--out DIR] ...
-    persona-lens sweep --model M --trait T --vector PATH --layers 10-20:2 --coefs 0,1,2 [--out DIR]
+    persona-lens extract --model M --trait NAME|PATH [--judge MODEL|none|organism] [--out DIR] [--shard i/N] ...
+    persona-lens sweep --model M --trait T --vector PATH --layers 10-20:2 --coefs 0,1,2 [--out DIR] [--shard i/N]
     persona-lens generate-trait NAME "DESCRIPTION" [--model gpt-4.1-mini] [--out DIR]
     persona-lens organism train [--out DIR] [--seed N] [--minutes M]
     persona-lens screen DATA --vector V [--vector V2] --layer L [--model M] [--shard i/N] [--drop-top K]
@@ -388,7 +388,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     _check_count("--instructions", args.instructions, len(trait.instructions), "instruction pairs")
     judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
                        args.judge_retries)
-    check_judge(judge, args)
+    if args.shard is None:  # a shard only generates: its judge is not asked
+        check_judge(judge, args)
     check_device(args.device)
     probe = _load_probe(args)
     from persona_lens.extract import Thresholds, extract
@@ -400,9 +401,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
         temperature=args.temperature, batch_size=args.batch_size,
         thresholds=Thresholds(args.pos_threshold, args.neg_threshold, args.coherence_threshold),
         seed=args.seed, progress=not args.quiet, verbose=False,
+        shard=None if args.shard is None else parse_shard(args.shard),
     )
+    if args.shard is not None:
+        _shard_done(args.shard, result.generated, result.reused, out)
+        return 0
     print(result.summary())
     return 0
+
+
+def _shard_done(shard: str, generated: int, reused: int, out: Path) -> None:
+    print(f"shard {shard}: {generated} responses generated, {reused} reused (in {out}); when every shard is "
+          "done, run the same command without --shard to judge and finish")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -416,7 +426,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"--layers {','.join(map(str, bad))}: the vector has layers 0..{vector.n_layers}")
     judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
                        args.judge_retries)
-    check_judge(judge, args)
+    if args.shard is None:  # a shard only generates: its judge is not asked
+        check_judge(judge, args)
     check_device(args.device)
     probe = _load_probe(args)
     from persona_lens.sweep import sweep
@@ -427,7 +438,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         coherence_floor=args.coherence_floor, positions=args.positions, batch_size=args.batch_size,
         seed=args.seed, out_dir=out, progress=not args.quiet,
+        shard=None if args.shard is None else parse_shard(args.shard),
     )
+    if args.shard is not None:
+        _shard_done(args.shard, result["generated"], result["reused"], out)
+        return 0
     print(result.table())
     s = result.stats
     print(f"responses: {s['generated']} generated, {s['reused']} reused; judge: {s['judged']} new "
@@ -719,6 +734,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every sampling batch")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default: persona_runs/TRAIT/MODEL, /sweep for a sweep)")
+    p.add_argument("--shard", type=_shard_type, default=None, metavar="i/N",
+                   help="generate only shard i of N into the same --out (jobs side by side, a log each); then "
+                        "the command without --shard judges and finishes, as one run would (default: no shard, "
+                        "the whole job; docs/scale.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

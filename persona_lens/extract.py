@@ -16,7 +16,10 @@ Everything is written to ``out_dir`` as it is produced and the pipeline is resum
   (trait / coherence), the rubric and the exact question and answer, so a rerun never asks
   the judge again for a score it already gave (even without the judge's own cache).
 
-Both logs are a :class:`persona_lens.store.Store`.
+Both logs are a :class:`persona_lens.store.Store`. With ``shard=(i, n)`` a run generates
+only its share of the responses (into ``responses.shard-i-of-n.jsonl``) and stops; ``n`` such
+runs side by side (:func:`persona_lens.scale.extract` runs them on Ray workers), then one run
+without ``shard``, give the outputs of a single run.
 - ``pairs.csv``: every (pos, neg) pair with its four scores and whether it was kept.
 - ``vectors/TRAIT_REDUCTION.safetensors``: one :class:`PersonaVector` per reduction
   (``response_mean`` is the paper's), recomputed only when the kept set changes.
@@ -309,7 +312,8 @@ def extract(
     seed: int = 0,
     progress: bool | None = True,
     verbose: bool = True,
-) -> ExtractionResult:
+    shard: tuple[int, int] | None = None,
+) -> "ExtractionResult | ExtractionStats":
     """Extract persona vectors for ``trait`` from ``probe``'s model (the paper's pipeline).
 
     Args:
@@ -334,9 +338,15 @@ def extract(
         seed: seeds generation (per batch, derived from this and the batch's first record).
         progress: tqdm bars for generation, judging and capture.
         verbose: print the summary at the end.
+        shard: ``(i, n)``: generate only shard ``i``'s share of the responses (every
+            ``n``-th generation batch, into a log of its own in ``out_dir``) and return its
+            :class:`ExtractionStats`; nothing is judged or captured. Once the ``n`` shards
+            are done, a run without ``shard`` reuses all they generated and finishes: the
+            same responses, scores and vectors as a run that was never split.
 
     Returns:
-        :class:`ExtractionResult`; ``result.vector`` is the ``response_mean`` vector.
+        :class:`ExtractionResult`; ``result.vector`` is the ``response_mean`` vector
+        (with ``shard``: the shard's :class:`ExtractionStats`).
 
     Raises:
         ExtractionError: no pair survived the filter (the message says which thresholds
@@ -352,6 +362,16 @@ def extract(
         >>> result.stats.kept > 0
         True
         >>> path = result.vector.save("evil.safetensors")
+
+        Split in two (e.g. two jobs on two GPUs), then finished in one process:
+
+        >>> kw = dict(samples=1, questions=2, instructions=2, max_new_tokens=48, batch_size=4,
+        ...           progress=False, verbose=False)
+        >>> [pl.extract(probe, trait, judge, out_dir="split", shard=(i, 2), **kw).generated for i in range(2)]
+        [4, 4]
+        >>> whole = pl.extract(probe, trait, judge, out_dir="split", **kw)   # judges, filters, captures
+        >>> whole.stats.generated, whole.stats.reused, whole.stats.kept > 0
+        (0, 8, True)
     """
     from persona_lens.probe import GenerationSettings, PersonaProbe
 
@@ -368,6 +388,7 @@ def extract(
         V.integer(name, value, min=1)
     V.optional_boolean("progress", progress)
     V.boolean("verbose", verbose)
+    shard = V.shard("shard", shard, none_ok=True)
     thresholds = Thresholds.coerce(thresholds)
     if judge is not None and not all(callable(getattr(judge, m, None)) for m in ("score_trait", "score_coherence")):
         raise V.InvalidArgumentType("judge", judge, "a Judge (score_trait and score_coherence) or None")
@@ -385,16 +406,18 @@ def extract(
                 "top_p": gen.top_p, "seed": gen.seed}
     stats = ExtractionStats()
 
-    # Provenance: the trait as used, and the run's settings.
-    try:
-        trait.to_json(out / "trait")
-    except Exception:  # a name unusable as a file name must not stop the run
-        pass
-    write_json(out / "run.json", {
-        "model": model, "trait": trait.name, "judge": judge_name, "settings": settings,
-        "samples": samples, "questions": q_idx, "instructions": i_idx,
-        "thresholds": asdict(thresholds), "n_layers": probe.n_layers, "d_model": probe.d_model,
-    })
+    # Provenance: the trait as used, and the run's settings (written by the run that finishes,
+    # not by shards writing side by side).
+    if shard is None:
+        try:
+            trait.to_json(out / "trait")
+        except Exception:  # a name unusable as a file name must not stop the run
+            pass
+        write_json(out / "run.json", {
+            "model": model, "trait": trait.name, "judge": judge_name, "settings": settings,
+            "samples": samples, "questions": q_idx, "instructions": i_idx,
+            "thresholds": asdict(thresholds), "n_layers": probe.n_layers, "d_model": probe.d_model,
+        })
 
     # 1. Contrastive generation.
     tasks: list[Task] = []
@@ -405,15 +428,22 @@ def extract(
                 for pol, system in (("pos", pos_sys), ("neg", neg_sys)):
                     tasks.append(Task(f"{pol}-i{i}-q{q}-s{s}", pol, i, q, s, system, trait.questions[q]))
     stats.responses = len(tasks)
-    store = Store(out)
+    store = Store(out, shard=shard)
     t0 = time.perf_counter()
     answers = store.generate(
         probe, [Prompt(t.prompt(), sample=t.sample, id=t.id, meta=asdict(t)) for t in tasks],
-        settings=settings, batch_size=batch_size, progress=progress, desc=f"generate {trait.name}",
+        settings=settings, batch_size=batch_size, progress=progress,
+        desc=f"generate {trait.name}" + (f" (shard {shard[0]} of {shard[1]})" if shard else ""),
         # A batch's seed follows its first slot, as it always has: a seed gives the texts it gave.
         batch_seed=lambda batch: derived_seed(settings["seed"], batch[0].id),
     )
     stats.generated, stats.reused, stats.stale = answers.generated, answers.reused, answers.stale
+    if shard is not None:
+        stats.seconds["generate"] = stats.seconds["total"] = round(time.perf_counter() - t0, 2)
+        if verbose:
+            print(f"shard {shard[0]} of {shard[1]}: {answers.generated} responses generated, {answers.reused} "
+                  f"reused, {answers.pending} left to other shards ({out})")
+        return stats
     responses = {
         t.id: Response(**asdict(t), answer=r["answer"], model=r["model"], settings=r["settings"],
                        batch_seed=r["batch_seed"], n_tokens=r["n_tokens"], finished=r["finished"])
@@ -613,11 +643,16 @@ def _compute_vectors(
 
 
 def iter_responses(path: str | Path) -> Iterable[Response]:
-    """Read ``responses.jsonl`` back as :class:`Response` records (latest line per id)."""
+    """Read ``responses.jsonl`` back as :class:`Response` records (latest line per id), with
+    the shards' logs beside it (``responses.shard-i-of-N.jsonl``) merged as a Store merges them."""
+    from persona_lens.store import log_files
+
+    path = Path(path)
     latest: dict[str, dict[str, Any]] = {}
-    for rec in JsonlLog(path).read():
-        if "id" in rec:
-            latest[rec["id"]] = rec
+    for log in log_files(path.parent, path.name):
+        for rec in JsonlLog(log).read():
+            if "id" in rec:
+                latest[rec["id"]] = rec
     return [Response.from_record(r) for r in latest.values()]
 
 

@@ -540,6 +540,27 @@ class OpenAIJudge:
         where = f", base_url={endpoint_id(self.base_url)!r}" if self.base_url else ""
         return f"OpenAIJudge({self.model!r}{where}, cache={str(self.cache_path) if self.cache_path else 'memory'})"
 
+    # A judge travels to other processes (persona_lens.scale ships it to Ray workers): its
+    # settings and its cache file go, while its event loop, HTTP client, locks and open
+    # database belong to this process and are made afresh there.
+    _PROCESS_LOCAL = ("_cache", "_stats_lock", "_loop_lock", "_loop", "_finalizer", "_client_holder")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._PROCESS_LOCAL}
+        state["_cache_args"] = (self._cache.path, self._cache.endpoint, self._cache.model)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        cache_args = state.pop("_cache_args")
+        self.__dict__.update(state)
+        self._client_holder = []
+        self._cache = _Cache(*cache_args)
+        self._stats_lock = threading.Lock()
+        self._loop_lock = threading.Lock()
+        self._loop = None
+        self._finalizer = None
+
     @property
     def cache_path(self) -> Path | None:
         """The SQLite file holding cached verdicts (None when caching in memory)."""

@@ -466,11 +466,7 @@ def screen(
         >>> sorted(result.summary["figures"]["dP_evil_L3"])
         ['mean', 'mean_proj', 'mean_proj_base', 'n', 'sem', 'share_positive', 'std']
     """
-    shard = V.items("shard", shard, what="a pair (i, n) with 0 <= i < n")
-    if len(shard) != 2:
-        raise V.InvalidArgument("shard", shard, "a pair (i, n) with 0 <= i < n")
-    n_shards = V.integer("shard[1]", shard[1], min=1)
-    i_shard = V.integer("shard[0]", shard[0], min=0, max=n_shards - 1)
+    i_shard, n_shards = V.shard("shard", shard)
     chunk_size = V.integer("chunk_size", chunk_size, min=1)
     batch_size = V.integer("batch_size", batch_size, min=1)
     V.choice("table_format", table_format, ("parquet", "jsonl"))

@@ -16,7 +16,10 @@ it to show the size of the selection effect.
 
 With ``out_dir`` every generation and score is written as it is produced
 (``sweep_responses.jsonl``, ``scores.jsonl``: a :class:`persona_lens.store.Store`) and reused
-by a rerun; the table goes to ``sweep.csv`` and the figure to ``sweep.html``.
+by a rerun; the table goes to ``sweep.csv`` and the figure to ``sweep.html``. With
+``shard=(i, n)`` a run generates only its share of the grid's answers and stops; ``n`` such runs
+(:func:`persona_lens.scale.sweep` runs them on Ray workers), then one without ``shard``, give the
+table of a single run.
 
 Example:
     >>> res = pl.sweep(probe, vec, trait, layers=[3, 5], coefs=[0, 1.5], judge=judge, questions=4,
@@ -318,7 +321,8 @@ def sweep(
     seed: int = 0,
     out_dir: str | Path | None = None,
     progress: bool | None = True,
-) -> SweepResult:
+    shard: tuple[int, int] | None = None,
+) -> "SweepResult | dict[str, Any]":
     """Steer at each layer with each coefficient, judge the answers, and pick a layer.
 
     Args:
@@ -351,10 +355,23 @@ def sweep(
             deprecated.
         out_dir: cache and outputs (``sweep_responses.jsonl``, ``scores.jsonl``,
             ``sweep.csv``, ``sweep.html``); None keeps everything in memory.
+        shard: ``(i, n)``: generate only shard ``i``'s share of the grid's answers (every
+            ``n``-th generation batch, into a log of its own in ``out_dir``) and return the
+            counts (``generated``, ``reused``, ``pending``: left to other shards); nothing is
+            judged. Once the ``n`` shards are done, a run without ``shard`` reuses them, judges,
+            chooses and re-measures the chosen cell: the table of a run never split.
 
     Returns:
         :class:`SweepResult` with ``chosen``, ``heldout``, ``figure()``, ``to_csv()``,
-        ``to_html()``.
+        ``to_html()`` (with ``shard``: the shard's counts).
+
+    Example:
+        >>> kw = dict(layers=[3, 5], coefs=[0, 1.5], judge=judge, questions=4, max_new_tokens=48, progress=False)
+        >>> [pl.sweep(probe, vec, trait, out_dir="split", shard=(i, 2), **kw)["generated"] for i in range(2)]
+        [8, 4]
+        >>> res = pl.sweep(probe, vec, trait, out_dir="split", **kw)       # judges, chooses, re-measures
+        >>> res.stats["reused"], res.cell(3, 1.5).trait > res.cell(3, 0).trait + 30
+        (12, True)
     """
     from persona_lens.interventions import steering_mode
     from persona_lens.probe import GenerationSettings, PersonaProbe
@@ -380,6 +397,9 @@ def sweep(
     V.integer("batch_size", batch_size, min=1)
     V.integer("judge_batch_size", judge_batch_size, min=1)
     V.optional_boolean("progress", progress)
+    shard = V.shard("shard", shard, none_ok=True)
+    if shard is not None and out_dir is None:
+        raise ValueError("a sharded sweep needs out_dir (the shards' logs meet there)")
     if not all(callable(getattr(judge, m, None)) for m in ("score_trait", "score_coherence")):
         raise V.InvalidArgumentType("judge", judge, "a Judge (score_trait and score_coherence)")
     if questions is None:
@@ -423,7 +443,7 @@ def sweep(
         if out.exists() and not out.is_dir():
             raise V.InvalidArgument("out_dir", str(out), "a folder (this is a file)")
         out.mkdir(parents=True, exist_ok=True)
-    store = Store(out, generations="sweep_responses.jsonl")
+    store = Store(out, generations="sweep_responses.jsonl", shard=shard)
 
     def cell_prompts(layer: int, coef: float, questions: list[str], sample_ids: range,
                      heldout: bool = False) -> list[Prompt]:
@@ -437,12 +457,16 @@ def sweep(
 
     totals = {"generated": 0, "reused": 0, "judged": 0, "judge_reused": 0, "generate_seconds": 0.0}
 
+    def generate(work: list[tuple[int, float, list[Prompt]]], what: str):
+        t0 = time.perf_counter()
+        answers = store.generate(probe, [p for _, _, prompts in work for p in prompts], settings=base_settings,
+                                 batch_size=batch_size, progress=progress, desc=f"{what} generate {trait.name}")
+        totals["generate_seconds"] += time.perf_counter() - t0
+        return answers
+
     def measure(work: list[tuple[int, float, list[Prompt]]], what: str) -> list[SweepCell]:
         all_prompts = [p for _, _, prompts in work for p in prompts]
-        t0 = time.perf_counter()
-        answers = store.generate(probe, all_prompts, settings=base_settings, batch_size=batch_size,
-                                 progress=progress, desc=f"{what} generate {trait.name}")
-        totals["generate_seconds"] += time.perf_counter() - t0
+        answers = generate(work, what)
         # Judging: every distinct answer once.
         unique = {k: (p.question, text) for p, k, text in zip(all_prompts, answers.keys, answers.texts)}
         got = store.score(judge, trait, list(unique.values()), ids=list(unique), batch_size=judge_batch_size,
@@ -462,8 +486,13 @@ def sweep(
     # One prompt per (cell, question, sample); coef 0 is unsteered, so every layer's baseline
     # has the same keys and is generated once. The seed key is (question, sample) alone:
     # common random numbers, so cells differ only by the steering.
-    cells = measure([(layer, coef, cell_prompts(layer, coef, qs, range(samples)))
-                     for layer in layers for coef in coefs], "sweep")
+    grid = [(layer, coef, cell_prompts(layer, coef, qs, range(samples))) for layer in layers for coef in coefs]
+    if shard is not None:
+        # The held-out cell depends on every shard's judged grid: the run that finishes measures it.
+        answers = generate(grid, f"sweep (shard {shard[0]} of {shard[1]})")
+        return {"generated": answers.generated, "reused": answers.reused, "pending": answers.pending,
+                "generate_seconds": round(totals["generate_seconds"], 2)}
+    cells = measure(grid, "sweep")
     result = SweepResult(
         cells=cells, coherence_floor=coherence_floor, trait_name=trait.name,
         model_name=probe.model_name or "unnamed-model", judge_name=judge_name(judge), out_dir=out, choose=choose,

@@ -316,6 +316,27 @@ def items(name: str, value: Any, *, what: str = "a list", nonempty: bool = False
     return out
 
 
+def shard(name: str, value: Any, *, none_ok: bool = False) -> tuple[int, int] | None:
+    """``value`` as a shard ``(i, n)``: part ``i`` of ``n``, ``0 <= i < n``.
+
+    Example:
+        >>> shard("shard", [1, 4])
+        (1, 4)
+        >>> shard("shard", (4, 4))
+        Traceback (most recent call last):
+        ...
+        persona_lens.validate.InvalidArgument: shard[0] must be an integer >= 0 and <= 3, got 4 (int)
+    """
+    if value is None and none_ok:
+        return None
+    what = "a pair (i, n) with 0 <= i < n" + (" (or None)" if none_ok else "")
+    pair = items(name, value, what=what)
+    if len(pair) != 2:
+        raise InvalidArgument(name, value, what)
+    n = integer(f"{name}[1]", pair[1], min=1)
+    return integer(f"{name}[0]", pair[0], min=0, max=n - 1), n
+
+
 @no_type_check
 def pairs(name: str, value: Any) -> list[tuple[str, str]]:
     """``value`` as a list of ``(question, answer)`` string pairs.

@@ -132,6 +132,36 @@ def test_extract_and_sweep_end_to_end_then_rerun_uses_only_caches(tmp_path, caps
     assert server.request_count == 36
 
 
+def test_extract_and_sweep_in_shards_then_finished_equal_one_run(tmp_path, capsys):
+    """``--shard i/N`` generates a share into the same --out; the command without it finishes
+    from every shard's log: the vector and the table of one run (the organism, its exact judge)."""
+    import persona_lens as pl
+
+    common = ["--model", "persona-organism", "--trait", "evil", "--judge", "organism", "--device", "cpu",
+              "--max-new-tokens", 16, "--batch-size", 2, "--quiet"]
+    extract_args = ["extract", *common, "--samples", 1, "--questions", 2, "--instructions", 2]
+    for i in range(2):
+        code, stdout, err = run(capsys, *extract_args, "--out", tmp_path / "split", "--shard", f"{i}/2")
+        assert code == 0, err
+        assert f"shard {i}/2: 4 responses generated" in stdout and "without --shard" in stdout
+    code, stdout, err = run(capsys, *extract_args, "--out", tmp_path / "split")
+    assert code == 0 and "0 generated, 8 reused" in stdout, err
+    code, stdout, err = run(capsys, *extract_args, "--out", tmp_path / "one")
+    assert code == 0 and "8 generated, 0 reused" in stdout, err
+    vec = tmp_path / "one" / "vectors" / "evil_response_mean.safetensors"
+    assert pl.PersonaVector.load(tmp_path / "split" / "vectors" / vec.name).directions.equal(
+        pl.PersonaVector.load(vec).directions)
+
+    sweep_args = ["sweep", *common, "--vector", vec, "--layers", "3,5", "--coefs", "0,1.5", "--questions", 2]
+    for i in range(2):
+        assert run(capsys, *sweep_args, "--out", tmp_path / "sweep-split", "--shard", f"{i}/2")[0] == 0
+    code, stdout, err = run(capsys, *sweep_args, "--out", tmp_path / "sweep-split")
+    assert code == 0 and "6 reused" in stdout, err
+    assert run(capsys, *sweep_args, "--out", tmp_path / "sweep-one")[0] == 0
+    assert (tmp_path / "sweep-split" / "sweep.csv").read_text() == (tmp_path / "sweep-one" / "sweep.csv").read_text()
+    assert "need 0 <= i < N" in error_line(run(capsys, *sweep_args, "--shard", "2/2")[2])
+
+
 # ------------------------------------------------------------------------ errors
 
 

@@ -235,6 +235,32 @@ def test_truncated_line_from_a_kill_is_redone(tiny_probe, tmp_path):
         assert len(JsonlLog(path).read()) == len(lines)
 
 
+def test_extraction_split_in_shards_then_finished_equals_one_run(tiny_probe, tmp_path):
+    """Three shards (each its own log, none seeing the others' work), then one run without a
+    shard: the responses, the pairs and the vectors of a run that was never split."""
+    probe, _ = tiny_probe
+    trait = make_trait()
+    kw = dict(thresholds={"pos_trait": 40, "neg_trait": 60}, **FAST)
+    one = extract(probe, trait, RuleJudge(), out_dir=tmp_path / "one", **kw)
+    shards = [extract(probe, trait, RuleJudge(), out_dir=tmp_path / "split", shard=(i, 3), **kw) for i in range(3)]
+    # 24 responses in batches of 4: batches 0 and 3 are shard 0's, 1 and 4 shard 1's, 2 and 5 shard 2's.
+    assert [s.generated for s in shards] == [8, 8, 8]
+    assert not (tmp_path / "split" / "vectors").exists() and not (tmp_path / "split" / "scores.jsonl").exists()
+    judge = RuleJudge()
+    split = extract(probe, trait, judge, out_dir=tmp_path / "split", **kw)
+    assert (split.stats.generated, split.stats.reused, split.stats.judged) == (0, 24, len(judge.asked))
+    by_id = lambda paths: {r["id"]: r for p in paths for r in read_jsonl(p)}
+    assert by_id((tmp_path / "split").glob("responses.shard-*-of-3.jsonl")) == by_id([tmp_path / "one" / "responses.jsonl"])
+    assert (tmp_path / "split" / "pairs.csv").read_text() == (tmp_path / "one" / "pairs.csv").read_text()
+    assert 0 < split.stats.kept < split.stats.pairs
+    from persona_lens.extract import iter_responses
+
+    assert {r.id: r.answer for r in iter_responses(split.responses_path)} == {
+        r.id: r.answer for r in iter_responses(one.responses_path)}
+    for r in REDUCTIONS:
+        assert torch.equal(split.vectors[r].directions, one.vectors[r].directions), r
+
+
 def test_no_pair_survives_says_why_and_keeps_work(tiny_probe, tmp_path):
     probe, _ = tiny_probe
     trait = make_trait(n_pairs=1, n_questions=2)
@@ -373,6 +399,26 @@ def test_sweep_reports_the_chosen_cell_on_answers_not_used_to_choose_it(tiny_pro
     none = sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), heldout=None, max_new_tokens=5,
                  progress=False)
     assert none.heldout is None and none.heldout_baseline is None and none.stats["generated"] == 2 * 2
+
+
+def test_sweep_split_in_shards_then_finished_equals_one_run(tiny_probe, tmp_path):
+    probe, _ = tiny_probe
+    trait = make_trait()
+    vec = extract(probe, trait, None, out_dir=tmp_path / "x", **dict(FAST, samples=1)).vector
+    kw = dict(layers=[1, 2], coefs=[0, 2.0, 4.0], samples=2, max_new_tokens=5, batch_size=2, progress=False)
+    one = sweep(probe, vec, trait, judge=RuleJudge(), out_dir=tmp_path / "one", **kw)
+    shards = [sweep(probe, vec, trait, judge=RuleJudge(), out_dir=tmp_path / "split", shard=(i, 2), **kw)
+              for i in range(2)]
+    # Five distinct cells (one shared baseline) of 4 answers, in batches of 2 per cell: ten
+    # batches; shard 1 ran after shard 0 here, so nothing was left to another shard.
+    assert [(s["generated"], s["pending"]) for s in shards] == [(10, 10), (10, 0)]
+    assert not (tmp_path / "split" / "sweep.csv").exists()
+    split = sweep(probe, vec, trait, judge=RuleJudge(), out_dir=tmp_path / "split", **kw)
+    assert split.stats["reused"] == 20 and split.stats["generated"] == one.stats["generated"] - 20  # the held-out cells
+    assert split.rows() == one.rows() and split.summary() == one.summary()
+    assert (tmp_path / "split" / "sweep.csv").read_text() == (tmp_path / "one" / "sweep.csv").read_text()
+    with pytest.raises(ValueError, match="needs out_dir"):
+        sweep(probe, vec, trait, judge=RuleJudge(), shard=(0, 2), **kw)
 
 
 def test_best_layer_respects_coherence_floor():

@@ -83,6 +83,21 @@ def test_weighted_score_over_http_and_request_shape(openai_server, make_judge):
     assert judge.stats.api_calls == 1 and judge.stats.cache_hits == 0
 
 
+def test_a_judge_pickled_for_another_process_scores_alike_and_shares_the_cache(openai_server, make_judge):
+    import pickle
+
+    server = openai_server(lambda messages: {"80": 0.5, "90": 0.3, "The": 0.2})
+    judge = make_judge(server)
+    first = judge.score_trait(EVIL, PAIRS[:2])
+    copy = pickle.loads(pickle.dumps(judge))  # what Ray does to ship it to a worker
+    try:
+        assert (copy.name, copy.cache_path) == (judge.name, judge.cache_path)
+        assert copy.score_trait(EVIL, PAIRS[:3]) == first + [first[0]]
+        assert server.request_count == 3  # the two answers the original scored came from its cache
+    finally:
+        copy.close()
+
+
 def test_low_mass_gives_none_without_error(openai_server, make_judge):
     server = openai_server(lambda messages: {"Hmm": 0.8, "80": 0.2})
     judge = make_judge(server)

@@ -98,6 +98,112 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(probe, vec, tmp_path, m
     assert len(read_jsonl(tmp_path / "a" / "responses.jsonl")) == 12  # nothing generated twice
 
 
+def _sweep_like(vec) -> list[Prompt]:
+    """Two steering groups of six requests: batches of 4 cut them 4 + 2 and 4 + 2."""
+    return prompts(3, 2) + prompts(3, 2, steer=Steering(vec, layer=1, coef=2.0, positions="response"))
+
+
+def test_shards_write_logs_of_their_own_that_merge_into_the_single_process_records(probe, vec, tmp_path):
+    items = _sweep_like(vec)
+    one = Store(None).generate(probe, items, settings=SETTINGS, batch_size=4)
+    # Both shards open the folder before either writes: as running side by side, neither sees
+    # the other's work.
+    shards = [Store(tmp_path, shard=(i, 2)) for i in range(2)]
+    got = [s.generate(probe, items, settings=SETTINGS, batch_size=4) for s in shards]
+    # Batches 0 and 2 (4 + 4 requests) are shard 0's, batches 1 and 3 (2 + 2) shard 1's.
+    assert [(a.generated, a.pending) for a in got] == [(8, 4), (4, 8)]
+    assert [t for t in got[0].texts if t is not None] == one.texts[0:4] + one.texts[6:10]
+    assert not (tmp_path / "responses.jsonl").exists()
+    assert [len(read_jsonl(tmp_path / f"responses.shard-{i}-of-2.jsonl")) for i in range(2)] == [8, 4]
+
+    merged = Store(tmp_path).generate(probe, items, settings=SETTINGS, batch_size=4)
+    assert (merged.generated, merged.reused, merged.pending) == (0, 12, 0)
+    assert merged.records == one.records  # texts, keys and batch seeds: one process's
+    # A shard's scores are merged on read too.
+    pairs = [(p.question, t) for p, t in zip(items, one.texts)]
+    Store(tmp_path, shard=(1, 2)).score(CountingJudge(), EVIL, pairs[:3])
+    judge = CountingJudge()
+    again = Store(tmp_path).score(judge, EVIL, pairs)
+    assert again.reused >= 6 and again.asked == len(judge.asked) > 0
+    assert not {(q, a) for _, q, a in judge.asked} & set(pairs[:3])  # the shard's scores not asked again
+    assert again.by_kind == Store(None).score(CountingJudge(), EVIL, pairs).by_kind
+
+
+def test_a_shard_killed_midway_loses_nothing_logged_and_a_rerun_finishes_the_rest(probe, vec, tmp_path, monkeypatch):
+    import shutil
+
+    items = _sweep_like(vec)  # batches of 2: six batches, shard 1 has batches 1, 3 and 5
+    one = Store(None).generate(probe, items, settings=SETTINGS, batch_size=2)
+    Store(tmp_path / "a", shard=(0, 2)).generate(probe, items, settings=SETTINGS, batch_size=2)
+    real, calls = probe.generate, {"n": 0}
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "generate", dies_on_second_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        Store(tmp_path / "a", shard=(1, 2)).generate(probe, items, settings=SETTINGS, batch_size=2)
+    monkeypatch.setattr(probe, "generate", real)
+    assert len(read_jsonl(tmp_path / "a" / "responses.shard-1-of-2.jsonl")) == 2
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+
+    # The killed shard rerun generates its two unfinished batches; so does one process.
+    rerun = Store(tmp_path / "a", shard=(1, 2)).generate(probe, items, settings=SETTINGS, batch_size=2)
+    assert (rerun.generated, rerun.pending) == (4, 0)
+    alone = Store(tmp_path / "b").generate(probe, items, settings=SETTINGS, batch_size=2)
+    assert (alone.generated, alone.reused) == (4, 8)
+    for folder in ("a", "b"):
+        merged = Store(tmp_path / folder).generate(probe, items, settings=SETTINGS, batch_size=2)
+        assert merged.generated == 0 and merged.records == one.records, folder
+
+
+def test_a_shard_redoes_a_batch_cut_short_whole_and_logs_only_the_missing_rows(probe, vec, tmp_path):
+    items = _sweep_like(vec)
+    one = Store(None).generate(probe, items, settings=SETTINGS, batch_size=4)
+    for i in range(2):
+        Store(tmp_path, shard=(i, 2)).generate(probe, items, settings=SETTINGS, batch_size=4)
+    log = tmp_path / "responses.shard-0-of-2.jsonl"
+    text = log.read_text()
+    log.write_text(text[: text.rstrip("\n").rfind("\n") + 40])  # the last record cut short by a kill
+    with pytest.warns(UserWarning, match="unreadable line"):
+        again = Store(tmp_path, shard=(0, 2)).generate(probe, items, settings=SETTINGS, batch_size=4)
+    # The last batch (requests 6..9) ran again, whole, with its seed: its missing row is the
+    # single process's text; the three logged rows keep their records.
+    assert again.generated == 1 and again.texts[9] == one.texts[9]
+    with pytest.warns(UserWarning, match="unreadable line"):  # the cut line stays in the log
+        assert Store(tmp_path).generate(probe, items, settings=SETTINGS, batch_size=4).records == one.records
+
+
+def test_log_files_merge_the_log_then_its_shards_and_the_latest_record_wins(tmp_path):
+    from persona_lens.pipeline_io import JsonlLog
+    from persona_lens.store import log_files
+
+    rec = {"messages": [], "sample": 0}
+    JsonlLog(tmp_path / "responses.jsonl").append([{"key": "a", "answer": "main", **rec}])
+    JsonlLog(tmp_path / "responses.shard-1-of-2.jsonl").append([{"key": "a", "answer": "shard 1", **rec}])
+    JsonlLog(tmp_path / "responses.shard-0-of-2.jsonl").append([{"key": "a", "answer": "shard 0", **rec},
+                                                                {"key": "b", "answer": "b", **rec}])
+    for other in ("responses.shard-x-of-2.jsonl", "scores.shard-0-of-2.jsonl", "responses.jsonl.bak"):
+        (tmp_path / other).write_text('{"key": "a", "answer": "not a log of this store"}\n')
+    assert [p.name for p in log_files(tmp_path, "responses.jsonl")] == [
+        "responses.jsonl", "responses.shard-0-of-2.jsonl", "responses.shard-1-of-2.jsonl"]
+    store = Store(tmp_path)
+    assert {k: r["answer"] for k, r in store._answers.items()} == {"a": "shard 1", "b": "b"}
+    assert "2 answers" in repr(store) and "shard 1 of 2" in repr(Store(tmp_path, shard=(1, 2)))
+
+
+def test_a_shard_needs_a_folder_and_a_valid_index(tmp_path):
+    with pytest.raises(ValueError, match="needs out_dir"):
+        Store(None, shard=(0, 2))
+    with pytest.raises(ValueError, match=r"shard\[0\] must be an integer >= 0 and <= 1"):
+        Store(tmp_path, shard=(2, 2))
+    with pytest.raises(ValueError, match=r"shard\[1\] must be an integer >= 1"):
+        Store(tmp_path, shard=(0, 0))
+
+
 def test_resume_after_a_judge_dies_asks_only_for_the_rest(tmp_path):
     pairs = [(f"Q{i}?", f"Answer {i}.") for i in range(5)]
     with pytest.raises(RuntimeError, match="judge killed"):
