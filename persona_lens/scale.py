@@ -284,7 +284,9 @@ def _job(fn: Callable, model: str, args: tuple, kwargs: Mapping[str, Any], *, ou
     if out_dir is None:
         raise V.InvalidArgument("out_dir", out_dir, "a folder every worker writes its shard to")
     workers = V.integer("workers", workers, min=1)
-    V.choice("engine", engine, ("transformer_lens", "vllm"))
+    from persona_lens.models import ENGINES
+
+    V.choice("engine", engine, ENGINES)
     load = {**dict(V.mapping("load_kwargs", load_kwargs or {})), "engine": engine}
     kwargs = {**kwargs, "out_dir": str(out_dir), "progress": kwargs.get("progress", False)}
     return run_sharded(fn, model, workers, load_kwargs=load, address=address, gpus_per_worker=gpus_per_worker,

@@ -304,8 +304,7 @@ class _Screener:
     def run(self, samples: list[Sample], store: Store) -> tuple[list[dict[str, Any]], int, int]:
         probe, max_new = self.probe, int(self.settings.get("max_new_tokens", BASE_SETTINGS["max_new_tokens"]))
         rows: dict[int, dict[str, Any]] = {}
-        # (sample, prompt messages, response, its chat_rows row); the row is filled below
-        todo: list[tuple[Sample, list[dict[str, str]], str, Any]] = []
+        todo: list[tuple[Sample, list[dict[str, str]], str]] = []  # (sample, prompt messages, response)
         for s in samples:
             if s.error is not None:
                 rows[s.index] = self.empty_row(s, s.error)
@@ -321,12 +320,13 @@ class _Screener:
             if not response.strip():
                 rows[s.index] = self.empty_row(s, "empty_response")
                 continue
-            todo.append((s, prompt, response, None))
+            todo.append((s, prompt, response))
+        # (sample, prompt messages, its chat_rows row) for the samples that fit the context
+        kept: list[tuple[Sample, list[dict[str, str]], tuple[list[int], list[int]]]] = []
         if todo:
-            token_rows = chat_rows(probe.tokenizer, [p + [{"role": "assistant", "content": r}] for _, p, r, _ in todo],
+            token_rows = chat_rows(probe.tokenizer, [p + [{"role": "assistant", "content": r}] for _, p, r in todo],
                                    with_response=True)
-            kept = []
-            for (s, p, r, _), (pi, ri) in zip(todo, token_rows):
+            for (s, p, _), (pi, ri) in zip(todo, token_rows):
                 n_p, n_r = len(pi), len(ri)
                 if n_r == 0:
                     rows[s.index] = self.empty_row(s, "empty_response", n_prompt_tokens=n_p, n_response_tokens=0)
@@ -339,16 +339,15 @@ class _Screener:
                         s, f"too_long: {n_p} prompt tokens + max_new_tokens {max_new} for the base response "
                            f"exceed the context of {self.context}", n_prompt_tokens=n_p, n_response_tokens=n_r)
                 else:
-                    kept.append((s, p, r, (pi, ri)))
-            todo = kept
+                    kept.append((s, p, (pi, ri)))
         generated = reused = 0
-        if todo:
-            answers = store.generate(probe, [Prompt(p) for _, p, _, _ in todo], settings=self.settings,
+        if kept:
+            answers = store.generate(probe, [Prompt(p) for _, p, _ in kept], settings=self.settings,
                                      batch_size=self.batch_size, progress=False, desc="base responses")
             generated, reused = answers.generated, answers.reused
             base = answers.texts
             ready = []
-            for (s, p, r, row), b in zip(todo, base):
+            for (s, _, row), b in zip(kept, base):
                 if not b.strip():
                     rows[s.index] = self.empty_row(s, "empty_base_response: the model answered nothing",
                                                    n_prompt_tokens=len(row[0]), n_response_tokens=len(row[1]),
