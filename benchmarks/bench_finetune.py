@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -26,6 +25,7 @@ import persona_lens as pl
 from persona_lens.finetune import FinetuneConfig, FinetuneRun, Interventions
 from persona_lens.models import SMOLLM2, resolve_dtype
 
+from benchmarks.bench_probe import run_interleaved
 from benchmarks.random_models import add_random_model_args, random_qwen, wants_random
 
 
@@ -84,19 +84,7 @@ def main(argv=None) -> None:
             run.optimizer_step(0)
         return fn
 
-    fns = {name: workload(iv) for name, iv in plans.items()}
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            if probe.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if probe.device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
+    times = run_interleaved({name: workload(iv) for name, iv in plans.items()}, args.repeats, probe.device)
     base = statistics.median(times["plain LoRA step"])
     print(f"model {args.model} ({args.dtype}, {probe.device}), {args.batch} conversations per step, "
           f"LoRA r=32 on {len(run.targets)} projection types, {torch.get_num_threads()} threads, "

@@ -44,6 +44,7 @@ import torch
 
 import persona_lens as pl
 
+from benchmarks.bench_probe import run_interleaved
 from benchmarks.random_models import add_random_model_args, random_qwen, wants_random
 
 QUESTIONS = [
@@ -61,23 +62,6 @@ def chat_data(n: int) -> list[dict]:
     return [{"id": f"q{i}", "messages": [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (case {i})"},
                                          {"role": "assistant", "content": ANSWER[: 120 + (i * 37) % 100]}]}
             for i in range(n)]
-
-
-def median_time(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn) -> float:
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t
 
 
 def throughput(args) -> dict:
@@ -153,14 +137,8 @@ def throughput(args) -> dict:
     def probe_generate():
         probe.generate(prompts, batch_size=args.batch, progress=False, **settings)
 
-    for fn in (projection_pass, plain_forward, probe_generate):  # warm-up
-        fn()
-    times = {"screen_projection": [], "hf_forward": [], "screen_fresh": [], "probe_generate": []}
-    for _ in range(args.repeats):
-        times["screen_projection"].append(timed(projection_pass))
-        times["hf_forward"].append(timed(plain_forward))
-        times["screen_fresh"].append(timed(fresh_screen))
-        times["probe_generate"].append(timed(probe_generate))
+    times = run_interleaved({"screen_projection": projection_pass, "hf_forward": plain_forward,
+                             "screen_fresh": fresh_screen, "probe_generate": probe_generate}, args.repeats, args.device)
     times["generation_in_screen"] = gen_times[-args.repeats:]
     med = {k: statistics.median(v) for k, v in times.items()}
     gen_in_screen = med["generation_in_screen"]

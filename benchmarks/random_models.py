@@ -3,7 +3,8 @@
 A GPU machine here has no network, so the benchmarks time Qwen2.5-7B-Instruct's exact shape
 with random bf16 weights: the arithmetic, memory traffic and kernel launches are those of the
 real model; only the tokens are meaningless. The tokenizer is the tests' character tokenizer
-(ChatML); ids beyond it decode to nothing, which does not matter for timing. ``tiny=True``
+(ChatML); :func:`random_qwen` keeps greedy tokens inside it, while ids vLLM's dummy weights pick
+beyond it decode to nothing, which does not matter for timing. ``tiny=True``
 builds the same architecture at toy size, so each benchmark's GPU path can be run on a CPU
 first (``benchmarks/gpu_suite.sh`` with ``BENCH_MODEL=--random-qwen-tiny``).
 """
@@ -34,8 +35,8 @@ def wants_random(args: argparse.Namespace) -> bool:
 
 
 def random_qwen_dir(tiny: bool = False):
-    """(folder, config): a checkpoint folder with the config and tokenizer and no weights
-    (vLLM's dummy loader draws them), and the ``Qwen2Config`` itself."""
+    """(folder, config, tokenizer): a checkpoint folder with the config and tokenizer and no
+    weights (vLLM's dummy loader draws them), and the ``Qwen2Config`` and tokenizer themselves."""
     from transformers import Qwen2Config
 
     from persona_lens.testing import char_tokenizer
@@ -49,7 +50,7 @@ def random_qwen_dir(tiny: bool = False):
     directory = tempfile.mkdtemp(prefix="random-qwen-")
     cfg.save_pretrained(directory)
     tok.save_pretrained(directory)
-    return directory, cfg
+    return directory, cfg, tok
 
 
 def random_qwen(device, dtype, tiny: bool = False, plain_copy: bool = True):
@@ -59,18 +60,15 @@ def random_qwen(device, dtype, tiny: bool = False, plain_copy: bool = True):
     from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
-    from persona_lens.testing import char_tokenizer
-
-    directory, cfg = random_qwen_dir(tiny)
+    directory, cfg, tok = random_qwen_dir(tiny)
     torch.manual_seed(0)
     with torch.device(device):
         plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
     # Rows of the output matrix beyond the tokenizer give logit 0, below the largest of a few
     # hundred random logits, so greedy tokens decode to text (a screening run needs non-empty
     # base responses); the matrix keeps its full size, so the arithmetic is unchanged.
-    n_tok = len(char_tokenizer(bos_in_template=False))
     with torch.no_grad():
-        plain.get_output_embeddings().weight[n_tok:] = 0
+        plain.get_output_embeddings().weight[len(tok):] = 0
     hf_model = copy.deepcopy(plain) if plain_copy else plain
     bridge = TransformerBridge.boot_transformers(directory, hf_model=hf_model, device=device, dtype=dtype)
     bridge.persona_lens_name = "random-qwen-tiny" if tiny else "random-qwen2.5-7b"
