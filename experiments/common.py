@@ -154,9 +154,9 @@ def _organism() -> ExperimentConfig:
         # points above the base on seeds 0 and 1 (the first organism needed 1.5).
         preventative_coefs=(0.5, 1.0, 1.5, 2.0, 2.5),
         # Quarter steps between 0.5 and 2: the organism's coherence falls within half a step
-        # (evil at layer 5: about 90 at 1, under 80 at 1.5), so the coherent cell that shows the
-        # trait most often lies between the half steps. Each cell is re-measured held out, so a
-        # finer grid adds no selection bias to the reported figure.
+        # (evil at layer 5, seeds 0 / 1: coherence 92 / 94 at 1, 78 / 81 at 1.5), so the
+        # coherent cell that shows the trait most often lies between the half steps. Each cell
+        # is re-measured held out, so a finer grid adds no selection bias to the reported figure.
         sweep_coefs=(0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0),
     )
 
