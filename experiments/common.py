@@ -79,7 +79,10 @@ class ExperimentConfig:
     n_data: int = 256  # organism sets: chats per set
     datasets: tuple[str, ...] = ()
     level2: tuple[str, ...] = ("evil_II", "sycophantic_II", "hallucinating_II")
-    layer: int = 3  # shift layer (E4) and intervention layer (E5)
+    layer: int = 3  # shift layer (E4, E6, E7's headline)
+    #: E5's layers for inference-time steering, preventative steering and CAFT, the same
+    #: coefficient at each (None: ``(layer,)``; the paper steers at one or several layers)
+    intervention_layers: tuple[int, ...] | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
     samples: int = 4  # answers per eval question
     questions: int | None = None  # first N eval questions (None: all)
@@ -113,6 +116,11 @@ class ExperimentConfig:
     unmeasurable: dict[str, str] = field(default_factory=dict)
 
     @property
+    def layers_e5(self) -> tuple[int, ...]:
+        """E5's intervention layers (``intervention_layers``, or the config's ``layer``)."""
+        return tuple(self.intervention_layers) if self.intervention_layers else (self.layer,)
+
+    @property
     def is_organism(self) -> bool:
         return self.model == "persona-organism"
 
@@ -121,6 +129,10 @@ class ExperimentConfig:
         from persona_lens.interventions import steering_mode
 
         FinetuneConfig(**self.finetune)  # unknown or bad settings raise here
+        if self.intervention_layers is not None and (
+                not self.intervention_layers or len(set(self.intervention_layers)) != len(self.intervention_layers)):
+            raise ValueError(f"{self.name}: intervention_layers must be distinct layers, at least one "
+                             f"(got {self.intervention_layers!r}); None means ({self.layer},)")
         steering_mode(self.positions)
         if self.judge != "organism" and self.is_organism:
             raise ValueError("the organism is judged by its exact judge")
@@ -152,7 +164,13 @@ def _organism() -> ExperimentConfig:
         finetune=dict(lr=1e-3, batch_size=16, grad_accum=1),
         # Up to 2.5: on organism v2, +1.5 v during training still leaves evil 11 and 24
         # points above the base on seeds 0 and 1 (the first organism needed 1.5).
-        preventative_coefs=(0.5, 1.0, 1.5, 2.0, 2.5),
+        # E5 at every layer the E1 sweep steers (block inputs 1-5), the same coefficient at each:
+        # at layer 3 alone no coefficient up to 2.5 kept hallucinating_II within 10 points of the
+        # base (49 at 2.5, capability 84%); at every layer, seed 0, 1.0-1.5 gave 13-14 with
+        # capability 100%, and evil_II / sycophantic_II 1-12 from 0.5 on.
+        intervention_layers=(1, 2, 3, 4, 5),
+        preventative_coefs=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+        inference_coefs=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
         # Quarter steps between 0.5 and 2: the organism's coherence falls within half a step
         # (evil at layer 5, seeds 0 / 1: coherence 92 / 94 at 1, 78 / 81 at 1.5), so the
         # coherent cell that shows the trait most often lies between the half steps. Each cell
@@ -208,9 +226,10 @@ SMOKE = dict(seeds=(0,), samples=2, sweep_samples=1, heldout_samples=2, sweep_co
              # E3, E4, E6: Normal / Level I / Level II of every trait (nine finetunes, shared),
              # 128 chats each (8 optimizer steps: enough to move a trait clearly, seconds each).
              # E5: the evil Level II set, plain finetuning, inference-time and preventative steering
-             # at one coefficient (CAFT, one more finetune, only in the full run).
+             # at one coefficient each, at every intervention layer (CAFT, one more finetune, only
+             # in the full run; at five layers, inference-time -1.5 v leaves no coherent answer).
              n_data=128, datasets=tuple(f"{t}_{lv}" for t in TRAITS for lv in ("normal", "I", "II")),
-             level2=("evil_II",), inference_coefs=(0.0, 1.5), preventative_coefs=(1.5,), caft=False,
+             level2=("evil_II",), inference_coefs=(0.0, 0.5), preventative_coefs=(1.5,), caft=False,
              capability_questions=32)
 
 
@@ -411,7 +430,7 @@ def write_results(root: Path, results: dict[str, Any], fig=None, name: str = "fi
 def finetune_settings(cfg: ExperimentConfig, **extra: Any) -> dict[str, Any]:
     """The settings E3-E6 record in results.json (what a rerun needs to match)."""
     return {"datasets": list(cfg.datasets), "n_data": cfg.n_data, "seeds": list(cfg.seeds), "layer": cfg.layer,
-            "finetune": dict(cfg.finetune), "samples": cfg.samples, "questions": cfg.questions,
+            "intervention_layers": list(cfg.layers_e5), "finetune": dict(cfg.finetune), "samples": cfg.samples, "questions": cfg.questions,
             "max_new_tokens": cfg.max_new_tokens, **extra}
 
 

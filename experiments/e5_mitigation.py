@@ -8,9 +8,12 @@ facts answered right, greedy, helpful system prompt) of:
 
 - the base model, and the model finetuned plainly;
 - inference-time steering: the plainly finetuned model generating with ``-coef * v`` at the
-  config's layer (response tokens and the last prompt token, as released);
-- preventative steering: finetuned with ``+coef * v`` at that layer at every position;
-- CAFT: finetuned with the direction projected out at that layer.
+  config's intervention layers (response tokens and the last prompt token, as released);
+- preventative steering: finetuned with ``+coef * v`` at those layers at every position;
+- CAFT: finetuned with the direction projected out at those layers.
+
+The three methods share the layers (``intervention_layers``, or the config's one ``layer``)
+and give every layer the same coefficient, so they are compared like for like.
 
 Writes results.json and e5_mitigation.html (trait score and capability vs coefficient, one
 column per set).
@@ -35,8 +38,8 @@ def main(argv=None) -> dict:
     judge, store = make_judge(cfg), Store(root / "store")
     base = base_probe(cfg)
     vecs = vectors(cfg, base, root)
-    L = cfg.layer
-    res: dict = {"config": cfg.name, "layer": L, "sets": {}, "settings": finetune_settings(
+    layers = cfg.layers_e5
+    res: dict = {"config": cfg.name, "layers": list(layers), "sets": {}, "settings": finetune_settings(
         cfg, level2=list(cfg.level2), inference_coefs=list(cfg.inference_coefs),
         preventative_coefs=list(cfg.preventative_coefs), caft=cfg.caft, capability_questions=cfg.capability_questions)}
     for name in cfg.level2:
@@ -59,13 +62,13 @@ def main(argv=None) -> dict:
 
             tuned = pl.PersonaProbe(pl.load_model(finetuned(cfg, root, name, seed), dtype=cfg.dtype))
             for c in cfg.inference_coefs:
-                steer = Steering(vec, layer=L, coef=-c, positions="response") if c else None
+                steer = Steering(vec, layers={l: -c for l in layers}, positions="response") if c else None
                 row["inference"][c] = measure(tuned, steer)
             for c in cfg.preventative_coefs:
-                run = finetuned(cfg, root, name, seed, vec, steer={L: c})
+                run = finetuned(cfg, root, name, seed, vec, steer={l: c for l in layers})
                 row["preventative"][c] = measure(pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype)))
             if cfg.caft:
-                run = finetuned(cfg, root, name, seed, vec, caft=[L])
+                run = finetuned(cfg, root, name, seed, vec, caft=list(layers))
                 row["caft"] = measure(pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype)))
             write_json(path, row)
             cell["seeds"][seed] = row
@@ -145,6 +148,7 @@ def figure(res, cfg):
     import plotly.graph_objects as go
 
     names = list(res["sets"])
+    layers = cfg.layers_e5
     fig = make_subplots(rows=2, cols=len(names), subplot_titles=names + [""] * len(names))
     for i, name in enumerate(names, 1):
         s = res["sets"][name]["summary"]
@@ -162,7 +166,8 @@ def figure(res, cfg):
                                          showlegend=(i == 1 and row == 1)), row=row, col=i)
             if base[key] is not None:
                 fig.add_hline(y=base[key], line_dash="dot", line_color="grey", row=row, col=i)
-        fig.update_xaxes(title_text=f"coefficient (layer {cfg.layer})", row=2, col=i)
+        where = f"layer {layers[0]}" if len(layers) == 1 else "each of layers " + ", ".join(map(str, layers))
+        fig.update_xaxes(title_text=f"coefficient ({where})", row=2, col=i)
     fig.update_yaxes(title_text="trait score", row=1, col=1)
     fig.update_yaxes(title_text="capability (%)", row=2, col=1)
     fig.update_layout(title=f"E5 ({cfg.name}): finetuning on Level II sets; dotted: base model", height=700,
