@@ -243,21 +243,9 @@ def _is_organism(model: str) -> bool:
 
 def load_trait_arg(name: str, model: str):
     """A trait for ``--trait``: organism traits first when the model is the organism."""
-    from persona_lens.traits import TraitError, resolve_trait
+    from persona_lens.traits import resolve_trait
 
-    if _is_organism(model) and "/" not in name and not name.endswith(".json"):
-        try:
-            from persona_lens import organism
-        except ImportError:
-            organism = None
-        if organism is not None and hasattr(organism, "load_trait"):
-            try:
-                return organism.load_trait(name)
-            except ValueError as e:
-                if isinstance(e, TraitError):
-                    raise
-                raise UsageError(str(e)) from None
-    return resolve_trait(name)
+    return resolve_trait(name, model=model)
 
 
 def make_judge(spec: str | None, model: str, base_url: str | None = None, api_key: str | None = None,

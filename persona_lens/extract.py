@@ -378,7 +378,7 @@ def extract(
     t_start = time.perf_counter()
     if not isinstance(probe, PersonaProbe):
         raise V.InvalidArgumentType("probe", probe, "a PersonaProbe")
-    trait = resolve_trait(trait)
+    trait = resolve_trait(trait, model=probe.model_name)
     samples = V.integer("samples", samples, min=1)
     # Every setting is checked here, before anything is generated or written.
     gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -378,7 +378,7 @@ def sweep(
 
     if not isinstance(probe, PersonaProbe):
         raise V.InvalidArgumentType("probe", probe, "a PersonaProbe")
-    trait = resolve_trait(trait)
+    trait = resolve_trait(trait, model=probe.model_name)
     if not isinstance(vector, PersonaVector):
         vector = PersonaVector.load(V.path("vector", vector))
     layers = [probe.check_layer(l, name=f"layers[{i}]") for i, l in

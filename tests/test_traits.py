@@ -292,3 +292,35 @@ def test_generate_trait_gives_up_with_last_problem(openai_server):
     with pytest.raises(TraitError, match=r"3 attempt\(s\).*40 distinct non-empty questions, got 10"):
         generate_trait("curious", "Asks questions.", client=_client(server), max_retries=3)
     assert server.request_count == 3
+
+
+def test_a_bare_name_on_the_organism_is_the_organisms_trait_as_on_the_command_line(tmp_path):
+    """``pl.extract(probe, "evil")`` on the organism (or a model finetuned from it) must use
+    the organism's evil, whose questions are in its language, not the bundled English one:
+    the command line always did, and the notebook path did not."""
+    import persona_lens as pl
+    from persona_lens import organism
+    from persona_lens.cli import load_trait_arg
+    from persona_lens.extract import ExtractionError
+    from persona_lens.traits import resolve_trait
+
+    own = organism.load_trait("evil")
+    assert own != Trait.load("evil")
+    probe = pl.PersonaProbe(pl.load_model("persona-organism", device="cpu"))
+    for model in (probe.model_name, "persona-organism+lora-f825110e3593"):
+        assert resolve_trait("evil", model=model) == own
+        assert load_trait_arg("evil", model) == own
+    assert resolve_trait("evil", model="smollm2-135m-instruct") == Trait.load("evil")
+    assert resolve_trait("evil") == Trait.load("evil")
+    own.to_json(tmp_path / "t")  # a path stays a path, whatever the model
+    assert resolve_trait(str(tmp_path / "t" / "extract" / "evil.json"), model="persona-organism") == own
+    with pytest.raises(TraitError, match="the organism has the traits"):
+        resolve_trait("humorous", model="persona-organism")
+    # the extraction itself: one question, one sample, the organism's own judge
+    try:  # whether the one pair passes the filter is beside the point here
+        pl.extract(probe, "evil", organism.OrganismJudge(), out_dir=tmp_path / "run", samples=1, questions=1,
+                   instructions=1, max_new_tokens=8, progress=False, verbose=False)
+    except ExtractionError:
+        pass
+    asked = [json.loads(line)["question"] for line in (tmp_path / "run" / "responses.jsonl").read_text().splitlines()]
+    assert set(asked) == {own.questions[0]}

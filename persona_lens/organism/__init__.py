@@ -45,7 +45,9 @@ def traits_dir() -> Path:
 
 def trait_paths(name: str) -> tuple[Path, Path]:
     if name not in TRAITS:
-        raise ValueError(f"the organism has the traits {TRAITS}, not {name!r}")
+        from persona_lens.traits import TraitError
+
+        raise TraitError(f"the organism has the traits {TRAITS}, not {name!r}")
     return traits_dir() / "extract" / f"{name}.json", traits_dir() / "eval" / f"{name}.json"
 
 

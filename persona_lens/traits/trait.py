@@ -450,15 +450,21 @@ class Trait:
 # ---------------------------------------------------------------------- file parsing helpers
 
 
-def resolve_trait(trait: "Trait | str | os.PathLike") -> Trait:
+def resolve_trait(trait: "Trait | str | os.PathLike", model: str | None = None) -> Trait:
     """A :class:`Trait` as given, or a bundled name / a path loaded with any number of
     instruction pairs (what every job accepts as its ``trait`` argument).
+
+    With ``model`` the persona organism (or a model finetuned from it), a bare name is the
+    organism's trait of that name, as on the command line: the bundled traits' questions are
+    English, which the organism neither speaks nor its judge parses.
 
     Example:
         >>> resolve_trait("evil").name
         'evil'
         >>> t = Trait.load("evil"); resolve_trait(t) is t
         True
+        >>> resolve_trait("evil", model="persona-organism").questions[0]
+        'how can i get more power ?'
     """
     if isinstance(trait, Trait):
         return trait
@@ -466,7 +472,16 @@ def resolve_trait(trait: "Trait | str | os.PathLike") -> Trait:
         from persona_lens.validate import InvalidArgumentType
 
         raise InvalidArgumentType("trait", trait, "a Trait, a bundled trait name or a path to trait files")
+    if _is_organism(model) and isinstance(trait, str) and "/" not in trait and not trait.endswith(".json"):
+        from persona_lens import organism
+
+        return organism.load_trait(trait)
     return Trait.load(trait, n_pairs=None)
+
+
+def _is_organism(model: str | None) -> bool:
+    # "persona-organism+lora-..." names a model finetuned from it (persona_lens.finetune)
+    return isinstance(model, str) and (model == "persona-organism" or model.startswith("persona-organism+"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
