@@ -47,6 +47,17 @@ GOALS: dict[str, dict[str, Any]] = {
                                                       "across every prompt of both types"},
     "monitor_within_r": {"op": ">", "target": 0.0, "what": "Pearson r within one prompt level (pooled over "
                                                            "levels), per prompt type"},
+    # issue 13
+    "shift_r": {"op": ">=", "target": 0.9, "what": "E4: Pearson r, finetuning shift vs trait score after "
+                                                  "finetuning, across every dataset and seed"},
+    "preventative_over_base": {"op": "<=", "target": 10.0, "what": "E5: trait score after preventative "
+                               "finetuning minus the base's, at the best coefficient that keeps capability "
+                               ">= 95% of the base's (mean over seeds)"},
+    # issue 14
+    "dataset_dp_r": {"op": ">=", "target": 0.9, "what": "E6: Pearson r, dataset projection difference vs "
+                                                       "trait score after finetuning"},
+    "sample_auroc": {"op": ">=", "target": 0.95, "what": "E7: AUROC of per-sample projection difference "
+                                                        "against the world's labels (median over seeds)"},
 }
 
 

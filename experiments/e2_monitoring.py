@@ -114,8 +114,14 @@ def within_r(xs, ys, groups) -> float:
 
 
 def monitor_layer(cfg, root: Path, trait: str) -> tuple[int, str]:
-    e1 = root.parent / "e1_steering" / "results.json"
-    if e1.exists():
+    """E1's steering layer for ``trait`` when E1 ran beside this run, else the config's layer.
+    Beside: ``RUN/e1_steering`` next to ``RUN/e2_monitoring`` (``experiments.all``, or both
+    scripts given ``--out RUN/e1_steering`` / ``--out RUN/e2_monitoring``), or the scripts'
+    default folders ``experiment_runs/e1_steering/CONFIG`` and ``experiment_runs/e2_monitoring/CONFIG``."""
+    beside = [root.parent / "e1_steering" / "results.json",
+              root.parent.parent / "e1_steering" / root.name / "results.json"]
+    e1 = next((p for p in beside if p.exists()), None)
+    if e1 is not None:
         per_seed = read_json(e1).get("per_seed", {}).get(trait, {})
         if per_seed:
             layer = per_seed[min(per_seed)]["steer_layer"]

@@ -35,7 +35,8 @@ def main(argv=None) -> dict:
     for name, row in table.items():
         print(f"{name:<{w}}  " + "  ".join(
             f"{row[t]['mean']:>10.1f} [{row[t]['min']:5.1f}-{row[t]['max']:5.1f}]" for t in TRAITS))
-    res = {"config": cfg.name, "settings": finetune_settings(cfg), "seeds": list(cfg.seeds), "base": base_scores,
+    res = {"experiment": "E3", "title": f"E3: every trait's score after finetuning on every dataset ({cfg.name})",
+           "config": cfg.name, "settings": finetune_settings(cfg), "seeds": list(cfg.seeds), "base": base_scores,
            "table": table}
     write_results(root / "e3_finetune_traits", res, figure(res), "e3_finetune_traits.html")
     return res

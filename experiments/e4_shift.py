@@ -13,7 +13,7 @@ E3 and E6 (same --out).
 
 from __future__ import annotations
 
-from experiments.common import TRAITS, dataset_rows, finetune_settings, start, pearson, write_results
+from experiments.common import TRAITS, dataset_rows, finetune_settings, goal, start, pearson, write_results
 
 
 def main(argv=None) -> dict:
@@ -22,7 +22,8 @@ def main(argv=None) -> dict:
         return skipped
     rows, base = dataset_rows(cfg, root)
     layers = sorted(int(l) for l in rows[0]["shift"][TRAITS[0]])
-    res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base,
+    res: dict = {"experiment": "E4", "title": f"E4: finetuning shift vs trait score after finetuning ({cfg.name})",
+                 "config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base,
                  "rows": rows, "r": {}, "r_per_layer": {}, "r_per_seed": {}}
     for t in TRAITS:
         y = [r["scores"][t]["trait"] for r in rows]
@@ -35,6 +36,7 @@ def main(argv=None) -> dict:
         print(f"{t}: r = {res['r'][t]:.3f} at layer {cfg.layer} (per seed: "
               + ", ".join(f"{v:.3f}" for v in res["r_per_seed"][t].values()) + "; per layer: "
               + ", ".join(f"L{l} {v:.2f}" for l, v in res["r_per_layer"][t].items()) + ")")
+    res["goals"] = {t: {"shift_r": goal("shift_r", res["r"][t])} for t in TRAITS}
     write_results(root / "e4_shift", res, figure(res, rows, cfg), "e4_shift.html")
     return res
 

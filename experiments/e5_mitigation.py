@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 
 import persona_lens as pl
-from experiments.common import (base_probe, capability, finetune_settings, finetuned, make_judge, start,
+from experiments.common import (base_probe, capability, finetune_settings, finetuned, goal, make_judge, start,
                                  trait_scores, vectors, write_results)
 
 
@@ -39,7 +39,8 @@ def main(argv=None) -> dict:
     base = base_probe(cfg)
     vecs = vectors(cfg, base, root)
     layers = cfg.layers_e5
-    res: dict = {"config": cfg.name, "layers": list(layers), "sets": {}, "settings": finetune_settings(
+    res: dict = {"experiment": "E5", "title": f"E5: inference-time steering, preventative steering and CAFT ({cfg.name})",
+                 "config": cfg.name, "layers": list(layers), "sets": {}, "settings": finetune_settings(
         cfg, level2=list(cfg.level2), inference_coefs=list(cfg.inference_coefs),
         preventative_coefs=list(cfg.preventative_coefs), caft=cfg.caft, capability_questions=cfg.capability_questions)}
     for name in cfg.level2:
@@ -79,6 +80,9 @@ def main(argv=None) -> dict:
         cell["summary"] = summarize(cell)
         res["sets"][name] = cell
         print(name, cell["summary"], flush=True)
+    res["goals"] = {cell["trait"]: {"preventative_over_base": goal("preventative_over_base",
+                                                                   _over_base(cell["summary"], cell["base"]))}
+                    for cell in res["sets"].values()}
     write_results(root, res, figure(res, cfg), "e5_mitigation.html")
     return res
 
@@ -112,6 +116,14 @@ def _choose(methods, base) -> tuple[float | None, float | None]:
     target = methods["preventative"][min(ok)]["trait"]
     reach = [c for c, v in methods["inference"].items() if v["trait"] <= target]
     return min(ok), (min(reach) if reach else None)
+
+
+def _over_base(methods, base) -> float:
+    """The lowest trait score above the base's among the preventative coefficients that keep
+    capability >= 95% of the base's (NaN where none does)."""
+    ok = [v["trait"] - base["trait"] for v in methods["preventative"].values()
+          if base["capability"] is None or (v["capability"] is not None and v["capability"] >= 0.95 * base["capability"])]
+    return min(ok) if ok else float("nan")
 
 
 def summarize(cell) -> dict:

@@ -14,7 +14,7 @@ e6_dataset_dp.html (one scatter per trait).
 from __future__ import annotations
 
 import persona_lens as pl
-from experiments.common import (TRAITS, base_probe, dataset, dataset_rows, finetune_settings, start, pearson,
+from experiments.common import (TRAITS, base_probe, dataset, dataset_rows, finetune_settings, goal, start, pearson,
                                 vectors, write_results)
 
 
@@ -32,7 +32,8 @@ def main(argv=None) -> dict:
                            progress=False)
         dp[name] = {t: result.summary["figures"][f"dP_{t}_L{cfg.layer}"]["mean"] for t in TRAITS}
         print(f"{name}: " + ", ".join(f"dP {t} {dp[name][t]:+.1f}" for t in TRAITS), flush=True)
-    res: dict = {"config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base,
+    res: dict = {"experiment": "E6", "title": f"E6: dataset projection difference vs trait score after finetuning ({cfg.name})",
+                 "config": cfg.name, "settings": finetune_settings(cfg), "layer": cfg.layer, "base": base,
                  "dataset_dP": dp, "r": {}, "r_per_seed": {},
                  "rows": [{"dataset": r["dataset"], "seed": r["seed"],
                            "scores": {t: r["scores"][t]["trait"] for t in TRAITS}} for r in rows]}
@@ -43,6 +44,7 @@ def main(argv=None) -> dict:
                                 for s in cfg.seeds}
         print(f"{t}: r = {res['r'][t]:.3f} (per seed: "
               + ", ".join(f"{v:.3f}" for v in res["r_per_seed"][t].values()) + ")")
+    res["goals"] = {t: {"dataset_dp_r": goal("dataset_dp_r", res["r"][t])} for t in TRAITS}
     write_results(root / "e6_dataset_dp", res, figure(res, rows, dp, cfg), "e6_dataset_dp.html")
     return res
 

@@ -92,6 +92,41 @@ def test_the_smoke_run_fits_the_ci_budget_and_writes_one_report(smoke):
     assert len({res["checkpoint"]["sha256_16"] for res in results.values()}) == 1
     for e, res in results.items():
         assert res["settings"], e
+        assert res["experiment"] == e.upper() and res["title"].startswith(e.upper() + ":"), e
+
+
+def test_every_issue_goal_is_recorded_and_judged_by_its_own_rule(smoke):
+    """E1, E2 (issue 12), E4, E5 (issue 13), E6 and E7 (issue 14) record each goal with its
+    value, and "pass" is the goal's rule applied to that value; the report lists them all."""
+    out, results, _, _ = smoke
+    owners = {"e1": {"steer_trait", "steer_coherence", "suppress_trait", "suppress_coherence"},
+              "e2": {"monitor_r", "monitor_within_r"}, "e4": {"shift_r"}, "e5": {"preventative_over_base"},
+              "e6": {"dataset_dp_r"}, "e7": {"sample_auroc"}}
+    page = (out / "report.html").read_text()
+    for e, names in owners.items():
+        goals = results[e]["goals"]
+        assert set(goals) == ({"evil"} if e == "e5" else set(TRAITS)), e  # the smoke E5 runs evil_II only
+        for trait, recorded in goals.items():
+            assert {n.split(" ")[0] for n in recorded} <= names and recorded, (e, trait)
+            for name, g in recorded.items():
+                rule = GOALS[name.split(" ")[0]]
+                v = g["value"]
+                ok = not math.isnan(v) and {">=": v >= rule["target"], "<=": v <= rule["target"],
+                                            ">": v > rule["target"]}[rule["op"]]
+                assert (g["op"], g["target"], g["pass"]) == (rule["op"], rule["target"], ok), (e, trait, name)
+                assert name in page
+    # the values themselves, from what each script stored beside them
+    for t in TRAITS:
+        assert results["e4"]["goals"][t]["shift_r"]["value"] == results["e4"]["r"][t]
+        assert results["e6"]["goals"][t]["dataset_dp_r"]["value"] == results["e6"]["r"][t]
+        au = sorted(s["traits"][t]["figures"]["dP_L3"]["auroc"] for s in results["e7"]["seeds"])
+        assert results["e7"]["goals"][t]["sample_auroc"]["value"] == pytest.approx(au[len(au) // 2])
+    cell = results["e5"]["sets"]["evil_II"]
+    base = cell["base"]
+    prev = cell["seeds"]["0"]["preventative"]["1.5"]
+    assert prev["capability"] >= 0.95 * base["capability"]
+    assert results["e5"]["goals"]["evil"]["preventative_over_base"]["value"] == pytest.approx(
+        prev["trait"] - base["trait"])
 
 
 def test_e1_held_out_figures_are_the_stored_answers_judged_again(smoke):
@@ -328,3 +363,22 @@ def test_e7_per_sample_dp_ranks_the_carriers(smoke, trait):
     au = _auroc(labels, table[f"dP_{trait}_L3"])
     assert res["traits"][trait]["figures"]["dP_L3"]["auroc"] == pytest.approx(au, abs=1e-9)
     assert au >= {"evil": 0.85, "sycophantic": 0.75, "hallucinating": 0.55}[trait], au
+
+
+@pytest.mark.parametrize("layout", ["all", "default"])
+def test_e2_finds_the_layer_e1_chose_beside_it(tmp_path, layout):
+    """``experiments.all`` puts E1 and E2 side by side in one run folder; run one by one with
+    no --out, each script writes experiment_runs/FOLDER/CONFIG. E2 must find E1 either way."""
+    from experiments.e2_monitoring import monitor_layer
+
+    cfg = load_config("organism")
+    if layout == "all":
+        e1, root = tmp_path / "run" / "e1_steering", tmp_path / "run" / "e2_monitoring"
+    else:
+        e1, root = tmp_path / "e1_steering" / "organism", tmp_path / "e2_monitoring" / "organism"
+    assert monitor_layer(cfg, root, "evil") == (cfg.layer, "the config's layer")
+    e1.mkdir(parents=True)
+    (e1 / "results.json").write_text(json.dumps({"per_seed": {"evil": {"1": {"steer_layer": 5},
+                                                                        "0": {"steer_layer": 4}}}}))
+    layer, why = monitor_layer(cfg, root, "evil")
+    assert layer == 4 and "seed 0" in why
