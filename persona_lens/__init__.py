@@ -57,15 +57,18 @@ _EXPORTS = {
     "encode_chat": "persona_lens.chat",
     "generate_trait": "persona_lens.traits",
     "extract": "persona_lens.extract",
+    "finetune": "persona_lens.finetune",
+    "FinetuneConfig": "persona_lens.finetune",
+    "finetuning_shift": "persona_lens.finetune",
     "load_model": "persona_lens.models",
     "plot": "persona_lens.plot",
     "screen": "persona_lens.screen",
     "sweep": "persona_lens.sweep",
 }
 
-# ``persona_lens.extract``, ``.screen`` and ``.sweep`` are the functions; the modules of the same
+# ``persona_lens.extract``, ``.finetune``, ``.screen`` and ``.sweep`` are the functions; the modules of the same
 # name are reached with ``from persona_lens.extract import ...``.
-_FUNCTION_OVER_MODULE = ("extract", "screen", "sweep")
+_FUNCTION_OVER_MODULE = ("extract", "finetune", "screen", "sweep")
 
 __all__ = [
     "ActivationMean",
@@ -93,6 +96,9 @@ __all__ = [
     "encode_chat",
     "generate_trait",
     "extract",
+    "finetune",
+    "FinetuneConfig",
+    "finetuning_shift",
     "load_model",
     "plot",
     "screen",
@@ -116,7 +122,7 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Importing the submodule ``persona_lens.extract`` (or ``.sweep``) binds its name on the
+    """Importing the submodule ``persona_lens.extract`` (or ``.finetune``, ``.screen``, ``.sweep``) binds its name on the
     package; keep the function of that name there instead, as an eager ``from
     persona_lens.extract import extract`` in this file would."""
 
@@ -134,6 +140,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from persona_lens import plot
     from persona_lens.chat import ChatBatch, encode_chat
     from persona_lens.extract import extract
+    from persona_lens.finetune import FinetuneConfig, finetune, finetuning_shift
     from persona_lens.judge import Judge, JudgeError, OpenAIJudge
     from persona_lens.models import load_model
     from persona_lens.probe import ActivationMean, Activations, Generation, PersonaProbe, Reading

@@ -328,6 +328,12 @@ def check_judge(judge: Any, args: argparse.Namespace) -> None:
                   file=sys.stderr)
 
 
+def _check_model(name: str) -> None:
+    from persona_lens.models import check_model_name
+
+    check_model_name(name)
+
+
 def _load_probe(args: argparse.Namespace):
     from persona_lens.models import load_model
     from persona_lens.probe import PersonaProbe
@@ -371,6 +377,7 @@ def _check_count(flag: str, value: int | None, available: int, what: str) -> Non
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    _check_model(args.model)  # a misspelt model fails before the judge is asked about
     trait = load_trait_arg(args.trait, args.model)
     _check_count("--questions", args.questions, len(trait.questions), "extraction questions")
     _check_count("--instructions", args.instructions, len(trait.instructions), "instruction pairs")
@@ -404,6 +411,7 @@ def _shard_done(shard: str, generated: int, reused: int, out: Path) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    _check_model(args.model)  # a misspelt model fails before the judge is asked about
     trait = load_trait_arg(args.trait, args.model)
     _check_count("--questions", args.questions, len(trait.eval_questions), "evaluation questions")
     if args.judge is not None and args.judge.lower() == "none":

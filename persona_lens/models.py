@@ -198,6 +198,7 @@ def load_model(
     if device is not None and not isinstance(device, (str, torch.device)):
         raise V.InvalidArgumentType("device", device, "a device name ('cpu', 'cuda', 'cuda:1', ...) or a torch.device")
     name_or_path, adapter = _split_adapter(name_or_path, adapter)
+    check_model_name(name_or_path)
     if engine == "vllm":
         return _load_vllm(name_or_path, adapter, dtype=dtype, device=device, **boot_kwargs)
     if adapter is not None:
@@ -208,15 +209,48 @@ def load_model(
         raise ValueError(f"{path} is a file; load_model expects a checkpoint directory or a model name")
     if local and not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"{path} is a directory without config.json: not an HF checkpoint")
-    bridge = TransformerBridge.boot_transformers(
-        path,
-        device=device or default_device(),
-        dtype=resolve_dtype(dtype),
-        **boot_kwargs,
-    )
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            path,
+            device=device or default_device(),
+            dtype=resolve_dtype(dtype),
+            **boot_kwargs,
+        )
+    except OSError as e:
+        if local:
+            raise
+        # transformers' own message speaks of the hub only; say what else the name was checked as
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"could not load {str(name_or_path)!r}: it is no folder here, no built-in model "
+                      f"({', '.join(BUILTIN_MODELS)}), and the HF hub lookup failed: {first}") from e
     # Record the name the user knows the model by (vectors store it in their metadata).
     bridge.persona_lens_name = str(name_or_path)
     return bridge
+
+
+def check_model_name(name_or_path: str | os.PathLike) -> None:
+    """Fail at once, with what to fix, for a path that does not exist or a misspelt built-in
+    name, instead of after the hub's retries (about 30 s offline) with a hub error.
+
+    Example:
+        >>> check_model_name("persona-organism")       # built in: fine
+        >>> check_model_name("persona-organizm")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown model 'persona-organizm': no such folder and no built-in model of that name; did you mean 'persona-organism'? (built in: smollm2-135m-instruct, persona-organism)
+    """
+    import difflib
+
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS or Path(name).expanduser().exists():
+        return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name:
+        raise FileNotFoundError(f"{name}: no such folder (a local checkpoint directory was expected; "
+                                "a hub name looks like 'namespace/name')")
+    close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.8)
+    if close:
+        raise ValueError(f"unknown model {name!r}: no such folder and no built-in model of that name; did you "
+                         f"mean {close[0]!r}? (built in: {', '.join(BUILTIN_MODELS)})")
 
 
 def _load_vllm(name_or_path: str | os.PathLike, adapter: Path | None, *, dtype: Any, device: Any,

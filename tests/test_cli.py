@@ -178,6 +178,20 @@ def test_unknown_trait_is_one_line(tiny_model, capsys, tmp_path):
     assert "unknown trait 'no_such_trait'" in line and "evil" in line
 
 
+def test_a_misspelt_or_missing_model_is_named_before_anything_else(capsys, tmp_path):
+    """Not the judge's missing API key, not the hub's connection error after 30 s of retries:
+    the model name, and what it was probably meant to be."""
+    code, _, err = run(capsys, "extract", "--model", "persona-organizm", "--trait", "evil", "--out", tmp_path)
+    assert code == 1
+    assert "did you mean 'persona-organism'" in error_line(err)
+    code, _, err = run(capsys, "extract", "--model", str(tmp_path / "no" / "such"), "--trait", "evil",
+                       "--judge", "none", "--out", tmp_path)
+    assert code == 1 and "no such folder" in error_line(err)
+    code, _, err = run(capsys, "extract", "--model", "persona-organism", "--trait", "evill", "--out", tmp_path)
+    assert code == 1 and "the organism has the traits" in error_line(err)
+    assert not any(tmp_path.iterdir())
+
+
 def test_malformed_trait_json_is_one_line(tiny_model, capsys, tmp_path):
     bad = tmp_path / "extract" / "broken.json"
     bad.parent.mkdir()

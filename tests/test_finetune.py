@@ -151,16 +151,16 @@ def test_hooks_gone_after_training_and_after_an_exception(tiny_dirs, tmp_path, m
 KILL = textwrap.dedent("""
     import os, signal, sys
     import persona_lens as pl
-    from persona_lens import finetune as ft
+    from persona_lens.finetune import FinetuneRun
     path, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
-    real = ft.FinetuneRun.optimizer_step
+    real = FinetuneRun.optimizer_step
     def step(self, i):
         if i == 3:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, i)
-    ft.FinetuneRun.optimizer_step = step
+    FinetuneRun.optimizer_step = step
     probe = pl.PersonaProbe(pl.load_model(path, device="cpu"))
-    ft.finetune(probe, data, out, progress=False, r=4, alpha=8, lr=1e-2, batch_size=2, grad_accum=2,
+    pl.finetune(probe, data, out, progress=False, r=4, alpha=8, lr=1e-2, batch_size=2, grad_accum=2,
                 warmup_steps=2, save_every=2)
 """)
 
