@@ -585,6 +585,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if (args.steer or args.caft) and not args.vector:
         raise UsageError("--steer and --caft need --vector")
+    if args.vector and not (args.steer or args.caft):
+        raise UsageError("--vector is used only with --steer LAYER:COEF (preventative steering) or --caft LAYER; "
+                         "give one of them, or leave --vector out for plain finetuning")
     config = FinetuneConfig(
         lora=not args.full, r=args.r, alpha=args.alpha, rslora=not args.no_rslora, lr=args.lr,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -600,8 +603,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     probe = _load_probe(args)
     run = finetune(probe, data, args.out, vector=args.vector, steer=steer, positions=args.positions,
                    caft=caft, config=config, progress=not args.quiet)
-    print(f"{len(run.losses)} steps, loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}")
-    print(f"wrote {run.path} and {run.out_dir / 'finetune.json'}; load it with "
+    print(f"{len(run.losses)} steps, loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}"
+          + (" (a finished run of these data and settings was there already: nothing trained)" if run.reused else ""))
+    print(f"{'reused' if run.reused else 'wrote'} {run.path} and {run.out_dir / 'finetune.json'}; load it with "
           f"persona_lens.load_model({str(run.out_dir)!r})")
     return 0
 
@@ -864,10 +868,13 @@ def build_parser() -> argparse.ArgumentParser:
   # the organism, offline, about 10 s on a CPU (its Level II evil set, organism settings):
   persona-lens finetune --model persona-organism --data organism:evil_II --out runs/evil_II \\
       --lr 1e-3 --batch-size 16 --grad-accum 1
-  # the same with preventative steering (evil vector from persona-lens extract, layer 2, coef 1):
+  # the same with preventative steering at layer 3, coef 1 (the vector that
+  # persona-lens extract --model persona-organism --trait evil writes):
   persona-lens finetune --model persona-organism --data organism:evil_II --out runs/evil_II_prev \\
-      --lr 1e-3 --batch-size 16 --grad-accum 1 --vector evil.safetensors --steer 2:1.0
-  # Qwen2.5-7B-Instruct with the release's settings, preventative steering at layer 20, coef 5:
+      --lr 1e-3 --batch-size 16 --grad-accum 1 --steer 3:1.0 \\
+      --vector persona_runs/evil/persona-organism/vectors/evil_response_mean.safetensors
+  # Qwen2.5-7B-Instruct with the release's settings, preventative steering at layer 20, coef 5
+  # (the release's evil_response_avg_diff.pt converted with PersonaVector.from_released_pt):
   persona-lens finetune --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 --data evil_II.jsonl \\
       --out runs/qwen_evil_II --vector evil_response_avg_diff.safetensors --steer 20:5
 """
@@ -880,10 +887,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steer", default=None, metavar="L:C",
                    help="preventative steering: layer:coef pairs, 20:5 or 16:2,20:3 (default: none)")
     p.add_argument("--coef", type=_float_type(), default=1.0, help="coefficient when --steer lists plain layers")
-    p.add_argument("--positions", default="all", choices=["all", "response", "response_only"],
+    p.add_argument("--positions", default="all", choices=["all", "response", "response_only", "prompt"],
                    help="steered positions during training: all (as released for preventative steering), "
                         "response (the last prompt token and the answer tokens: the paper's released steering "
-                        "mode at inference) or response_only (the answer tokens)")
+                        "mode at inference), response_only (the answer tokens) or prompt (the prompt tokens)")
     p.add_argument("--caft", type=_layers_type, default=None, metavar="LAYERS",
                    help="CAFT: layers to project the direction out of, e.g. 20 (default: none)")
     p.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")

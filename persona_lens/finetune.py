@@ -44,6 +44,7 @@ from persona_lens import validate as V
 from persona_lens.chat import ChatBatch, as_conversation, chat_rows, encode_rows
 from persona_lens.interventions import position_kinds
 from persona_lens.ops import STEERING_MODES
+from persona_lens.models import attach_lora
 from persona_lens.pipeline_io import _UMASK, atomic_path, fingerprint, read_json, write_json
 from persona_lens.progress import quiet as _quiet
 from persona_lens.vectors import PersonaVector
@@ -248,6 +249,8 @@ class FinetuneResult:
 
     out_dir: Path
     settings: dict[str, Any]
+    #: True when the folder already held this finished run and nothing was trained
+    reused: bool = False
 
     @property
     def losses(self) -> list[float]:
@@ -304,9 +307,11 @@ def load_chat_data(data: Any) -> list[list[dict[str, str]]]:
         except (TypeError, ValueError, KeyError) as e:
             raise FinetuneError(f"{at}: {e}") from None
         last = conv[-1]
-        if last.get("role") != "assistant" or not str(last.get("content", "")).strip():
+        if last.get("role") != "assistant":
             raise FinetuneError(f"{at}: the conversation has no assistant turn to train on "
                                 f"(it ends with a {last.get('role')!r} turn)")
+        if not str(last.get("content", "")).strip():
+            raise FinetuneError(f"{at}: the final assistant turn is empty: nothing to train on")
         out.append([{"role": m["role"], "content": m["content"]} for m in conv])
     return out
 
@@ -409,7 +414,7 @@ class FinetuneRun:
             if not self.targets:
                 raise FinetuneError(f"none of the target modules {list(self.config.target_modules)} "
                                     "is in this model")
-            peft.get_peft_model(hf, bridge_lora_config(self.config, self.targets))
+            attach_lora(hf, bridge_lora_config(self.config, self.targets))
         self.model = probe.hf_model
         if not self.config.lora:
             for p in self.model.parameters():
@@ -508,7 +513,7 @@ class FinetuneRun:
             if settings.get("key") != self.key:
                 raise FinetuneError(f"{self.out} holds a finished run with other data or settings; "
                                     "use another output folder")
-            return FinetuneResult(self.out, settings)
+            return FinetuneResult(self.out, settings, reused=True)
         c = self.config
         prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
         try:

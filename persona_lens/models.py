@@ -253,6 +253,19 @@ def check_model_name(name_or_path: str | os.PathLike) -> None:
                          f"mean {close[0]!r}? (built in: {', '.join(BUILTIN_MODELS)})")
 
 
+def attach_lora(hf_model: Any, config: Any) -> Any:
+    """``peft.get_peft_model`` without the FutureWarning peft's current release triggers in
+    transformers (``is_gradient_checkpointing``): it is peft's call, not the user's, and the
+    user can do nothing about it."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(hf_model, config)
+
+
 def _load_vllm(name_or_path: str | os.PathLike, adapter: Path | None, *, dtype: Any, device: Any,
                **llm_kwargs: Any):
     """The vLLM engine on a checkpoint (an adapter merged into it first: vLLM reads plain weights)."""
@@ -340,7 +353,7 @@ def _load_with_adapter(base: str | os.PathLike, adapter: Path, merge: bool, **kw
         bias=cfg.bias, target_modules=rf".*\.({'|'.join(targets)})\._original_component",
     )
     hf = bridge.original_model
-    peft.get_peft_model(hf, on_bridge)
+    attach_lora(hf, on_bridge)
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     used = set()
     with torch.no_grad():

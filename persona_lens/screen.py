@@ -38,6 +38,7 @@ import heapq
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -552,7 +553,7 @@ def screen(
         if drop_top is not None or threshold is not None:
             filtered = write_filtered(data, {d[0] for d in dropped}, filtered_out) if filtered_out else \
                 _filtered_in_memory(data, {d[0] for d in dropped})
-            summary["filter"] = _filter_summary(by, drop_top, threshold, dropped)
+            summary["filter"] = _filter_summary(by, drop_top, threshold, dropped, summary)
         return ScreenResult(summary, True, screener.columns, None, filtered, [d[1] for d in dropped],
                             generated, reused, memory_rows)
 
@@ -587,12 +588,18 @@ def _finish(out, data, parts, columns, config, table_format, by, drop_top, thres
     filtered = None
     if drop_top is not None or threshold is not None:
         filtered = write_filtered(data, {d[0] for d in dropped}, filtered_out or _default_filtered(out, data))
-        summary["filter"] = _filter_summary(by, drop_top, threshold, dropped)
+        summary["filter"] = _filter_summary(by, drop_top, threshold, dropped, summary)
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return ScreenResult(summary, True, columns, table, filtered, [d[1] for d in dropped], generated, reused)
 
 
-def _filter_summary(by, drop_top, threshold, dropped) -> dict[str, Any]:
+def _filter_summary(by, drop_top, threshold, dropped, summary) -> dict[str, Any]:
+    screened = summary["status"].get(OK, 0)
+    if dropped and len(dropped) >= screened:
+        # a filter that keeps no screened sample is almost always a K meant for a larger dataset
+        warnings.warn(f"the filter ({'drop_top=' + str(drop_top) if drop_top is not None else 'threshold=' + str(threshold)}) "
+                      f"drops all {screened} screened samples; the filtered copy holds only the "
+                      f"{summary['samples'] - screened} that could not be screened", UserWarning, stacklevel=3)
     return {"by": by, "drop_top": drop_top, "threshold": threshold, "dropped": len(dropped),
             "lowest_dropped": min((d[2] for d in dropped), default=None)}
 

@@ -190,7 +190,8 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_dirs, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "killed" / "checkpoint.pt").exists()
     # A finished run is returned as it is; other settings on the same folder are refused.
-    assert finetune(fresh(path), data, tmp_path / "killed", progress=False, **settings).losses == whole.losses
+    again = finetune(fresh(path), data, tmp_path / "killed", progress=False, **settings)
+    assert again.losses == whole.losses and again.reused and not resumed.reused and not whole.reused
     with pytest.raises(FinetuneError, match="other data or settings"):
         finetune(fresh(path), data, tmp_path / "killed", progress=False, **dict(settings, lr=2e-2))
 
@@ -267,6 +268,10 @@ def test_bad_input_one_clear_error_each_nothing_written(tiny_dirs, tmp_path, mon
     data.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(FinetuneError, match=r"bad\.jsonl:2: the conversation has no assistant turn"):
         finetune(probe, data, tmp_path / "o1", progress=False, **SMALL)
+    lines[1] = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(FinetuneError, match=r"bad\.jsonl:2: the final assistant turn is empty"):
+        finetune(probe, data, tmp_path / "o1", progress=False, **SMALL)
 
     other = pl.PersonaVector(torch.randn(probe.n_layers + 1, probe.d_model + 8), model_name="another")
     with pytest.raises(FinetuneError, match="extracted from another model"):
@@ -306,6 +311,10 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
     assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "bad.jsonl"),
                  "--out", str(tmp_path / "bad")]) == 1
     assert "no assistant turn" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # a vector that nothing uses is a mistake, not a plain run
+    assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "ds" / "evil_II.jsonl"),
+                 "--out", str(tmp_path / "novec"), "--vector", str(tmp_path / "evil.safetensors")]) == 2
+    assert "--vector is used only with --steer" in capsys.readouterr().err and not (tmp_path / "novec").exists()
 
 
 def test_experiment_configs_load_and_validate():

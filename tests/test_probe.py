@@ -272,6 +272,14 @@ def test_ablation_removes_the_direction(tiny):
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
     assert texts == hf_generate(hf, probe, PROMPTS, 10, ablate_hook, 1)
+    # layer= names one layer, as probe.steer takes it; one of the two must be given
+    with probe.ablate(vec, layer=2):
+        assert probe.generate(PROMPTS, max_new_tokens=10) == texts
+    for kw in ({}, {"layers": [2], "layer": 2}):
+        with pytest.raises(pl.InvalidArgument, match="layers=L or"):
+            with probe.ablate(vec, **kw):
+                pass
+    assert probe._handles == []
 
 
 def test_project_matches_hand_projection(tiny):

@@ -271,6 +271,10 @@ def test_formats_give_the_same_rows_and_filter(probe, vec, data, tmp_path):
     assert pq.ParquetFile(tmp_path / "out_jsonl" / "screen.parquet").metadata.num_rows == len(data)
     got = run(probe, ds, vec, threshold=0.0)
     assert len(got.filtered) == sum(r["dP_evil_L1"] <= 0 for r in ref.rows())
+    # a K meant for a larger dataset: everything would go, and the user is told
+    with pytest.warns(UserWarning, match=f"drops all {len(data)} screened samples"):
+        everything = run(probe, data, vec, drop_top=len(data) + 5)
+    assert everything.filtered == [] and len(everything.dropped) == len(data)
 
 
 def test_cli_screen(vec, data, tmp_path, capsys):

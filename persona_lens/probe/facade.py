@@ -254,14 +254,16 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
     def ablate(
         self,
         vector: PersonaVector | Tensor,
-        layers: Sequence | int,
+        layers: Sequence | int | None = None,
         *,
+        layer: int | None = None,
         positions: str = "all",
     ) -> Iterator["PersonaProbe"]:
         """Project the vector's direction out of the residual stream: ``h <- h - (h.u)u``.
 
         ``u`` is the unit vector of ``vector[L]`` at each layer ``L`` (this is CAFT's
-        operation when used during finetuning). ``positions`` takes the modes of
+        operation when used during finetuning); ``layers`` one layer or several, or
+        ``layer=`` one (as :meth:`steer` takes it). ``positions`` takes the modes of
         :meth:`steer` (and ``"last_prompt"``).
 
         Example:
@@ -272,7 +274,10 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         """
         vec = self._vector(vector)
         check_position_mode(positions)
-        layer_list = self._layers(layers)
+        if (layers is None) == (layer is None):
+            raise V.InvalidArgument("layers", layers if layer is None else (layers, layer),
+                                    "the layers to ablate: layers=L or [L, ...], or layer=L (one of the two)")
+        layer_list = self._layers(layers if layer is None else layer)
         edits = [Ablate(l, vec.unit(l).to(self.device), positions) for l in layer_list]
         with self._intervening(edits):
             yield self
