@@ -339,6 +339,10 @@ def _load_probe(args: argparse.Namespace):
     from persona_lens.probe import PersonaProbe
 
     print(f"loading {args.model} ...", file=sys.stderr)
+    if getattr(args, "quiet", False):  # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     engine = getattr(args, "engine", "transformer_lens")
     if engine != "transformer_lens":
         return PersonaProbe(load_model(args.model, dtype=args.dtype, engine=engine))

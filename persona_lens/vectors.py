@@ -78,7 +78,7 @@ class PersonaVector:
         >>> round(float(v.unit(2).norm()), 6)
         1.0
         >>> v
-        PersonaVector(trait='evil', model='tiny', layers=0..3, d_model=8, position='response_mean', n_pos=None, n_neg=None)
+        PersonaVector(trait='evil', model_name='tiny', layers=0..3, d_model=8, position='response_mean', n_pos=None, n_neg=None)
     """
 
     # [n_layers + 1, d_model]. Annotated as any tensor on purpose: __post_init__ checks the
@@ -257,7 +257,7 @@ class PersonaVector:
 
     def __repr__(self) -> str:
         return (
-            f"PersonaVector(trait={self.trait!r}, model={self.model_name!r}, "
+            f"PersonaVector(trait={self.trait!r}, model_name={self.model_name!r}, "
             f"layers=0..{self.n_layers}, d_model={self.d_model}, position={self.position!r}, "
             f"n_pos={self.n_pos}, n_neg={self.n_neg})"
         )
