@@ -9,12 +9,13 @@ coordinates, and vectors would no longer transfer to HF, peft or vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -254,16 +255,23 @@ def check_model_name(name_or_path: str | os.PathLike) -> None:
 
 
 def attach_lora(hf_model: Any, config: Any) -> Any:
-    """``peft.get_peft_model`` without the FutureWarning peft's current release triggers in
-    transformers (``is_gradient_checkpointing``): it is peft's call, not the user's, and the
-    user can do nothing about it."""
-    import warnings
-
+    """``peft.get_peft_model`` without peft's FutureWarning (see :func:`_peft_quiet`)."""
     import peft
+
+    with _peft_quiet():
+        return peft.get_peft_model(hf_model, config)
+
+
+@contextlib.contextmanager
+def _peft_quiet() -> Iterator[None]:
+    """Hide the FutureWarning peft's current release triggers in transformers
+    (``is_gradient_checkpointing``) whenever it wraps a model: it is peft's call, not the
+    user's, and the user can do nothing about it."""
+    import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return peft.get_peft_model(hf_model, config)
+        yield
 
 
 def _load_vllm(name_or_path: str | os.PathLike, adapter: Path | None, *, dtype: Any, device: Any,
@@ -384,5 +392,6 @@ def _merged_checkpoint(base: str | os.PathLike, adapter: Path) -> Path:
     if (target / "config.json").exists():
         return target
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    with _peft_quiet():
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return _write_checkpoint(target, merged, AutoTokenizer.from_pretrained(path))
