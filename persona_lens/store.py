@@ -244,8 +244,8 @@ class Scores:
 
     Attributes:
         by_kind: ``{"trait": [...], "coherence": [...]}`` (the kinds asked for).
-        asked: scores the judge gave in this call.
-        reused: scores read back from the log.
+        asked: distinct scores the judge gave in this call.
+        reused: distinct scores read back from the log (two identical answers share one).
     """
 
     by_kind: dict[str, list[float | None]]
@@ -628,7 +628,8 @@ class Store:
                 if k not in self._scores and k not in seen:
                     seen.add(k)
                     todo.append((kind, k, i))
-        reused = sum(k in self._scores for kind in kinds for k in keys[kind])
+        # distinct scores, as ``asked`` counts them: a rerun reuses what the first run asked
+        reused = len({k for kind in kinds for k in keys[kind] if k in self._scores})
         bar = _bar(total=len(todo), desc=desc, unit="score", disable=_quiet(progress, len(todo)))
         try:
             for start in range(0, len(todo), batch_size):
