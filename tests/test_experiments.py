@@ -174,7 +174,7 @@ KNOWN_UNMET: dict[tuple[str, str], str] = {
     ("steer", "hallucinating"): "38 at smoke size; 21-35 held out in full runs: the hallucinating vector "
                                 "pushes the other traits' words more than wrong facts (docs/organism.md)",
     ("suppress", "hallucinating"): "49 at smoke size; 25 held out in a full run",
-    ("suppress", "evil"): "15 at smoke size (20 answers, coefficients up to 2); 4-7 held out in full runs",
+    ("suppress", "evil"): "15 at smoke size (20 answers, coefficients up to 2); 1.4-5.3 held out in full runs",
     ("suppress", "sycophantic"): "12.5 at smoke size (20 answers); 0.9 under the mild encouraging prompt and "
                                  "27 under the pipeline's encouraging form, held out, in a full run",
     ("within system prompt", "hallucinating"): "about 0 (-0.05 to 0.0 over layers in a full run): questions about "
