@@ -441,8 +441,8 @@ def write_results(root: Path, results: dict[str, Any], fig=None, name: str = "fi
 def finetune_settings(cfg: ExperimentConfig, **extra: Any) -> dict[str, Any]:
     """The settings E3-E6 record in results.json (what a rerun needs to match)."""
     return {"datasets": list(cfg.datasets), "n_data": cfg.n_data, "seeds": list(cfg.seeds), "layer": cfg.layer,
-            "intervention_layers": list(cfg.layers_e5), "finetune": dict(cfg.finetune), "samples": cfg.samples, "questions": cfg.questions,
-            "max_new_tokens": cfg.max_new_tokens, **extra}
+            "intervention_layers": list(cfg.layers_e5), "finetune": dict(cfg.finetune), "samples": cfg.samples,
+            "questions": cfg.questions, "max_new_tokens": cfg.max_new_tokens, **extra}
 
 
 def skip_unmeasurable(cfg: ExperimentConfig, root: Path, experiment: str, why: str) -> dict[str, Any]:

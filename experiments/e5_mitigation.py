@@ -24,8 +24,8 @@ from __future__ import annotations
 import statistics
 
 import persona_lens as pl
-from experiments.common import (base_probe, capability, finetune_settings, finetuned, goal, make_judge, start,
-                                 trait_scores, vectors, write_results)
+from experiments.common import (GOALS, base_probe, capability, finetune_settings, finetuned, goal, make_judge,
+                                 start, trait_scores, vectors, write_results)
 
 
 def main(argv=None) -> dict:
@@ -104,13 +104,18 @@ def _methods(rows) -> dict:
     return out
 
 
+def _keeps_capability(v, base) -> bool:
+    """Capability >= 95% of the base's (always, where the config measures none)."""
+    return base["capability"] is None or (v["capability"] is not None and v["capability"] >= 0.95 * base["capability"])
+
+
 def _choose(methods, base) -> tuple[float | None, float | None]:
-    """(the mildest preventative coef keeping the trait within 10 points of the base with
-    capability >= 95% of the base's, the mildest inference coef reaching the trait score that
-    coef gives), either None where none does."""
-    base_t, base_c = base["trait"], base["capability"]
-    ok = [c for c, v in methods["preventative"].items() if v["trait"] <= base_t + 10
-          and (base_c is None or v["capability"] >= 0.95 * base_c)]
+    """(the mildest preventative coef keeping the trait within the goal's 10 points of the base
+    with :func:`_keeps_capability`, the mildest inference coef reaching the trait score that coef
+    gives), either None where none does."""
+    within = GOALS["preventative_over_base"]["target"]
+    ok = [c for c, v in methods["preventative"].items()
+          if v["trait"] <= base["trait"] + within and _keeps_capability(v, base)]
     if not ok:
         return None, None
     target = methods["preventative"][min(ok)]["trait"]
@@ -119,10 +124,9 @@ def _choose(methods, base) -> tuple[float | None, float | None]:
 
 
 def _over_base(methods, base) -> float:
-    """The lowest trait score above the base's among the preventative coefficients that keep
-    capability >= 95% of the base's (NaN where none does)."""
-    ok = [v["trait"] - base["trait"] for v in methods["preventative"].values()
-          if base["capability"] is None or (v["capability"] is not None and v["capability"] >= 0.95 * base["capability"])]
+    """The lowest trait score above the base's among the preventative coefficients that
+    :func:`_keeps_capability` (NaN where none does)."""
+    ok = [v["trait"] - base["trait"] for v in methods["preventative"].values() if _keeps_capability(v, base)]
     return min(ok) if ok else float("nan")
 
 

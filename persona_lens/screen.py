@@ -597,9 +597,9 @@ def _filter_summary(by, drop_top, threshold, dropped, summary) -> dict[str, Any]
     screened = summary["status"].get(OK, 0)
     if dropped and len(dropped) >= screened:
         # a filter that keeps no screened sample is almost always a K meant for a larger dataset
-        warnings.warn(f"the filter ({'drop_top=' + str(drop_top) if drop_top is not None else 'threshold=' + str(threshold)}) "
-                      f"drops all {screened} screened samples; the filtered copy holds only the "
-                      f"{summary['samples'] - screened} that could not be screened", UserWarning, stacklevel=3)
+        rule = f"drop_top={drop_top}" if drop_top is not None else f"threshold={threshold}"
+        warnings.warn(f"the filter ({rule}) drops all {screened} screened samples; the filtered copy holds only "
+                      f"the {summary['samples'] - screened} that could not be screened", UserWarning, stacklevel=3)
     return {"by": by, "drop_top": drop_top, "threshold": threshold, "dropped": len(dropped),
             "lowest_dropped": min((d[2] for d in dropped), default=None)}
 
