@@ -36,7 +36,6 @@ from typing import Any, Sequence
 
 PROG = "persona-lens"
 DEFAULT_JUDGE = "gpt-4.1-mini"
-ORGANISM = "persona-organism"  # persona_lens.models.ORGANISM, without importing torch
 ORGANISM_TRAITS = ("evil", "sycophantic", "hallucinating")
 
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -237,10 +236,6 @@ def check_device(device: str | None) -> None:
 # ----------------------------------------------------------------------------- traits and judges
 
 
-def _is_organism(model: str) -> bool:
-    return model == ORGANISM
-
-
 def load_trait_arg(name: str, model: str):
     """A trait for ``--trait``: organism traits first when the model is the organism."""
     from persona_lens.traits import resolve_trait
@@ -254,6 +249,8 @@ def make_judge(spec: str | None, model: str, base_url: str | None = None, api_ke
 
     Default: the organism's exact judge for the organism model, else gpt-4.1-mini.
     """
+    from persona_lens.traits.trait import _is_organism
+
     if spec is None:
         spec = "organism" if _is_organism(model) and _organism_judge_available() else DEFAULT_JUDGE
     if spec.lower() == "none":
@@ -291,6 +288,7 @@ def check_judge(judge: Any, args: argparse.Namespace) -> None:
     accepts the key (``GET /models``). Any other answer (a server without ``/models``)
     passes; so does everything with ``--no-judge-check``."""
     from persona_lens.judge import OpenAIJudge
+    from persona_lens.traits.trait import _is_organism
 
     if not isinstance(judge, OpenAIJudge):
         return

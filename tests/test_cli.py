@@ -531,6 +531,8 @@ def test_organism_traits_and_default_judge():
     assert trait.questions == organism.load_trait("evil").questions
     judge = cli.make_judge(None, "persona-organism")
     assert isinstance(judge, organism.OrganismJudge)
+    # a model finetuned from the organism (load_model's "+lora-<hash>" name) keeps its judge
+    assert isinstance(cli.make_judge(None, "persona-organism+lora-0123abcd"), organism.OrganismJudge)
     assert cli.make_judge("none", "persona-organism") is None
     # Other models: bundled traits, an OpenAI judge by default.
     assert cli.load_trait_arg("evil", "smollm2-135m-instruct").questions != trait.questions

@@ -480,7 +480,8 @@ def resolve_trait(trait: "Trait | str | os.PathLike", model: str | None = None) 
 
 
 def _is_organism(model: str | None) -> bool:
-    # "persona-organism+lora-..." names a model finetuned from it (persona_lens.finetune)
+    # "persona-organism+lora-..." names a model finetuned from it (persona_lens.finetune); its
+    # traits and exact judge are the organism's. The CLI asks the same question without torch.
     return isinstance(model, str) and (model == "persona-organism" or model.startswith("persona-organism+"))
 
 
