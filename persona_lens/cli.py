@@ -561,14 +561,21 @@ def parse_layer_coefs(text: str, coef: float) -> dict[int, float]:
     """``"20:5"`` / ``"16:2,20:3"`` (layer:coef) or plain layers sharing ``coef``.
 
     Example:
-        >>> parse_layer_coefs("16:2,20:3", 1.0), parse_layer_coefs("4-6", 0.5)
-        ({16: 2.0, 20: 3.0}, {4: 0.5, 5: 0.5, 6: 0.5})
+        >>> parse_layer_coefs("16:2,20:-3", 1.0), parse_layer_coefs("4-6", 0.5)
+        ({16: 2.0, 20: -3.0}, {4: 0.5, 5: 0.5, 6: 0.5})
     """
-    if ":" in text and "-" not in text:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    # "L:C" pairs, or layers in parse_int_list's forms, where "8-20:2" is a range with a step:
+    # a "-" before the ":" makes a range, one after it a negative coefficient (20:-2).
+    if any(":" in part and "-" not in part.split(":", 1)[0] for part in parts):
         try:
-            return {int(l): float(c) for l, c in (part.split(":") for part in text.split(",") if part.strip())}
+            pairs = [part.split(":") for part in parts]
+            out = {int(l): float(c) for l, c in pairs}
         except ValueError:
-            raise UsageError(f"cannot read {text!r} as layer:coef pairs, e.g. 20:5 or 16:2,20:3") from None
+            raise UsageError(f"cannot read {text!r} as layer:coef pairs, e.g. 20:5, 16:2,20:3 or 20:-2") from None
+        if len(out) != len(pairs):
+            raise UsageError(f"{text!r} names a layer twice")
+        return out
     return {l: coef for l in parse_int_list(text)}
 
 

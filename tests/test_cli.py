@@ -520,6 +520,13 @@ def test_parse_lists():
     assert cli.parse_float_list("0,0.5,2") == [0.0, 0.5, 2.0]
     with pytest.raises(cli.UsageError):
         cli.parse_float_list("a")
+    # --steer's layer:coef pairs: a negative coefficient (suppression) is a coefficient, not a range
+    assert cli.parse_layer_coefs("20:-2", 1.0) == {20: -2.0}
+    assert cli.parse_layer_coefs("16:2,20:-0.5", 1.0) == {16: 2.0, 20: -0.5}
+    assert cli.parse_layer_coefs("8-12:2", 0.5) == {8: 0.5, 10: 0.5, 12: 0.5}
+    for bad in ("20:x", "3:1,3:2", "3:1,4"):
+        with pytest.raises(cli.UsageError):
+            cli.parse_layer_coefs(bad, 1.0)
 
 
 # ------------------------------------------------------------------------ other commands
