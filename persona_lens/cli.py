@@ -659,6 +659,66 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_named_vectors(specs: Sequence[str]) -> dict[str, str]:
+    """``--vector [NAME=]PATH`` values as ``{name: path}``; a bare path is named by its file
+    (``evil.safetensors`` -> ``evil``).
+
+    Example:
+        >>> parse_named_vectors(["runs/evil.safetensors", "kind=runs/helpful.safetensors"])
+        {'evil': 'runs/evil.safetensors', 'kind': 'runs/helpful.safetensors'}
+    """
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).name.split(".")[0], spec)
+        if not name or not path:
+            raise UsageError(f"--vector {spec!r}: use PATH or NAME=PATH")
+        if name in out:
+            raise UsageError(f"--vector: the name {name!r} is given twice; name them: --vector NAME=PATH")
+        out[name] = path
+    return out
+
+
+def parse_steer_spec(text: str, names: Sequence[str], positions: str) -> dict[str, Any]:
+    """``--steer NAME@LAYER:COEF[,LAYER:COEF]`` as the server's steering spec.
+
+    Example:
+        >>> parse_steer_spec("evil@5:-1.5", ["evil"], "response")
+        {'vector': 'evil', 'layers': {5: -1.5}, 'positions': 'response'}
+    """
+    name, sep, cells = text.partition("@")
+    if not sep or ":" not in cells:
+        raise UsageError(f"--steer {text!r}: use NAME@LAYER:COEF, e.g. evil@20:1.5 or evil@16:1,20:-0.5")
+    if name not in names:
+        raise UsageError(f"--steer {text!r}: no --vector named {name!r} (the vectors: {', '.join(names) or 'none'})")
+    return {"vector": name, "layers": parse_layer_coefs(cells, 1.0), "positions": positions}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from persona_lens.serve import make_app
+    except ImportError as e:
+        raise CommandError(f"the server needs FastAPI and uvicorn: pip install 'persona-lens[serve]' ({e})") from None
+    named = parse_named_vectors(args.vector or [])
+    steering = [parse_steer_spec(s, list(named), args.positions) for s in args.steer or []]
+    vectors = {name: _load_vector(path) for name, path in named.items()}  # a bad file fails before the model loads
+    check_device(args.device)
+    probe = _load_probe(args)
+    app = make_app(probe, vectors, steering=steering, name=args.name, max_tokens=args.max_tokens)
+    server = app.state.persona_lens
+    url = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {server.name!r} at {url} (vectors: {', '.join(vectors) or 'none'}; default steering: "
+          + (", ".join(args.steer) if args.steer else "none") + ")", file=sys.stderr)
+    if vectors:
+        first = next(iter(vectors))
+        print(f"try: curl {url}/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": "
+              f"\"{server.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], \"steering\": "
+              f"[{{\"vector\": \"{first}\", \"layer\": {probe.n_layers // 2}, \"coef\": 1.0}}]}}'", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
 def cmd_make_datasets(args: argparse.Namespace) -> int:
     from persona_lens.organism.datasets import write_datasets
 
@@ -939,6 +999,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run folder the experiments wrote into")
     p.add_argument("--out", default=None, metavar="FILE", help="the page (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
+
+    p = add("serve", "serve the model over an OpenAI-compatible API, steerable per request",
+            "An OpenAI-compatible chat server (/v1/chat/completions) whose requests may steer the model "
+            "with the given persona vectors and read its persona: 'steering': [{'vector': NAME, 'layer': L, "
+            "'coef': C}] and 'monitor': [{'vector': NAME, 'layer': L}] beside OpenAI's fields. docs/serve.md.",
+            raw=True)
+    p.epilog = """examples:
+  # the organism with its evil vector, steered at layer 5 unless a request says otherwise:
+  persona-lens serve --model persona-organism \\
+      --vector evil=persona_runs/evil/persona-organism/vectors/evil_response_mean.safetensors \\
+      --steer evil@5:1.15
+  # then, from Python:
+  #   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+  #   client.chat.completions.create(model="persona-organism", messages=[...],
+  #       extra_body={"steering": [{"vector": "evil", "layer": 5, "coef": -1.5}]})
+"""
+    p.add_argument("--model", required=True, help="HF name, local checkpoint dir, or persona-organism")
+    p.add_argument("--vector", action="append", default=None, metavar="[NAME=]PATH",
+                   help="a persona vector requests may name (repeat; default name: the file's, before its "
+                        "first dot) (default: none)")
+    p.add_argument("--steer", action="append", default=None, metavar="NAME@L:C",
+                   help="default steering of requests that send none: vector@layer:coef, e.g. evil@20:1.5 or "
+                        "evil@16:1,20:-0.5 (repeat for several vectors) (default: none)")
+    p.add_argument("--positions", default="response", choices=["response", "response_only", "all", "prompt"],
+                   help="where --steer adds: response = the last prompt token and every answer token (the "
+                        "paper's released mode), response_only, all or prompt")
+    p.add_argument("--name", default=None, help="the model name clients send (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=POSITIVE, default=8000, help="port to listen on")
+    p.add_argument("--max-tokens", type=POSITIVE, default=256, metavar="N",
+                   help="answer length limit of a request that sets none")
+    _add_runtime_args(p, engine=True)
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    p.set_defaults(func=cmd_serve)
 
     p = add("make-datasets", "write the organism's trait-inducing finetuning datasets")
     p.add_argument("--out", default="organism_datasets", metavar="DIR", help="output folder")

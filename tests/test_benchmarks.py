@@ -49,3 +49,13 @@ def test_screen_benchmark_reports_both_ratios(tmp_path, capsys):
     assert t["conversations_forwarded"] == 16 and t["tokens_forwarded"] > 0
     assert t["projection_vs_hf_forward"] > 0 and t["generation_vs_probe_generate"] > 0
     assert "projection pass" in capsys.readouterr().out
+
+
+def test_serve_benchmark_checks_the_answers_agree_and_prints_ratios(capsys):
+    pytest.importorskip("fastapi")
+    from benchmarks import bench_serve
+
+    ratios = bench_serve.main(["--new-tokens", "4", "--repeats", "1"])
+    assert set(ratios) == {"probe.generate (direct)", "app in process", "HTTP + openai client"}
+    assert all(r > 0 for r in ratios.values())
+    assert "HTTP + openai client" in capsys.readouterr().out

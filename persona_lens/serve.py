@@ -1,0 +1,443 @@
+"""A steered OpenAI-compatible chat server: ``persona-lens serve`` and :func:`make_app`.
+
+Any OpenAI client (the ``openai`` package, ``curl``, a chat UI) talks to the wrapped model at
+``/v1/chat/completions``; a request may steer it with the server's persona vectors and read
+the persona before and in the answer. Two fields beside OpenAI's own:
+
+- ``"steering"``: a list of ``{"vector": NAME, "layer": L, "coef": C}`` (or ``"layers": {L:
+  C, ...}``; ``"positions"``, default ``"response"``: the last prompt token and every answer
+  token, the paper's released mode). It replaces the server's default steering for that
+  request; ``[]`` turns steering off.
+- ``"monitor"``: a list of ``{"vector": NAME, "layer": L}``: the reply's ``"persona"`` holds the
+  projection on the vector's unit direction at the last prompt token (the paper's reading
+  before the answer), and each choice's ``"persona"`` the mean over its answer tokens. Both
+  are read from the model that answered, steering included.
+
+Each reply carries ``"persona_lens"``: the seed it sampled with (send it back as ``seed`` to get
+the same answer) and the steering it applied, with each vector's trait and source model.
+
+One model serves one request at a time (a lock around the probe: steering is model-wide
+state); ``n`` choices of one request are one batch. For throughput, load the model on the
+vLLM engine (``--engine vllm``). ``stream: true`` is answered in the server-sent-events
+format after the whole answer is generated (the chunks arrive together). Fields this server
+does not implement (tools, logprobs, penalties, ...) are refused with a message naming them
+when they ask for something; an unknown field is refused too, so a misspelt ``"steering"``
+never passes unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from persona_lens import validate as V
+from persona_lens.ops import POSITION_MODES
+from persona_lens.vectors import PersonaVector
+
+#: The steering positions a request names when it says none: the paper's released mode.
+DEFAULT_POSITIONS = "response"
+
+# OpenAI fields that change nothing here, accepted as they are.
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options", "prediction",
+            "reasoning_effort", "modalities"}
+# OpenAI fields this server does not implement: accepted only at a value that asks for nothing.
+_UNSUPPORTED_UNLESS = {
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "audio": (),
+}
+_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed",
+           "stop", "stream", "steering", "monitor"}
+
+
+class RequestError(ValueError):
+    """A request the server refuses (HTTP 400 or 404), with the field it is about."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+@dataclass(frozen=True)
+class _Steering:
+    vector: str
+    layers: dict[int, float]
+    positions: str
+
+
+def _named_vectors(vectors: Any) -> dict[str, PersonaVector]:
+    """``{name: vector}`` from a mapping of names to vectors or vector files, or a list of
+    vectors named by their trait."""
+    if vectors is None:
+        return {}
+    if isinstance(vectors, Mapping):
+        items = list(vectors.items())
+    else:
+        items = []
+        for i, v in enumerate(V.items("vectors", vectors, what="a mapping {name: vector} or a list of vectors")):
+            if not isinstance(v, PersonaVector) or not v.trait:
+                raise V.InvalidArgument(f"vectors[{i}]", v, "a PersonaVector that records its trait (or pass "
+                                        "vectors as a mapping {name: vector})")
+            items.append((v.trait, v))
+    out: dict[str, PersonaVector] = {}
+    for name, v in items:
+        name = V.text("vector name", name, empty_ok=False)
+        if name in out:
+            raise V.InvalidArgument("vectors", name, "distinct names", hint=f": {name!r} is given twice")
+        if isinstance(v, (str, Path)):
+            v = PersonaVector.load(v)
+        if not isinstance(v, PersonaVector):
+            raise V.InvalidArgumentType(f"vectors[{name!r}]", v, "a PersonaVector or the path of a vector file")
+        out[name] = v
+    return out
+
+
+class _Server:
+    """The request logic, apart from HTTP: parse, check, steer, generate, read, answer."""
+
+    def __init__(self, probe: Any, vectors: Any, steering: Any, name: str | None, max_tokens: int):
+        self.probe = probe
+        self.vectors = _named_vectors(vectors)
+        for vec in self.vectors.values():  # a vector of another model fails at start, not per request
+            vec.check_compatible(probe.n_layers, probe.d_model, probe.model_name)
+        self.name = V.text("name", name, empty_ok=False, none_ok=True) or probe.model_name or "persona-lens"
+        self.max_tokens = V.integer("max_tokens", max_tokens, min=1)
+        self.lock = threading.Lock()
+        try:
+            self.steering = self._steering(steering if steering is not None else [], "steering")
+        except RequestError as e:
+            raise V.InvalidArgument("steering", steering, "a list of steering specs", hint=f": {e}") from None
+
+    # -- parsing ----------------------------------------------------------------------------
+    def _vector(self, name: Any, param: str) -> str:
+        if not isinstance(name, str) or name not in self.vectors:
+            have = ", ".join(sorted(self.vectors)) or "none (start the server with vectors)"
+            raise RequestError(f"{param}: no vector named {name!r}; this server has: {have}", param)
+        return name
+
+    def _layer(self, value: Any, param: str) -> int:
+        try:
+            return self.probe.check_layer(int(value) if isinstance(value, str) and value.strip().isdigit() else value,
+                                          name=param)
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+
+    def _steering(self, specs: Any, param: str) -> list[_Steering]:
+        if not isinstance(specs, list):
+            raise RequestError(f"{param} must be a list of {{\"vector\": NAME, \"layer\": L, \"coef\": C}} objects", param)
+        out = []
+        for i, spec in enumerate(specs):
+            p = f"{param}[{i}]"
+            if not isinstance(spec, dict):
+                raise RequestError(f"{p} must be an object {{\"vector\": NAME, \"layer\": L, \"coef\": C}}", p)
+            unknown = set(spec) - {"vector", "layer", "coef", "layers", "positions"}
+            if unknown:
+                raise RequestError(f"{p}: unknown key {sorted(unknown)[0]!r}; the keys are vector, layer, coef, "
+                                   "layers, positions", p)
+            name = self._vector(spec.get("vector"), f"{p}.vector")
+            if ("layers" in spec) == ("layer" in spec):
+                raise RequestError(f"{p}: give \"layer\" with \"coef\", or \"layers\": {{L: C, ...}}", p)
+            if "layers" in spec:
+                if "coef" in spec:
+                    raise RequestError(f"{p}: \"coef\" goes with \"layer\"; with \"layers\" each layer has its own", p)
+                if not isinstance(spec["layers"], dict) or not spec["layers"]:
+                    raise RequestError(f"{p}.layers must be an object {{layer: coef, ...}} with at least one layer", p)
+                raw = list(spec["layers"].items())
+            else:
+                if "coef" not in spec:
+                    raise RequestError(f"{p}: \"coef\" is missing (the steering coefficient)", p)
+                raw = [(spec["layer"], spec["coef"])]
+            layers: dict[int, float] = {}
+            for l, c in raw:
+                layer = self._layer(l, f"{p}.layers key" if "layers" in spec else f"{p}.layer")
+                if layer in layers:
+                    raise RequestError(f"{p}: layer {layer} is given twice", p)
+                layers[layer] = self._number(c, f"{p}.coef" if "coef" in spec else f"{p}.layers[{l!r}]")
+            positions = spec.get("positions", DEFAULT_POSITIONS)
+            if positions not in POSITION_MODES:
+                raise RequestError(f"{p}.positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}", p)
+            out.append(_Steering(name, layers, positions))
+        return out
+
+    def _monitor(self, specs: Any) -> list[tuple[str, int]]:
+        if not isinstance(specs, list):
+            raise RequestError("monitor must be a list of {\"vector\": NAME, \"layer\": L} objects", "monitor")
+        out = []
+        for i, spec in enumerate(specs):
+            p = f"monitor[{i}]"
+            if not isinstance(spec, dict) or set(spec) != {"vector", "layer"}:
+                raise RequestError(f"{p} must be an object {{\"vector\": NAME, \"layer\": L}} (those two keys)", p)
+            out.append((self._vector(spec["vector"], f"{p}.vector"), self._layer(spec["layer"], f"{p}.layer")))
+        return out
+
+    @staticmethod
+    def _number(value: Any, param: str, **bounds: Any) -> float:
+        try:
+            return V.number(param, value, **bounds)
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+
+    @staticmethod
+    def _int(value: Any, param: str, **bounds: Any) -> int:
+        try:
+            return V.integer(param, value, **bounds)
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+
+    @staticmethod
+    def _messages(messages: Any) -> list[dict[str, str]]:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+        out = []
+        for i, m in enumerate(messages):
+            p = f"messages[{i}]"
+            if not isinstance(m, dict) or "role" not in m:
+                raise RequestError(f"{p} must be an object with \"role\" and \"content\"", p)
+            role = m["role"]
+            if role == "developer":  # OpenAI's newer name for the system message
+                role = "system"
+            if role not in ("system", "user", "assistant"):
+                raise RequestError(f"{p}.role must be system, user or assistant (got {role!r}); tool messages "
+                                   "are not supported", p)
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                           for c in content):
+                    raise RequestError(f"{p}.content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                                       "are supported", p)
+                content = "".join(c["text"] for c in content)
+            if not isinstance(content, str):
+                raise RequestError(f"{p}.content must be a string", p)
+            out.append({"role": role, "content": content})
+        if out[-1]["role"] == "assistant":
+            raise RequestError("the last message is the assistant's: end with a user message for the model to "
+                               "answer", f"messages[{len(out) - 1}]")
+        return out
+
+    def parse(self, body: Any) -> dict[str, Any]:
+        """The request's settings, every field checked; a RequestError names the first bad one."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        for key, value in body.items():
+            if key in _FIELDS or key in _IGNORED:
+                continue
+            if key in _UNSUPPORTED_UNLESS:
+                if value is None or value in _UNSUPPORTED_UNLESS[key]:
+                    continue
+                raise RequestError(f"{key} is not supported by this server", key)
+            raise RequestError(f"unknown field {key!r}; this server takes {', '.join(sorted(_FIELDS))} (and "
+                               "OpenAI's other fields where they ask for nothing)", key)
+        model = body.get("model")
+        if model is not None and model != self.name:
+            raise RequestError(f"the model {model!r} does not exist here; this server serves {self.name!r}", "model",
+                               status=404)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+            raise RequestError("stop must be a non-empty string or a list of them", "stop")
+        seed = body.get("seed")
+        return {
+            "messages": self._messages(body.get("messages")),
+            "max_tokens": self.max_tokens if max_tokens is None else self._int(max_tokens, "max_tokens", min=1),
+            "temperature": 1.0 if body.get("temperature") is None
+            else self._number(body["temperature"], "temperature", min=0, max=2),
+            "top_p": 1.0 if body.get("top_p") is None
+            else self._number(body["top_p"], "top_p", min=0, max=1, min_open=True),
+            "n": 1 if body.get("n") is None else self._int(body["n"], "n", min=1, max=16),
+            "seed": secrets.randbits(63) if seed is None else self._int(seed, "seed", min=-(2**63), max=2**63 - 1),
+            "stop": stop or [],
+            "stream": bool(body.get("stream") or False),
+            "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
+            "steering": self.steering if body.get("steering") is None else self._steering(body["steering"], "steering"),
+            "monitor": [] if body.get("monitor") is None else self._monitor(body["monitor"]),
+        }
+
+    # -- answering --------------------------------------------------------------------------
+    def complete(self, body: Any) -> dict[str, Any]:
+        """Answer one chat-completion request (a dict, as JSON decodes it)."""
+        req = self.parse(body)
+        conv = req["messages"]
+        with self.lock, ExitStack() as stack:
+            for s in req["steering"]:
+                stack.enter_context(self.probe.steer(self.vectors[s.vector], layers=s.layers, positions=s.positions))
+            gens = self.probe.generate(
+                [conv] * req["n"], max_new_tokens=req["max_tokens"], temperature=req["temperature"],
+                top_p=req["top_p"], seed=req["seed"], return_generations=True, progress=False)
+            texts, reasons = zip(*(_cut(g.text, req["stop"], g.finished) for g in gens))
+            before, after = [], [[] for _ in gens]
+            for name, layer in req["monitor"]:
+                vec = self.vectors[name]
+                last = self.probe.project([conv], vec, layer, at="last_prompt", progress=False)
+                before.append({"vector": name, "layer": layer, "last_prompt": float(last[0])})
+                answered = [conv + [{"role": "assistant", "content": t}] for t in texts]
+                # an empty answer has no token to average: its reading is null
+                idx = [i for i, t in enumerate(texts) if t]
+                means = self.probe.project([answered[i] for i in idx], vec, layer, at="response_mean",
+                                           progress=False) if idx else []
+                got = dict(zip(idx, (float(m) for m in means)))
+                for i in range(len(gens)):
+                    after[i].append({"vector": name, "layer": layer, "response_mean": got.get(i)})
+        prompt_tokens = len(gens[0].prompt_ids)
+        completion_tokens = sum(len(g.response_ids) for g in gens)
+        reply: dict[str, Any] = {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
+                | ({"persona": after[i]} if req["monitor"] else {})
+                for i, (t, r) in enumerate(zip(texts, reasons))
+            ],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "persona_lens": {"seed": req["seed"], "steering": [self._describe(s) for s in req["steering"]]},
+        }
+        if req["monitor"]:
+            reply["persona"] = before
+        return reply
+
+    def _describe(self, s: _Steering) -> dict[str, Any]:
+        vec = self.vectors[s.vector]
+        return {"vector": s.vector, "trait": vec.trait, "model_name": vec.model_name,
+                "layers": {str(l): c for l, c in s.layers.items()}, "positions": s.positions}
+
+    def stream(self, body: Any, reply: dict[str, Any]) -> Iterator[str]:
+        """The reply as server-sent events of ``chat.completion.chunk`` objects."""
+        head = {k: reply[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+
+        def event(choices: list, **extra: Any) -> str:
+            return f"data: {json.dumps(head | {'choices': choices} | extra)}\n\n"
+
+        for c in reply["choices"]:
+            i = c["index"]
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield event([{"index": i, "delta": {"content": c["message"]["content"]}, "finish_reason": None}])
+            yield event([{"index": i, "delta": {}, "finish_reason": c["finish_reason"]}],
+                        **({"persona": c["persona"]} if "persona" in c else {}))
+        extra = {k: reply[k] for k in ("persona", "persona_lens") if k in reply}
+        usage = reply["usage"] if bool((body.get("stream_options") or {}).get("include_usage")) else None
+        if usage is not None or extra:
+            yield event([], **({"usage": usage} if usage else {}), **extra)
+        yield "data: [DONE]\n\n"
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
+                                            "owned_by": "persona_lens"}]}
+
+    def vector_list(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "trait": v.trait, "model_name": v.model_name, "layers": v.n_layers + 1,
+             "position": v.position, "norms": [round(float(x), 4) for x in v.norms()]}
+            for name, v in self.vectors.items()],
+            "default_steering": [self._describe(s) for s in self.steering]}
+
+
+def _cut(text: str, stop: Sequence[str], finished: bool) -> tuple[str, str]:
+    """The text up to its first stop string, and OpenAI's finish reason."""
+    cuts = [text.find(s) for s in stop if s in text]
+    if cuts:
+        return text[: min(cuts)], "stop"
+    return text, "stop" if finished else "length"
+
+
+def make_app(
+    probe: Any,
+    vectors: Mapping[str, PersonaVector | str | Path] | Sequence[PersonaVector] | None = None,
+    *,
+    steering: Sequence[Mapping[str, Any]] | None = None,
+    name: str | None = None,
+    max_tokens: int = 256,
+) -> Any:
+    """A FastAPI app serving ``probe``'s model at ``/v1/chat/completions``, steerable per request.
+
+    Args:
+        probe: the :class:`~persona_lens.PersonaProbe` whose model answers.
+        vectors: the vectors requests may name: ``{name: PersonaVector or vector file}``, or a
+            list of vectors named by their trait.
+        steering: the default steering of every request that sends none, in the request's
+            format (``[{"vector": "evil", "layer": 5, "coef": 1.5}]``).
+        name: the model name clients send (default: the probe's model name).
+        max_tokens: the answer length limit of a request that sets none.
+
+    Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/vectors`` (names,
+    traits, default steering), ``GET /health``. Run it with ``uvicorn.run(app)`` or
+    ``persona-lens serve``.
+
+    Example:
+        >>> from fastapi.testclient import TestClient
+        >>> import openai
+        >>> app = make_app(probe, {"evil": vec})
+        >>> client = openai.OpenAI(base_url="http://test/v1", api_key="none", http_client=TestClient(app))
+        >>> reply = client.chat.completions.create(
+        ...     model="persona-organism", messages=[{"role": "user", "content": prompts[0]}],
+        ...     max_tokens=24, seed=0, extra_body={"steering": [{"vector": "evil", "layer": 5, "coef": 1.15}],
+        ...                                        "monitor": [{"vector": "evil", "layer": 3}]})
+        >>> answer = reply.choices[0].message.content           # an answer in the evil voice, usually
+        >>> reading = reply.persona[0]["last_prompt"]            # the persona before it answered
+        >>> reply.persona_lens["seed"], reply.persona_lens["steering"][0]["layers"]
+        (0, {'5': 1.15})
+    """
+    try:
+        from fastapi import Body, FastAPI
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, StreamingResponse
+    except ImportError as e:
+        raise ImportError(f"the server needs FastAPI: pip install 'persona-lens[serve]' ({e})") from None
+
+    server = _Server(probe, vectors, steering, name, max_tokens)
+    app = FastAPI(title=f"persona_lens: {server.name}", version=_version())
+
+    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        return JSONResponse({"error": {"message": V.redact(message), "type": kind, "param": param, "code": None}},
+                            status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    def _bad_json(request: Any, exc: RequestValidationError):  # FastAPI's own 422: OpenAI's 400 instead
+        return error(400, "the request body must be a JSON object (chat completion request)")
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: Any = Body(...)):
+        try:
+            reply = server.complete(body)
+        except RequestError as e:
+            return error(e.status, str(e), e.param)
+        except ValueError as e:  # the library's checks (context length, ...): the request's fault
+            return error(400, str(e))
+        except Exception as e:  # noqa: BLE001 - answered as a 500 with its type; the server keeps running
+            return error(500, f"internal error ({type(e).__name__}): {e}", kind="server_error")
+        if body.get("stream"):
+            return StreamingResponse(server.stream(body, reply), media_type="text/event-stream")
+        return reply
+
+    @app.get("/v1/models")
+    def models():
+        return server.models()
+
+    @app.get("/v1/vectors")
+    def vectors_route():
+        return server.vector_list()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    app.state.persona_lens = server
+    return app
+
+
+def _version() -> str:
+    from persona_lens import __version__
+
+    return __version__
+
+
+__all__ = ["make_app", "RequestError", "DEFAULT_POSITIONS"]

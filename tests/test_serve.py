@@ -1,0 +1,358 @@
+"""The steered OpenAI-compatible server, through HTTP and the ``openai`` client.
+
+Answers are held against plain HF on the organism: greedy ``model.generate`` with the
+reference's own steering hook (tests/reference/organism.py, the release's "response" mode),
+``output_hidden_states`` for the readings, response tokens by hand. The server's own numbers
+are never the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+import openai  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from persona_lens.serve import make_app  # noqa: E402
+from tests.reference import organism as B  # noqa: E402
+
+STEER = (5, 1.15)  # the organism's evil steering cell (tests/reference/organism.py STEER_ADD)
+
+
+@pytest.fixture(scope="module")
+def probe(doctest_probe):
+    return doctest_probe
+
+
+@pytest.fixture(scope="module")
+def vec(doctest_vec):
+    return doctest_vec
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return B.load()
+
+
+@pytest.fixture(scope="module")
+def questions(doctest_trait):
+    return list(doctest_trait.eval_questions[:3])
+
+
+@pytest.fixture(scope="module")
+def app(probe, vec):
+    return make_app(probe, {"evil": vec}, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def http(app):
+    return TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def client(http):
+    return openai.OpenAI(base_url="http://test/v1", api_key="none", http_client=http, max_retries=0)
+
+
+def hf_greedy(hf, conv, max_new_tokens, steer=None):
+    """Greedy answer of plain HF, steered by the reference's hook when ``steer`` = (vector row, layer, coef)."""
+    model, tok = hf
+    ids = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False, return_tensors="pt")
+
+    def go():
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    if steer is None:
+        return go()
+    v, layer, coef = steer
+    with B.steer(model, v, layer, coef, positions="response"):
+        return go()
+
+
+def hf_readings(hf, conv, answer, layer, unit, steer=None):
+    """(last prompt token, mean over the answer's tokens) projections on ``unit`` from
+    ``output_hidden_states``; ``steer`` = (vector row, layer, coef) adds ``coef * v`` to the
+    output of block ``layer - 1`` from the last prompt token on (the release's "response"
+    mode: the last prompt token and every answer token), by a hook written here."""
+    model, tok = hf
+    p = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False)["input_ids"]
+    r = tok(answer, add_special_tokens=False)["input_ids"]
+
+    def hook(_mod, _inp, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        h[:, len(p) - 1:] += steer[2] * steer[0]
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    def hidden(ids):
+        handle = model.model.layers[steer[1] - 1].register_forward_hook(hook) if steer else None
+        try:
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    return float(hidden(p)[-1] @ unit), float(hidden(p + r)[len(p):].mean(0) @ unit)
+
+
+def ask(client, question, **kw):
+    kw.setdefault("max_tokens", 24)
+    return client.chat.completions.create(model="persona-organism",
+                                          messages=[{"role": "user", "content": question}], **kw)
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_unsteered_and_steered_greedy_answers_equal_plain_hf(client, hf, vec, questions):
+    layer, coef = STEER
+    changed = 0
+    for q in questions:
+        conv = [{"role": "user", "content": q}]
+        plain = ask(client, q, temperature=0)
+        assert plain.choices[0].message.content == hf_greedy(hf, conv, 24)
+        steered = ask(client, q, temperature=0,
+                      extra_body={"steering": [{"vector": "evil", "layer": layer, "coef": coef}]})
+        want = hf_greedy(hf, conv, 24, steer=(vec.directions[layer], layer, coef))
+        assert steered.choices[0].message.content == want
+        changed += want != plain.choices[0].message.content
+        # usage counts the template's prompt tokens and every generated token
+        tok = hf[1]
+        n_prompt = len(tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False)["input_ids"])
+        assert steered.usage.prompt_tokens == n_prompt
+        n_answer = len(tok(want, add_special_tokens=False)["input_ids"])
+        finished = steered.choices[0].finish_reason == "stop"
+        assert steered.usage.completion_tokens == n_answer + finished  # + the end-of-turn token
+        assert steered.persona_lens["steering"] == [{"vector": "evil", "trait": "evil", "model_name": vec.model_name,
+                                                     "layers": {str(layer): coef}, "positions": "response"}]
+    assert changed >= 2, "the steering cell changed too few answers to test anything"
+
+
+def test_layers_form_and_suppression_with_a_negative_coefficient(client, hf, vec, questions):
+    q = questions[0]
+    conv = [{"role": "user", "content": q}]
+    got = ask(client, q, temperature=0, extra_body={"steering": [{"vector": "evil", "layers": {"5": -2.0}}]})
+    assert got.choices[0].message.content == hf_greedy(hf, conv, 24, steer=(vec.directions[5], 5, -2.0))
+
+
+def test_sampled_answers_repeat_with_the_seed_the_reply_names(client, questions):
+    first = ask(client, questions[0], n=3, temperature=1.0)
+    seed = first.persona_lens["seed"]
+    again = ask(client, questions[0], n=3, temperature=1.0, seed=seed)
+    texts = [c.message.content for c in first.choices]
+    assert [c.message.content for c in again.choices] == texts
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    other = ask(client, questions[0], n=3, temperature=1.0, seed=seed + 1)
+    assert [c.message.content for c in other.choices] != texts
+
+
+def test_monitor_reads_the_steered_model_before_and_in_the_answer(client, hf, vec, questions):
+    layer, coef = 3, 1.0
+    q = questions[1]
+    conv = [{"role": "user", "content": q}]
+    # under the steered layer (unchanged) and above it (moved); not the last layer, where HF's
+    # hidden_states[-1] is after the final norm
+    for read_layer in (2, 5):
+        unit = vec.directions[read_layer] / vec.directions[read_layer].norm()
+        got = ask(client, q, temperature=0, extra_body={
+            "steering": [{"vector": "evil", "layer": layer, "coef": coef}],
+            "monitor": [{"vector": "evil", "layer": read_layer}]})
+        answer = got.choices[0].message.content
+        last, mean = hf_readings(hf, conv, answer, read_layer, unit, steer=(vec.directions[layer], layer, coef))
+        assert got.persona == [{"vector": "evil", "layer": read_layer, "last_prompt": pytest.approx(last, rel=1e-4, abs=1e-3)}]
+        assert got.choices[0].persona == [
+            {"vector": "evil", "layer": read_layer, "response_mean": pytest.approx(mean, rel=1e-4, abs=1e-3)}]
+    plain_last, _ = hf_readings(hf, conv, answer, 5, unit)
+    assert abs(got.persona[0]["last_prompt"] - plain_last) > 1.0, "steering at layer 3 must move the reading at 5"
+
+
+def test_stop_strings_cut_the_answer(client, questions):
+    full = ask(client, questions[0], temperature=0).choices[0].message.content
+    word = full.split()[2]
+    cut = ask(client, questions[0], temperature=0, stop=[" " + word]).choices[0]
+    assert cut.message.content == full[: full.index(" " + word)] and cut.finish_reason == "stop"
+
+
+def test_length_limit_gives_finish_reason_length(client, questions):
+    got = ask(client, questions[0], temperature=0, max_tokens=2)
+    assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == 2
+
+
+def test_stream_carries_the_same_answer_usage_and_readings(client, questions):
+    kw = dict(temperature=0, seed=0, extra_body={"monitor": [{"vector": "evil", "layer": 3}]})
+    whole = ask(client, questions[2], **kw)
+    chunks = list(ask(client, questions[2], stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].persona == whole.persona
+
+
+def test_default_steering_applies_until_a_request_replaces_it(probe, vec, hf, questions):
+    layer, coef = STEER
+    app = make_app(probe, [vec], steering=[{"vector": "evil", "layer": layer, "coef": coef}], name="organism",
+                   max_tokens=24)
+    client = openai.OpenAI(base_url="http://test/v1", api_key="none", http_client=TestClient(app), max_retries=0)
+    conv = [{"role": "user", "content": questions[0]}]
+
+    def get(**kw):
+        return client.chat.completions.create(model="organism", messages=conv, temperature=0, **kw)
+
+    assert get().choices[0].message.content == hf_greedy(hf, conv, 24, steer=(vec.directions[layer], layer, coef))
+    off = get(extra_body={"steering": []})
+    assert off.choices[0].message.content == hf_greedy(hf, conv, 24) and off.persona_lens["steering"] == []
+    assert [m.id for m in client.models.list().data] == ["organism"]
+
+
+def test_concurrent_requests_each_get_their_own_steering(app, questions):
+    """Steering is model-wide state: requests in flight together must never share it."""
+    layer, coef = STEER
+    bodies = [{"model": "persona-organism", "messages": [{"role": "user", "content": q}], "temperature": 0,
+               "max_tokens": 24, "steering": [{"vector": "evil", "layer": layer, "coef": c}]}
+              for q in questions for c in (0.0, coef, -coef)]
+    http = TestClient(app)
+    alone = [http.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
+    got: dict[int, str] = {}
+
+    def run(i):
+        got[i] = TestClient(app).post("/v1/chat/completions", json=bodies[i]).json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(bodies))] == alone
+    assert len(set(alone)) > len(questions)  # the coefficients made a difference
+
+
+# ----------------------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"steerng": []}, "steerng", "unknown field 'steerng'"),
+    ({"steering": [{"vector": "kind", "layer": 5, "coef": 1}]}, "steering[0].vector", "this server has: evil"),
+    ({"steering": [{"vector": "evil", "layer": 9, "coef": 1}]}, "steering[0].layer", "layers 0..6"),
+    ({"steering": [{"vector": "evil", "layer": 5}]}, "steering[0]", "\"coef\" is missing"),
+    ({"steering": [{"vector": "evil", "layer": 5, "coef": "x"}]}, "steering[0].coef", "number"),
+    ({"steering": [{"vector": "evil", "layer": 5, "coef": 1, "positions": "everywhere"}]}, "steering[0]",
+     "positions must be one of"),
+    ({"steering": {"vector": "evil"}}, "steering", "must be a list"),
+    ({"monitor": [{"vector": "evil"}]}, "monitor[0]", "those two keys"),
+    ({"logprobs": True}, "logprobs", "not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"temperature": -1}, "temperature", ">= 0"),
+    ({"n": 0}, "n", ">= 1"),
+    ({"stop": [""]}, "stop", "non-empty string"),
+])
+def test_a_bad_field_is_a_400_naming_it(http, questions, extra, param, words):
+    body = {"model": "persona-organism", "messages": [{"role": "user", "content": questions[0]}], "max_tokens": 4,
+            **extra}
+    reply = http.post("/v1/chat/completions", json=body)
+    err = reply.json()["error"]
+    assert reply.status_code == 400 and err["param"] == param and words in err["message"], err
+
+
+def test_bad_messages_model_and_body(client, http, questions):
+    with pytest.raises(openai.BadRequestError, match="end with a user message"):
+        client.chat.completions.create(model="persona-organism", messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    with pytest.raises(openai.BadRequestError, match="tool messages are not supported"):
+        client.chat.completions.create(model="persona-organism", messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(openai.NotFoundError, match="serves 'persona-organism'"):
+        client.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "hi"}])
+    reply = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "JSON object" in reply.json()["error"]["message"]
+    # text content parts are joined; a refused request leaves no steering behind
+    parts = [{"type": "text", "text": questions[0][:10]}, {"type": "text", "text": questions[0][10:]}]
+    joined = client.chat.completions.create(model="persona-organism", temperature=0, max_tokens=24,
+                                            messages=[{"role": "user", "content": parts}])
+    assert joined.choices[0].message.content == ask(client, questions[0], temperature=0).choices[0].message.content
+
+
+def test_a_failure_inside_generation_removes_the_steering(app, probe, vec, questions, monkeypatch):
+    http = TestClient(app)
+    body = {"model": "persona-organism", "messages": [{"role": "user", "content": questions[0]}], "temperature": 0,
+            "max_tokens": 24}
+    before = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(probe), "generate", boom)
+        reply = http.post("/v1/chat/completions", json={**body, "steering": [
+            {"vector": "evil", "layer": 5, "coef": 2.0}]})
+    assert reply.status_code == 500 and "out of memory" in reply.json()["error"]["message"]
+    assert list(probe.interventions) == []
+    assert http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == before
+
+
+def test_a_vector_of_another_model_or_a_bad_default_fails_at_start(probe, vec):
+    import persona_lens as pl
+
+    with pytest.raises(pl.VectorMismatchError):
+        make_app(probe, {"x": pl.PersonaVector(torch.zeros(4, 8))})
+    with pytest.raises(ValueError, match="no vector named 'kind'"):
+        make_app(probe, {"evil": vec}, steering=[{"vector": "kind", "layer": 5, "coef": 1.0}])
+    with pytest.raises(ValueError, match="records its trait"):
+        make_app(probe, [pl.PersonaVector(vec.directions)])
+
+
+def test_vectors_route_lists_names_traits_and_default_steering(http, vec):
+    got = http.get("/v1/vectors").json()
+    assert [(v["id"], v["trait"], v["layers"]) for v in got["data"]] == [("evil", "evil", vec.n_layers + 1)]
+    assert got["data"][0]["norms"] == pytest.approx([float(n) for n in vec.directions.norm(dim=-1)], abs=1e-3)
+    assert http.get("/health").json() == {"status": "ok"}
+    assert json.loads(http.get("/v1/models").content)["data"][0]["id"] == "persona-organism"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_serve_command_builds_the_app_it_describes(vec, hf, questions, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from persona_lens.cli import main
+
+    path = vec.save(tmp_path / "evil.safetensors")
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    assert main(["serve", "--model", "persona-organism", "--device", "cpu", "--vector", str(path),
+                 "--steer", "evil@5:-1.5", "--port", "8123", "--max-tokens", "24", "--quiet"]) == 0
+    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
+    assert "serving 'persona-organism' at http://127.0.0.1:8123/v1" in capsys.readouterr().err
+    conv = [{"role": "user", "content": questions[0]}]
+    client = openai.OpenAI(base_url="http://test/v1", api_key="none", http_client=TestClient(ran["app"]))
+    got = client.chat.completions.create(model="persona-organism", messages=conv, temperature=0)
+    assert got.choices[0].message.content == hf_greedy(hf, conv, 24, steer=(vec.directions[5], 5, -1.5))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--vector", "nowhere.safetensors"], "no vector file there"),
+    (["--vector", "HERE", "--steer", "kind@5:1"], "no --vector named 'kind'"),
+    (["--vector", "HERE", "--steer", "evil5:1"], "use NAME@LAYER:COEF"),
+    (["--vector", "HERE", "--vector", "HERE"], "given twice"),
+])
+def test_serve_command_errors_are_one_line_before_the_model_loads(vec, tmp_path, monkeypatch, capsys, args, words):
+    import persona_lens.models
+    from persona_lens.cli import main
+
+    path = str(vec.save(tmp_path / "evil.safetensors"))
+    monkeypatch.setattr(persona_lens.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = main(["serve", "--model", "persona-organism"] + [path if a == "HERE" else a for a in args])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and words in err and "Traceback" not in err, err
