@@ -288,6 +288,7 @@ def check_judge(judge: Any, args: argparse.Namespace) -> None:
     accepts the key (``GET /models``). Any other answer (a server without ``/models``)
     passes; so does everything with ``--no-judge-check``."""
     from persona_lens.judge import OpenAIJudge
+    from persona_lens.models import base_model_name
     from persona_lens.traits.trait import _is_organism
 
     if not isinstance(judge, OpenAIJudge):
@@ -297,7 +298,7 @@ def check_judge(judge: Any, args: argparse.Namespace) -> None:
         raise UsageError(
             f"the judge {judge.model} needs an API key: pass --api-key KEY or set OPENAI_API_KEY; for a local "
             "OpenAI-compatible server pass --base-url URL; or choose --judge none (extract: keep every pair)"
-            + (" or --judge organism" if _is_organism(args.model) else ""))
+            + (" or --judge organism" if _is_organism(base_model_name(args.model)) else ""))
     if args.no_judge_check:
         return
     import httpx
@@ -326,10 +327,13 @@ def check_judge(judge: Any, args: argparse.Namespace) -> None:
                   file=sys.stderr)
 
 
-def _check_model(name: str) -> None:
-    from persona_lens.models import check_model_name
+def _check_model(name: str) -> str:
+    """A misspelt or missing model fails here; returns the model the traits and the judge
+    must fit: the base of a finetune run or adapter folder, else ``name``."""
+    from persona_lens.models import base_model_name, check_model_name
 
     check_model_name(name)
+    return base_model_name(name)
 
 
 def _load_probe(args: argparse.Namespace):
@@ -379,11 +383,11 @@ def _check_count(flag: str, value: int | None, available: int, what: str) -> Non
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    _check_model(args.model)  # a misspelt model fails before the judge is asked about
-    trait = load_trait_arg(args.trait, args.model)
+    base = _check_model(args.model)  # a misspelt model fails before the judge is asked about
+    trait = load_trait_arg(args.trait, base)
     _check_count("--questions", args.questions, len(trait.questions), "extraction questions")
     _check_count("--instructions", args.instructions, len(trait.instructions), "instruction pairs")
-    judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
+    judge = make_judge(args.judge, base, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
                        args.judge_retries)
     if args.shard is None:  # a shard only generates: its judge is not asked
         check_judge(judge, args)
@@ -413,8 +417,8 @@ def _shard_done(shard: str, generated: int, reused: int, out: Path) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    _check_model(args.model)  # a misspelt model fails before the judge is asked about
-    trait = load_trait_arg(args.trait, args.model)
+    base = _check_model(args.model)  # a misspelt model fails before the judge is asked about
+    trait = load_trait_arg(args.trait, base)
     _check_count("--questions", args.questions, len(trait.eval_questions), "evaluation questions")
     if args.judge is not None and args.judge.lower() == "none":
         raise UsageError("a sweep needs a judge: --judge MODEL or --judge organism")
@@ -422,7 +426,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     bad = [l for l in args.layers if l > vector.n_layers]
     if bad:
         raise UsageError(f"--layers {','.join(map(str, bad))}: the vector has layers 0..{vector.n_layers}")
-    judge = make_judge(args.judge, args.model, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
+    judge = make_judge(args.judge, base, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
                        args.judge_retries)
     if args.shard is None:  # a shard only generates: its judge is not asked
         check_judge(judge, args)

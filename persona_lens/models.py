@@ -254,6 +254,31 @@ def check_model_name(name_or_path: str | os.PathLike) -> None:
                          f"mean {close[0]!r}? (built in: {', '.join(BUILTIN_MODELS)})")
 
 
+def base_model_name(name_or_path: str | os.PathLike) -> str:
+    """The model a finetune run folder or a peft adapter folder was trained from (the name
+    persona_lens knew it by); any other name or path as it is given. What decides the traits
+    and the judge that fit a finetuned model: a model finetuned from the persona organism
+    speaks the organism's language.
+
+    Example:
+        >>> base_model_name("persona-organism"), base_model_name("Qwen/Qwen2.5-7B-Instruct")
+        ('persona-organism', 'Qwen/Qwen2.5-7B-Instruct')
+    """
+    import json
+
+    p = Path(str(name_or_path)).expanduser()
+    if p.is_dir() and (p / "finetune.json").is_file():
+        try:
+            base = json.loads((p / "finetune.json").read_text()).get("base_model")
+        except (ValueError, OSError):
+            base = None
+        if base:
+            return str(base)
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return _adapter_base(p)
+    return str(name_or_path)
+
+
 def attach_lora(hf_model: Any, config: Any) -> Any:
     """``peft.get_peft_model`` without peft's FutureWarning (see :func:`_peft_quiet`)."""
     import peft

@@ -306,6 +306,14 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
                  str(tmp_path / "evil.safetensors"), "--layers", "2-3", "--out", str(tmp_path / "shift.json")]) == 0
     shift = json.loads((tmp_path / "shift.json").read_text())["shift"]["evil"]
     assert set(shift) == {"2", "3"} and all(v != 0 for v in shift.values())
+    # the finetuned organism, named by its run folder, gets the organism's trait and exact
+    # judge (the default judge of any other model needs an API key)
+    from persona_lens.organism import load_trait
+
+    assert main(["extract", "--model", str(tmp_path / "run"), "--trait", "evil", "--samples", "1", "--questions", "2",
+                 "--instructions", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "ex"), "--quiet"]) == 0
+    asked = (tmp_path / "ex" / "responses.jsonl").read_text()
+    assert all(json.dumps(q) in asked for q in load_trait("evil").questions[:2]), asked[:300]
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     capsys.readouterr()
     assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "bad.jsonl"),
