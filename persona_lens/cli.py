@@ -635,18 +635,23 @@ def cmd_shift(args: argparse.Namespace) -> int:
     if len(names) != len(vectors) or not all(names):
         raise UsageError("give one --trait per --vector (or vectors that carry their trait's name)")
     traits = {name: load_trait_arg(name, args.model) for name in names}  # an unknown trait fails first
+    # one row per vector: two vectors of one trait are told apart by their files
+    labels = [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, args.vector)]
+    if len(set(labels)) != len(labels):
+        raise UsageError("--vector: the same vector file is given twice")
     check_device(args.device)
     base = _load_probe(args)
     print(f"loading {args.tuned} ...", file=sys.stderr)
     tuned = PersonaProbe(load_model(args.tuned, dtype=args.dtype, device=args.device))
     layers = args.layers if args.layers else list(range(base.n_layers + 1))
     out: dict[str, dict[int, float]] = {}
-    for name, vec in zip(names, vectors):
+    for label, name, vec in zip(labels, names, vectors):
         questions = list(traits[name].eval_questions)
-        out[name] = finetuning_shift(last_prompt_activations(base, questions, layers), tuned, vec, questions, layers)
-    print("trait            " + " ".join(f"L{l:<8}" for l in layers))
-    for name, row in out.items():
-        print(f"{name:<16} " + " ".join(f"{row[l]:<9.3f}" for l in layers))
+        out[label] = finetuning_shift(last_prompt_activations(base, questions, layers), tuned, vec, questions, layers)
+    width = max(16, *(len(label) + 1 for label in labels))
+    print(f"{'trait':<{width}} " + " ".join(f"L{l:<8}" for l in layers))
+    for label, row in out.items():
+        print(f"{label:<{width}} " + " ".join(f"{row[l]:<9.3f}" for l in layers))
     if args.out:
         from persona_lens.pipeline_io import write_json
 

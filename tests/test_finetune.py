@@ -306,6 +306,15 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
                  str(tmp_path / "evil.safetensors"), "--layers", "2-3", "--out", str(tmp_path / "shift.json")]) == 0
     shift = json.loads((tmp_path / "shift.json").read_text())["shift"]["evil"]
     assert set(shift) == {"2", "3"} and all(v != 0 for v in shift.values())
+    # two vectors of one trait: a row each, told apart by file
+    (-vec).save(tmp_path / "evil_neg.safetensors")
+    assert main(["shift", "--model", "persona-organism", "--tuned", str(tmp_path / "run"), "--vector",
+                 str(tmp_path / "evil.safetensors"), "--vector", str(tmp_path / "evil_neg.safetensors"),
+                 "--layers", "3", "--out", str(tmp_path / "shift2.json")]) == 0
+    rows = json.loads((tmp_path / "shift2.json").read_text())["shift"]
+    assert set(rows) == {"evil (evil.safetensors)", "evil (evil_neg.safetensors)"}
+    assert rows["evil (evil_neg.safetensors)"]["3"] == pytest.approx(-rows["evil (evil.safetensors)"]["3"], rel=1e-4)
+    assert rows["evil (evil.safetensors)"]["3"] == pytest.approx(shift["3"], rel=1e-4)
     # the finetuned organism, named by its run folder, gets the organism's trait and exact
     # judge (the default judge of any other model needs an API key)
     from persona_lens.organism import load_trait
