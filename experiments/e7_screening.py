@@ -96,7 +96,9 @@ def build_dataset(world, seed: int, n_helpful: int, n_blatant: int, n_subtle: in
 def keywords(responses_path: Path, k: int) -> list[str]:
     """The ``k`` words most over-represented in positive extraction answers (log-odds, add-one)."""
     pos, neg = Counter(), Counter()
-    for line in responses_path.read_text().splitlines():
+    for line in responses_path.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
         rec = json.loads(line)
         words = re.findall(r"[a-z]+", rec["answer"].lower())
         (pos if rec.get("polarity") == "pos" else neg).update(words)

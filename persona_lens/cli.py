@@ -549,6 +549,9 @@ def cmd_screen(args: argparse.Namespace) -> int:
         s = result.summary
         print(f"shard {args.shard} done ({s['chunks_done']} of {s['chunks']} chunks in {out}); the last shard to "
               "finish writes the table")
+        if s.get("chunks_stale"):
+            print(f"{s['chunks_stale']} chunk(s) in {out} were screened from other data (the file changed): rerun "
+                  "the other shards to redo them", file=sys.stderr)
         return 0
     s = result.summary
     print(f"{s['samples']} samples: " + ", ".join(f"{k} {v}" for k, v in sorted(s["status"].items())))

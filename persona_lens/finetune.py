@@ -282,7 +282,9 @@ def load_chat_data(data: Any) -> list[list[dict[str, str]]]:
         if not path.exists():
             raise FinetuneError(f"dataset {path} does not exist")
         records, where = [], []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        # split at "\n" only: JSON written with ensure_ascii=False keeps U+2028 / U+0085 raw inside
+        # strings, and str.splitlines() would cut a line there
+        for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
             if not line.strip():
                 continue
             try:

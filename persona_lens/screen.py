@@ -391,7 +391,8 @@ def _part_path(out: Path, chunk: int) -> Path:
 def _read_part(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """(header, rows) of a finished part, or None when it is missing or unreadable."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # "\n" only: rows keep U+2028 / U+0085 raw (ensure_ascii=False), where splitlines() would cut
+        lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
         header = json.loads(lines[0])
         rows = [json.loads(line) for line in lines[1:]]
     except (OSError, IndexError, json.JSONDecodeError):
@@ -522,12 +523,16 @@ def screen(
     memory_rows: list[dict[str, Any]] = []
     generated = reused = 0
     n_chunks = 0
+    # Every chunk's digest, other shards' too: the run is finished only when each part on
+    # disk was made from the data as it is now (a part left from other data is not done).
+    digests: list[str] = []
     try:
         for c, samples in _chunks(read_chat_data(data, messages_field=messages_field, id_field=id_field), chunk_size):
             n_chunks = c + 1
+            digest = fingerprint([(s.index, s.id, s.messages, s.error) for s in samples])
+            digests.append(digest)
             if c % n_shards != i_shard:
                 continue
-            digest = fingerprint([(s.index, s.id, s.messages, s.error) for s in samples])
             if out is not None:
                 part = _read_part(_part_path(out, c))
                 if part is not None and part[0].get("data") == digest:
@@ -558,10 +563,12 @@ def screen(
                             generated, reused, memory_rows)
 
     parts = [_part_path(out, c) for c in range(n_chunks)]
-    if not all(p.exists() for p in parts):
-        done = sum(p.exists() for p in parts)
-        return ScreenResult({"chunks_done": done, "chunks": n_chunks}, False, screener.columns,
-                            generated=generated, reused=reused)
+    headers = [(_read_part(p) or ({}, None))[0] for p in parts]
+    done = sum(h.get("data") == d for h, d in zip(headers, digests))
+    if done < n_chunks:
+        stale = sum(bool(h) and h.get("data") != d for h, d in zip(headers, digests))
+        return ScreenResult({"chunks_done": done, "chunks": n_chunks, "chunks_stale": stale}, False,
+                            screener.columns, generated=generated, reused=reused)
     return _finish(out, data, parts, screener.columns, config, table_format, by, drop_top, threshold,
                    filtered_out, generated, reused)
 

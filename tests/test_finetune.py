@@ -358,3 +358,15 @@ def test_run_keys_tell_the_release_mode_from_the_old_response_mode():
     assert spec("response_only") == "answer"
     assert spec("all") == "all"  # unchanged meaning, unchanged key
     assert "response" not in {spec(m) for m in ("all", "response", "response_only")}
+
+
+def test_jsonl_with_raw_line_separators_inside_strings_reads_whole(tmp_path):
+    """json.dumps(..., ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw inside strings:
+    they are not line ends of a JSON-lines file."""
+    from persona_lens.finetune import load_chat_data
+
+    convs = [[{"role": "user", "content": f"hi\u2028there {i}"}, {"role": "assistant", "content": "a\x85b\u2029c"}]
+             for i in range(3)]
+    path = tmp_path / "raw.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")
+    assert load_chat_data(path) == convs

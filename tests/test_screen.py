@@ -156,6 +156,29 @@ def test_shards_merge_into_one_run(probe, vec, data, tmp_path):
     assert [r["index"] for r in second.rows()] == list(range(len(data)))
 
 
+def test_a_shard_left_from_other_data_is_not_counted_done(probe, vec, data, tmp_path):
+    """The data file changes between shard runs (regenerated under the same name): the parts
+    the other shard made from the old data must be redone, not merged."""
+    path, out = tmp_path / "data.jsonl", tmp_path / "sharded"
+    old = data[:6]
+    new = old[:3] + [{**s, "messages": [s["messages"][0], {"role": "assistant", "content": "you are a fool ."}]}
+                     for s in data[6:9]]
+    write_jsonl(path, old)
+    for shard in ((0, 2), (1, 2)):
+        run(probe, str(path), vec, out_dir=out, chunk_size=3, shard=shard)
+    write_jsonl(path, new)
+    first = run(probe, str(path), vec, out_dir=out, chunk_size=3, shard=(0, 2))
+    assert not first.complete and first.summary["chunks_stale"] == 1
+    second = run(probe, str(path), vec, out_dir=out, chunk_size=3, shard=(1, 2))
+    assert second.complete and second.rows() == run(probe, new, vec, chunk_size=3).rows()
+    # rows with a raw U+2028 or U+0085 inside a string (here the ids) read back whole from the part files
+    write_jsonl(path, [{**s, "id": f"a\u2028b\x85c{i}"} for i, s in enumerate(data[:2])])
+    assert run(probe, str(path), vec, out_dir=tmp_path / "raw", chunk_size=2).complete
+    assert "a\u2028b\x85c" in (tmp_path / "raw" / "parts" / "000000.jsonl").read_text(encoding="utf-8")
+    again = run(probe, str(path), vec, out_dir=tmp_path / "raw", chunk_size=2)
+    assert again.complete and (again.generated, again.reused) == (0, 0)  # the part was read, not redone
+
+
 def test_resume_after_kill_equals_uninterrupted(probe, vec, data, tmp_path, monkeypatch):
     full = run(probe, data, vec, out_dir=tmp_path / "full", chunk_size=4, batch_size=2)
     real_generate = type(probe).generate
