@@ -188,6 +188,18 @@ def _layers_type(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _heldout_type(text: str) -> str | int | None:
+    if text in ("samples", "none"):
+        return None if text == "none" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use samples, a number of questions (>= 1) or none")
+    return n
+
+
 def _coefs_type(text: str) -> list[float]:
     try:
         return parse_float_list(text)
@@ -439,7 +451,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         probe, vector, trait, layers=args.layers, coefs=args.coefs, judge=judge, questions=args.questions,
         samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         coherence_floor=args.coherence_floor, positions=args.positions, batch_size=args.batch_size,
-        seed=args.seed, out_dir=out, progress=not args.quiet,
+        seed=args.seed, out_dir=out, progress=not args.quiet, heldout=args.heldout,
+        choose=args.choose or ("lowest" if all(c <= 0 for c in args.coefs) else "highest"),
         shard=None if args.shard is None else parse_shard(args.shard),
     )
     if args.shard is not None:
@@ -449,7 +462,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     s = result.stats
     print(f"responses: {s['generated']} generated, {s['reused']} reused; judge: {s['judged']} new "
           f"scores, {s['judge_reused']} reused")
-    print(f"best layer: {result.best_layer}")
+    print(f"best layer: {result.best_layer}" + (" (the lowest trait score: suppression)" if result.choose == "lowest"
+                                                 else ""))
     print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.html'}")
     return 0
 
@@ -883,6 +897,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=POSITIVE, default=1000, metavar="N", help="response length limit")
     p.add_argument("--coherence-floor", type=SCORE, default=50.0, metavar="SCORE",
                    help="only cells with at least this mean coherence can be chosen")
+    p.add_argument("--choose", default=None, choices=["highest", "lowest"],
+                   help="choose the coherent cell with the highest trait score (steering towards the trait) "
+                        "or the lowest (suppression) (default: lowest when every --coefs value is <= 0, else "
+                        "highest)")
+    p.add_argument("--heldout", type=_heldout_type, default="samples", metavar="samples|N|none",
+                   help="re-measure the chosen cell on answers not used to choose it: samples = fresh samples "
+                        "of the same questions (needs --temperature > 0), N = N evaluation questions the grid "
+                        "does not use (with --questions), none = no re-measurement")
     p.add_argument("--positions", default="response", choices=["response", "response_only", "all", "prompt"],
                    help="where steering adds the vector: response = the last prompt token and every generated "
                         "token (the paper's released mode), response_only = the generated tokens alone, all = "

@@ -136,8 +136,9 @@ class SweepResult:
 
     @property
     def best_layer(self) -> int | None:
-        """The layer of :attr:`best` (None if no steered cell stays coherent)."""
-        b = self.best
+        """The layer of :attr:`chosen`: the highest trait score, or the lowest for a
+        suppression sweep (``choose="lowest"``); None if no steered cell stays coherent."""
+        b = self.chosen
         return None if b is None else b.layer
 
     def rows(self) -> list[dict[str, Any]]:
@@ -345,9 +346,10 @@ def sweep(
             negative coefficients): which coherent cell is chosen.
         heldout: answers to re-measure the chosen cell and the baseline on, none of them
             used to choose: ``"samples"`` (default: ``heldout_samples`` fresh samples of the
-            same questions, sample indices after the grid's), a list of other questions (or,
-            with an int ``questions``, a count: the evaluation questions after the grid's), or
-            None (no re-measurement).
+            same questions, sample indices after the grid's; not at temperature 0, where they
+            would repeat the grid's answers), a list of other questions, a count (that many of
+            the trait's evaluation questions the grid does not use, in order), or None (no
+            re-measurement).
         heldout_samples: answers per question for the re-measurement (default ``samples``).
         positions: where to steer (see :meth:`PersonaProbe.steer`): ``"response"`` (the
             default, the paper's: the last prompt token and every generated token),
@@ -385,6 +387,10 @@ def sweep(
               enumerate(V.items("layers", layers, what="a list of layers", nonempty=True))]
     coefs = [V.number(f"coefs[{i}]", c) for i, c in
              enumerate(V.items("coefs", coefs, what="a list of steering coefficients", nonempty=True))]
+    for name, values in (("layers", layers), ("coefs", coefs)):
+        if len(set(values)) != len(values):  # a cell twice would be measured twice and shown twice
+            twice = sorted({v for v in values if values.count(v) > 1})
+            raise V.InvalidArgument(name, values, "distinct values", f": {twice[0]:g} is given twice")
     checked = probe._vector(vector)
     for i, c in enumerate(coefs):
         for layer in layers:
@@ -405,7 +411,11 @@ def sweep(
     if questions is None:
         qs = list(trait.eval_questions)
     elif not isinstance(questions, (str, bytes)) and not hasattr(questions, "__iter__"):
-        qs = list(trait.eval_questions[: V.integer("questions", questions, min=1)])
+        n_q = V.integer("questions", questions, min=1)
+        if n_q > len(trait.eval_questions):
+            raise V.InvalidArgument("questions", questions, f"at most {len(trait.eval_questions)} (trait "
+                                    f"{trait.name!r} has that many evaluation questions)")
+        qs = list(trait.eval_questions[:n_q])
     else:
         qs = [V.text(f"questions[{i}]", q, empty_ok=False) for i, q in
               enumerate(V.items("questions", questions, what="a list of question strings, a count or None"))]
@@ -418,16 +428,23 @@ def sweep(
     if heldout is None:
         hq, first_sample, how = [], 0, None
     elif heldout == "samples":
+        if gen.temperature == 0:
+            # greedy decoding gives the grid's own answers again: nothing would be held out
+            raise V.InvalidArgument("heldout", heldout, "held-out questions (a count or a list) or None at "
+                                    "temperature 0", hint=": fresh samples of greedy decoding repeat the grid's "
+                                    "answers; or sample with temperature > 0")
         hq, first_sample = qs, samples
         how = f"{heldout_samples} fresh sample(s) of each of the {len(qs)} questions"
     elif isinstance(heldout, (str, bytes)):
         raise V.InvalidArgument("heldout", heldout, "'samples', a list of questions, a count or None")
     elif not hasattr(heldout, "__iter__"):
         n_held = V.integer("heldout", heldout, min=1)
-        hq, first_sample = list(trait.eval_questions[len(qs): len(qs) + n_held]), 0
+        grid = set(qs)
+        others = [q for q in trait.eval_questions if q not in grid]  # in order: the ones after the grid's first
+        hq, first_sample = others[:n_held], 0
         if len(hq) < n_held:
-            raise V.InvalidArgument("heldout", heldout, f"at most {len(trait.eval_questions) - len(qs)} (the "
-                                    f"evaluation questions after the {len(qs)} the grid uses)")
+            raise V.InvalidArgument("heldout", heldout, f"at most {len(others)} (the evaluation questions the "
+                                    f"grid does not use)")
         how = f"{len(hq)} other question(s) x {heldout_samples} sample(s)"
     else:
         hq = [V.text(f"heldout[{i}]", q, empty_ok=False) for i, q in

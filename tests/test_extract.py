@@ -402,6 +402,22 @@ def test_sweep_reports_the_chosen_cell_on_answers_not_used_to_choose_it(tiny_pro
     none = sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), heldout=None, max_new_tokens=5,
                  progress=False)
     assert none.heldout is None and none.heldout_baseline is None and none.stats["generated"] == 2 * 2
+    # a grid of the second question: the held-out count takes the first, never a grid question
+    second = sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), max_new_tokens=5,
+                   questions=[trait.eval_questions[1]], heldout=1, out_dir=tmp_path / "second", progress=False)
+    held = [r for r in read_jsonl(tmp_path / "second" / "sweep_responses.jsonl") if r.get("heldout")]
+    assert held and {r["question"] for r in held} == {trait.eval_questions[0]}, held[:1]
+    assert second.heldout.n == 1
+    # greedy decoding repeats the grid's answers: fresh samples would hold nothing out
+    with pytest.raises(ValueError, match="temperature 0"):
+        sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), temperature=0.0, progress=False)
+    greedy = sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), temperature=0.0, questions=1,
+                   heldout=1, max_new_tokens=5, progress=False)
+    assert greedy.heldout is not None
+    with pytest.raises(ValueError, match="at most 2"):
+        sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0], judge=RuleJudge(), questions=5, progress=False)
+    with pytest.raises(ValueError, match="given twice"):
+        sweep(probe, vec, trait, layers=[1], coefs=[0, 1.0, 1.0], judge=RuleJudge(), progress=False)
 
 
 def test_sweep_split_in_shards_then_finished_equals_one_run(tiny_probe, tmp_path):
@@ -438,3 +454,6 @@ def test_best_layer_respects_coherence_floor():
     assert SweepResult(cells, coherence_floor=99.0).best_layer is None
     assert "best: layer 20" in res.table()
     assert "none" in SweepResult(cells, coherence_floor=99.0).table()
+    # a suppression sweep's best layer is the one whose coherent cell shows the trait least
+    cells.append(SweepCell(30, -2.0, 1.0, 90.0, 4, 4, 4))
+    assert SweepResult(cells, coherence_floor=50.0, choose="lowest").best_layer == 30
