@@ -354,6 +354,10 @@ def test_sampling_is_seeded(tiny):
     c = probe.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=2)
     assert a == b
     assert a != c
+    # seed=None is unseeded, as on the vLLM engine (it was seed 0 here)
+    unseeded = [probe.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=None) for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+    assert probe.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=0) not in unseeded
 
 
 def all_hook_counts(model):

@@ -151,7 +151,8 @@ class GenerationMixin:
             system: a system prompt put in front of every prompt.
             temperature: 0 for greedy decoding, else sampling at this temperature.
             top_p: nucleus sampling threshold.
-            seed: seeds sampling (one generator per call; same seed, same batches -> same text).
+            seed: seeds sampling (one generator per call; same seed, same batches -> same text);
+                None samples unseeded (other text each call).
             use_cache: KV-cached decoding (uncached gives the same tokens, slower).
             return_generations: return :class:`Generation` records instead of strings.
             interventions: per prompt, a list of its own ``Steer`` / ``Ablate`` values (see
@@ -250,7 +251,10 @@ class GenerationMixin:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(0 if seed is None else int(seed))
+            if seed is None:  # unseeded, as on the vLLM engine: fresh randomness each call
+                generator.seed()
+            else:
+                generator.manual_seed(int(seed))
         eos_set = self.backend.eos_token_ids()
         eos = torch.tensor(sorted(eos_set), device=self.device, dtype=torch.long)
         groups = self._batches(rows, batch_size)
