@@ -534,7 +534,8 @@ def type_cases() -> list[Case]:
     # layers, coefficients, positions
     for label, kw, names in (
             ("coef='2'", dict(layer=2, coef="2"), ("coef",)),
-            ("coef=None", dict(layer=2, coef=None), ("coef",)),
+            ("layers={2: 1.0}, coef=0.5 (the dict carries the coefficients)", dict(layers={2: 1.0}, coef=0.5),
+             ("coef",)),
             ("coef=[1.0]", dict(layer=2, coef=[1.0]), ("coef",)),
             ("coef=True", dict(layer=2, coef=True), ("coef",)),
             ("layers={'2': 1.0}", dict(layers={"2": 1.0}), ("layers",)),
@@ -554,6 +555,7 @@ def type_cases() -> list[Case]:
     bad("steer(vector=a list)", lambda e: e.steer_gen([0.1] * 128, layer=2), ("vector",))
     bad("steer(vector='evil.safetensors')", lambda e: e.steer_gen("evil.safetensors", layer=2), ("vector",))
     ok("steer(layers=[1, 2], coef=1.0)", lambda e: e.steer_gen(e.vec, layers=[1, 2], coef=1.0), is_texts())
+    ok("steer(layer=2, coef=None): the default, 1.0", lambda e: e.steer_gen(e.vec, layer=2, coef=None), is_texts())
     ok("steer(layer=numpy int)", lambda e: e.steer_gen(e.vec, layer=_np_int(2), coef=1.0), is_texts())
     bad("ablate(layers='2')", lambda e: _ablate(e, "2"), ("layers",))
     bad("ablate(layers=[2.5])", lambda e: _ablate(e, [2.5]), ("layers",), 2.5)

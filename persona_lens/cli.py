@@ -124,10 +124,13 @@ def parse_int_list(text: str) -> list[int]:
                 if step < 1 or int(b) < int(a):
                     raise ValueError
                 out.extend(range(int(a), int(b) + 1, step))
+            elif step != 1:  # "20:5" is no range: most likely a layer:coef pair given where layers go
+                raise ValueError
             else:
                 out.append(int(part))
     except ValueError:
-        raise UsageError(f"cannot read {text!r} as layers: use e.g. 12,16,20 or 8-20 or 8-20:2") from None
+        raise UsageError(f"cannot read {text!r} as layers: use e.g. 12,16,20 or 8-20 or 8-20:2 (a step needs a "
+                         "range)") from None
     if not out:
         raise UsageError(f"no layers in {text!r}")
     return sorted(set(out))
@@ -578,17 +581,24 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_layer_coefs(text: str, coef: float) -> dict[int, float]:
-    """``"20:5"`` / ``"16:2,20:3"`` (layer:coef) or plain layers sharing ``coef``.
+def parse_layer_coefs(text: str, coef: float | None) -> dict[int, float]:
+    """``"20:5"`` / ``"16:2,20:3"`` (layer:coef) or plain layers sharing ``coef`` (default
+    1.0; ``coef`` with pairs is refused, as it would be ignored).
 
     Example:
-        >>> parse_layer_coefs("16:2,20:-3", 1.0), parse_layer_coefs("4-6", 0.5)
+        >>> parse_layer_coefs("16:2,20:-3", None), parse_layer_coefs("4-6", 0.5)
         ({16: 2.0, 20: -3.0}, {4: 0.5, 5: 0.5, 6: 0.5})
     """
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    # "L:C" pairs, or layers in parse_int_list's forms, where "8-20:2" is a range with a step:
-    # a "-" before the ":" makes a range, one after it a negative coefficient (20:-2).
-    if any(":" in part and "-" not in part.split(":", 1)[0] for part in parts):
+    # "L:C" pairs (a "-" after the ":" is a negative coefficient, 20:-2), or plain layers
+    if any(":" in part and "-" in part.split(":", 1)[0] for part in parts):
+        # "3-5:2" reads as layers 3 and 5 (a range with a step) but looks like layers 3-5 at coef 2
+        raise UsageError(f"{text!r} is ambiguous: give layer:coef pairs (3:2,4:2,5:2), or layers with --coef "
+                         "(--steer 3-5 --coef 2; a step in a range, 3-5:2, is not taken here)")
+    if any(":" in part for part in parts):
+        if coef is not None:
+            raise UsageError(f"--coef goes with plain layers (--steer 16,20 --coef 2); {text!r} gives each layer "
+                             "its coefficient")
         try:
             pairs = [part.split(":") for part in parts]
             out = {int(l): float(c) for l, c in pairs}
@@ -597,7 +607,7 @@ def parse_layer_coefs(text: str, coef: float) -> dict[int, float]:
         if len(out) != len(pairs):
             raise UsageError(f"{text!r} names a layer twice")
         return out
-    return {l: coef for l in parse_int_list(text)}
+    return {l: 1.0 if coef is None else coef for l in parse_int_list(text)}
 
 
 def _training_data(spec: str):
@@ -716,7 +726,7 @@ def parse_steer_spec(text: str, names: Sequence[str], positions: str) -> dict[st
         raise UsageError(f"--steer {text!r}: use NAME@LAYER:COEF, e.g. evil@20:1.5 or evil@16:1,20:-0.5")
     if name not in names:
         raise UsageError(f"--steer {text!r}: no --vector named {name!r} (the vectors: {', '.join(names) or 'none'})")
-    return {"vector": name, "layers": parse_layer_coefs(cells, 1.0), "positions": positions}
+    return {"vector": name, "layers": parse_layer_coefs(cells, None), "positions": positions}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -989,7 +999,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persona vector .safetensors for --steer / --caft (default: none)")
     p.add_argument("--steer", default=None, metavar="L:C",
                    help="preventative steering: layer:coef pairs, 20:5 or 16:2,20:3 (default: none)")
-    p.add_argument("--coef", type=_float_type(), default=1.0, help="coefficient when --steer lists plain layers")
+    p.add_argument("--coef", type=_float_type(), default=None,
+                   help="coefficient when --steer lists plain layers (default: 1.0)")
     p.add_argument("--positions", default="all", choices=["all", "response", "response_only", "prompt"],
                    help="steered positions during training: all (as released for preventative steering), "
                         "response (the last prompt token and the answer tokens: the paper's released steering "

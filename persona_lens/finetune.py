@@ -151,7 +151,7 @@ class Interventions:
     Args:
         vector: a :class:`PersonaVector` or the path of a saved one.
         steer: ``{layer: coef}`` (or a list of layers sharing ``coef``): add ``coef * v_L``.
-        coef: the coefficient for a list of layers.
+        coef: the coefficient for a list of layers (default 1.0; not with a dict).
         positions: a steering mode of :meth:`PersonaProbe.steer`: ``"all"`` (as released),
             ``"response"`` (the last prompt token and the answer tokens) or
             ``"response_only"`` (the answer tokens).
@@ -165,7 +165,7 @@ class Interventions:
 
     vector: PersonaVector | str | os.PathLike | None = None
     steer: Mapping[int, float] | Sequence[int] | None = None
-    coef: float = 1.0
+    coef: float | None = None
     positions: str = "all"
     caft: Sequence[int] | None = None
     vector_file_hash: str | None = field(default=None, init=False)
@@ -183,8 +183,11 @@ class Interventions:
         elif self.vector is not None:
             raise FinetuneError(f"vector must be a PersonaVector or a file, got {type(self.vector).__name__}")
         with _as_finetune_error():
+            if isinstance(self.steer, Mapping) and self.coef is not None:  # it would be ignored
+                raise V.InvalidArgument("coef", self.coef, "left out with steer={layer: coef} (each layer carries "
+                                        "its own coefficient; coef= goes with a list of layers)")
             if self.steer is not None and not isinstance(self.steer, Mapping):
-                coef = V.number("coef", self.coef)
+                coef = V.number("coef", 1.0 if self.coef is None else self.coef)
                 layers = [self.steer] if isinstance(self.steer, int) else V.items("steer", self.steer)
                 self.steer = {V.integer(f"steer[{i}]", l, min=0): coef for i, l in enumerate(layers)}
             self.steer = {V.integer("steer key", l, min=0): V.number(f"steer[{l!r}]", c)
@@ -615,7 +618,7 @@ def finetune(
     *,
     vector: PersonaVector | str | os.PathLike | None = None,
     steer: Mapping[int, float] | Sequence[int] | None = None,
-    coef: float = 1.0,
+    coef: float | None = None,
     positions: str = "all",
     caft: Sequence[int] | None = None,
     config: FinetuneConfig | None = None,

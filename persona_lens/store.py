@@ -96,7 +96,7 @@ class Steering:
 
     Args:
         vector: a :class:`~persona_lens.vectors.PersonaVector` or one ``[d_model]`` direction.
-        layer, coef: one layer and its coefficient; or ``layers``: ``{layer: coef}``.
+        layer, coef: one layer and its coefficient (default 1.0); or ``layers``: ``{layer: coef}``.
         positions: as in :meth:`PersonaProbe.steer` (``include_last_prompt`` is deprecated
             there and here).
 
@@ -114,7 +114,7 @@ class Steering:
         self,
         vector: "PersonaVector | Tensor",
         layer: int | None = None,
-        coef: float = 1.0,
+        coef: float | None = None,
         *,
         layers: Mapping | None = None,
         positions: str = "all",
@@ -131,8 +131,11 @@ class Steering:
             raise V.InvalidArgumentType("vector", vector, "a PersonaVector or a [d_model] tensor")
         self.vector = vector
         if layers is None:
-            self.layers = {V.integer("layer", layer, min=0): V.number("coef", coef)}
+            self.layers = {V.integer("layer", layer, min=0): V.number("coef", 1.0 if coef is None else coef)}
         else:
+            if coef is not None:  # it would be ignored: each layer of the dict has its coefficient
+                raise V.InvalidArgument("coef", coef, "left out with layers={layer: coef} (each layer carries "
+                                        "its own coefficient)")
             V.mapping("layers", layers, what="a {layer: coef} dict")
             self.layers = {V.integer("layers key", l, min=0): V.number(f"layers[{l!r}]", c) for l, c in layers.items()}
         if not self.layers:

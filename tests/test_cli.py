@@ -517,16 +517,21 @@ def test_every_positions_flag_offers_the_release_mode_and_response_only():
 def test_parse_lists():
     assert cli.parse_int_list("4,8-12:2") == [4, 8, 10, 12]
     assert cli.parse_int_list("20,10") == [10, 20]
+    with pytest.raises(cli.UsageError, match="a step needs a range"):
+        cli.parse_int_list("3:5")  # a layer:coef pair where layers go (--caft, --layers)
     assert cli.parse_float_list("0,0.5,2") == [0.0, 0.5, 2.0]
     with pytest.raises(cli.UsageError):
         cli.parse_float_list("a")
     # --steer's layer:coef pairs: a negative coefficient (suppression) is a coefficient, not a range
-    assert cli.parse_layer_coefs("20:-2", 1.0) == {20: -2.0}
-    assert cli.parse_layer_coefs("16:2,20:-0.5", 1.0) == {16: 2.0, 20: -0.5}
-    assert cli.parse_layer_coefs("8-12:2", 0.5) == {8: 0.5, 10: 0.5, 12: 0.5}
-    for bad in ("20:x", "3:1,3:2", "3:1,4"):
+    assert cli.parse_layer_coefs("20:-2", None) == {20: -2.0}
+    assert cli.parse_layer_coefs("16:2,20:-0.5", None) == {16: 2.0, 20: -0.5}
+    assert cli.parse_layer_coefs("16,20", None) == {16: 1.0, 20: 1.0}
+    assert cli.parse_layer_coefs("8-12", 0.5) == {8: 0.5, 9: 0.5, 10: 0.5, 11: 0.5, 12: 0.5}
+    for bad in ("20:x", "3:1,3:2", "3:1,4", "3-5:2"):
         with pytest.raises(cli.UsageError):
-            cli.parse_layer_coefs(bad, 1.0)
+            cli.parse_layer_coefs(bad, None)
+    with pytest.raises(cli.UsageError, match="--coef goes with plain layers"):
+        cli.parse_layer_coefs("20:5", 2.0)  # the 2.0 would be ignored
 
 
 # ------------------------------------------------------------------------ other commands

@@ -464,3 +464,25 @@ def test_add_hooks_fires_user_function_on_named_point(tiny):
         probe.generate(PROMPTS[:1], max_new_tokens=3)
     assert len(seen) == 3 and seen[0][0] == 1 and seen[1][1] == 1
     assert probe._handles == []
+
+
+def test_a_coef_beside_a_layers_dict_is_refused_not_ignored(tiny):
+    """layers={L: c} carries its coefficients; a coef= beside it used to be dropped silently."""
+    from persona_lens.finetune import FinetuneError, Interventions
+    from persona_lens.store import Steering
+
+    probe, _, _ = tiny
+    vec = random_vector(probe, seed=8)
+    with pytest.raises(ValueError, match="coef"):
+        probe.steering(vec, layers={1: 1.5}, coef=0.0)
+    with pytest.raises(ValueError, match="coef"):
+        with probe.steer(vec, layers={1: 1.5}, coef=2.0):
+            pass
+    assert [s.coef for s in probe.steering(vec, layers=[1, 2])] == [1.0, 1.0]  # a list shares coef, 1.0 by default
+    assert [s.coef for s in probe.steering(vec, layer=1)] == [1.0]
+    with pytest.raises(ValueError, match="coef"):
+        Steering(vec, layers={1: 1.5}, coef=0.5)
+    with pytest.raises(FinetuneError, match="coef"):
+        Interventions(vec, steer={1: 1.5}, coef=0.5)
+    assert Interventions(vec, steer=[1, 2], coef=0.5).steer == {1: 0.5, 2: 0.5}
+    assert not probe.interventions

@@ -149,15 +149,18 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         if layers is None:
             if layer is None:
                 raise V.InvalidArgument("layer", None, "given (layer= with coef=, or layers={layer: coef})")
-            return {self.check_layer(layer): V.number("coef", coef)}, {}
+            return {self.check_layer(layer): V.number("coef", 1.0 if coef is None else coef)}, {}
         if layer is not None:
             raise ValueError("give either layer= or layers=, not both")
         if isinstance(layers, Mapping):
+            if coef is not None:  # it would be ignored: each layer of the dict has its coefficient
+                raise V.InvalidArgument("coef", coef, "left out with layers={layer: coef} (each layer carries "
+                                        "its own coefficient; coef= goes with layer= or a list of layers)")
             plan = {self.check_layer(l, name="layers key"): V.number(f"layers[{l!r}]", c) for l, c in layers.items()}
             names = {l: f"layers[{l!r}]" for l in plan}
         else:
             names = {}
-            coef = V.number("coef", coef)
+            coef = V.number("coef", 1.0 if coef is None else coef)
             if _is_int(layers):
                 layers = [layers]
             plan = {self.check_layer(l, name=f"layers[{i}]"): coef
@@ -183,7 +186,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         self,
         vector: PersonaVector | Tensor,
         layer: int | None = None,
-        coef: float = 1.0,
+        coef: float | None = None,
         *,
         layers: Mapping | Sequence | int | None = None,
         positions: str = "all",
@@ -211,7 +214,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         self,
         vector: PersonaVector | Tensor,
         layer: int | None = None,
-        coef: float = 1.0,
+        coef: float | None = None,
         *,
         layers: Mapping | Sequence | int | None = None,
         positions: str = "all",
@@ -223,7 +226,8 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             vector: a :class:`PersonaVector` (its row ``L`` is used at layer ``L``) or a
                 single ``[d_model]`` direction.
             layer: one layer, with ``coef``.
-            coef: steering coefficient (positive elicits the trait, negative suppresses).
+            coef: steering coefficient (positive elicits the trait, negative suppresses;
+                default 1.0). Not with a ``layers`` dict, which carries its own.
             layers: several layers instead: ``{layer: coef}``, or a list sharing ``coef``.
             positions: ``"all"`` (every position of every forward), ``"prompt"`` (prompt
                 tokens), ``"response"`` (the last prompt token and every generated token: the
