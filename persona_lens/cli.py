@@ -59,6 +59,7 @@ _KNOWN_ERRORS = (
     ("persona_lens.extract", "ExtractionError"),
     ("persona_lens.vectors", "VectorMismatchError"),
     ("persona_lens.demo", "DemoError"),
+    ("persona_lens.backends.vllm", "VLLMUnavailable"),  # --engine vllm without vLLM: its message names the install
     ("openai", "OpenAIError"),
     ("safetensors._safetensors_rust", "SafetensorError"),
     ("builtins", "ValueError"),
@@ -1087,11 +1088,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Flags whose value may start with "-": argparse takes "--coefs -2,-1,0" for a flag "-2,-1,0"
+# (only a lone number like -2 passes as a value), so such a value is joined to its flag.
+_NEGATIVE_OK = ("--coefs", "--coef", "--threshold", "--seed", "--steer")
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--coefs", "-2,-1,0"]`` -> ``["--coefs=-2,-1,0"]`` for the flags of ``_NEGATIVE_OK``.
+
+    Example:
+        >>> _join_negative_values(["sweep", "--coefs", "-2,-1,0", "--layers", "3"])
+        ['sweep', '--coefs=-2,-1,0', '--layers', '3']
+    """
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _NEGATIVE_OK and i + 1 < len(argv) and re.match(r"^-[\d.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 error, 2 usage, 3 bug, 130 interrupted)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as e:  # --help (0) or a bad flag (2, already reported)
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     debug = getattr(args, "debug", False)

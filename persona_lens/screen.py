@@ -501,6 +501,9 @@ def screen(
         "layers": layer_list, "settings": settings, "chunk_size": chunk_size, "batch_size": batch_size,
         "messages_field": messages_field, "id_field": id_field,
     }
+    total = count_samples(data)
+    if total == 0:
+        raise ValueError(f"no samples to screen in {_describe_data(data)}")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         manifest = out / "screen.json"
@@ -513,7 +516,6 @@ def screen(
         else:
             _atomic_write(manifest, json.dumps({"config": config}, indent=2) + "\n")
 
-    total = count_samples(data)
     mine = None
     if total is not None:
         n_chunks_total = -(-total // chunk_size)
@@ -550,6 +552,8 @@ def screen(
             bar.update(len(samples))
     finally:
         bar.close()
+    if n_chunks == 0:  # an iterator that yielded nothing (a file or a list was checked above)
+        raise ValueError(f"no samples to screen in {_describe_data(data)}")
 
     if out is None:
         summary = _summarise(iter(memory_rows), screener.columns, config)
@@ -571,6 +575,10 @@ def screen(
                             screener.columns, generated=generated, reused=reused)
     return _finish(out, data, parts, screener.columns, config, table_format, by, drop_top, threshold,
                    filtered_out, generated, reused)
+
+
+def _describe_data(data: Any) -> str:
+    return str(data) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__} given"
 
 
 def _iter_parts(parts: Sequence[Path]) -> Iterator[dict[str, Any]]:

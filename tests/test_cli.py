@@ -436,6 +436,26 @@ def test_an_unexpected_error_shows_the_traceback_and_says_bug(capsys, monkeypatc
     assert err.strip().splitlines()[-1].startswith("persona-lens: internal error (KeyError): this is a bug")
 
 
+def test_engine_vllm_without_vllm_is_one_line_naming_the_install(capsys, monkeypatch, tmp_path):
+    from persona_lens import models
+    from persona_lens.backends.vllm import VLLMUnavailable
+
+    def no_vllm(name, **kwargs):
+        raise VLLMUnavailable("vLLM is not installed: pip install 'persona-lens[vllm]' (docs/scale.md)")
+
+    monkeypatch.setattr(models, "load_model", no_vllm)
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                      '{"role": "assistant", "content": "hello"}]}\n')
+    vec = tmp_path / "v.safetensors"
+    import persona_lens as pl
+    import torch
+
+    pl.PersonaVector(torch.ones(7, 128), model_name="persona-organism").save(vec)
+    code, _, err = run(capsys, "screen", str(tmp_path / "d.jsonl"), "--vector", str(vec), "--layer", "2",
+                       "--model", "persona-organism", "--engine", "vllm", "--out", str(tmp_path / "o"))
+    assert code == 1 and "Traceback" not in err and "pip install 'persona-lens[vllm]'" in err, err
+
+
 def test_library_messages_are_put_in_flags():
     assert cli.error_message(ValueError("set OPENAI_API_KEY, pass api_key=..., or pass base_url=...")) == \
         "set OPENAI_API_KEY, pass --api-key ..., or pass --base-url ..."
@@ -512,6 +532,12 @@ def test_every_positions_flag_offers_the_release_mode_and_response_only():
                 assert {"response", "response_only"} <= set(action.choices), parser.prog
                 assert "last prompt token" in action.help and "released" in action.help, parser.prog
     assert found >= 3  # demo, sweep, finetune
+
+
+def test_negative_coefficient_lists_parse_after_a_space():
+    args = cli.build_parser().parse_args(cli._join_negative_values(
+        ["sweep", "--model", "m", "--trait", "evil", "--vector", "v", "--layers", "3", "--coefs", "-2,-1,0"]))
+    assert args.coefs == [-2.0, -1.0, 0.0]
 
 
 def test_parse_lists():

@@ -256,6 +256,17 @@ def test_arguments_that_cannot_work_are_refused_up_front(probe, vec, data):
         run(probe, data, vec, by="dP_evil_L4")
 
 
+def test_no_samples_is_an_error_not_an_empty_table(probe, vec, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no samples to screen in .*empty.jsonl"):
+        run(probe, str(empty), vec, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for nothing in ([], iter([])):
+        with pytest.raises(ValueError, match="no samples to screen"):
+            run(probe, nothing, vec)
+
+
 def test_empty_base_response_is_a_row(probe, vec, data, monkeypatch):
     real = type(probe).generate
 
