@@ -62,7 +62,7 @@ from persona_lens.pipeline_io import (
     write_text,
 )
 from persona_lens.progress import note as progress_note
-from persona_lens.store import KINDS, Prompt, Store, judge_name as _judge_name
+from persona_lens.store import KINDS, Prompt, Store, model_key, judge_name as _judge_name
 from persona_lens.traits import resolve_trait
 from persona_lens.vectors import PersonaVector
 
@@ -477,7 +477,7 @@ def extract(
 
     # 4. Activations and vectors.
     t0 = time.perf_counter()
-    kept_hash = fingerprint(model, [(p.pos.id, p.pos.answer, p.neg.id, p.neg.answer) for p in kept],
+    kept_hash = fingerprint(model_key(probe), [(p.pos.id, p.pos.answer, p.neg.id, p.neg.answer) for p in kept],
                             list(layers) if layers is not None else None)
     notes = {
         "judge": judge_name,

@@ -332,6 +332,22 @@ def _read_logs(own: JsonlLog, name: str) -> list[dict[str, Any]]:
     return out
 
 
+def model_key(probe: Any) -> str:
+    """The model as it enters content keys: its name, and its dtype unless float32 (answers
+    and activations in another precision are other numbers: a float32 rerun must not read
+    back a bfloat16 run's generations or vectors).
+
+    Example:
+        >>> model_key(probe)
+        'persona-organism'
+    """
+    name = probe.model_name or "unnamed-model"
+    dtype = getattr(getattr(probe, "backend", None), "dtype", None)
+    if dtype is None or dtype == torch.float32:
+        return name
+    return f"{name}@{str(dtype).removeprefix('torch.')}"
+
+
 def judge_name(judge: "Judge") -> str:
     """The judge's identity in score keys and run records (credentials in any URL in it
     removed)."""
@@ -464,7 +480,7 @@ class Store:
                     f"settings[{k!r}] is not a setting of the answers: give it as Store.generate's {k}= instead"))
         GenerationSettings.from_kwargs(settings)  # every setting checked before any work
         gen_kwargs = {k: v for k, v in settings.items() if k != "seed"}
-        model = probe.model_name or "unnamed-model"
+        model = model_key(probe)
         items = [p if isinstance(p, Prompt) else Prompt(p) for p in
                  V.items("prompts", prompts, what="a list of Prompt objects, strings or message lists")]
         if steer is not None:

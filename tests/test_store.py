@@ -361,3 +361,15 @@ def test_credentials_in_the_url_are_not_part_of_identity_or_records(openai_serve
         assert plain.name == judge.name
         assert plain.score_trait(EVIL, PAIRS[:1]) == [pytest.approx(40.0)]
     assert server.request_count == 1
+
+
+def test_another_precision_is_another_model_in_the_keys(tiny_dirs, probe, tmp_path):
+    """A bfloat16 run's answers are other numbers: a float32 rerun in the same folder must
+    generate its own, and reuse only its own."""
+    settings = dict(max_new_tokens=6, temperature=1.0, seed=0)
+    half = pl.PersonaProbe(pl.load_model(str(tiny_dirs["llama"]), dtype="bfloat16", device="cpu"))
+    store = Store(tmp_path)
+    first = store.generate(half, prompts(), settings=settings, progress=False)
+    full = Store(tmp_path).generate(probe, prompts(), settings=settings, progress=False)
+    assert (first.generated, full.generated, full.reused) == (6, 6, 0)
+    assert Store(tmp_path).generate(probe, prompts(), settings=settings, progress=False).reused == 6
