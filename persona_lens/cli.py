@@ -535,6 +535,22 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _screen_vectors(specs: Sequence[str]) -> dict[str, Any]:
+    """``--vector [NAME=]PATH`` for screening: a name names the table's columns (dP_NAME_L20);
+    without one, the vector's trait, or its file's name when two vectors share a trait."""
+    given = [(spec.split("=", 1) if "=" in spec else (None, spec)) for spec in specs]
+    loaded = [(name, path, _load_vector(path)) for name, path in given]
+    traits = [v.trait for name, _, v in loaded if name is None]
+    out: dict[str, Any] = {}
+    for name, path, vec in loaded:
+        if name is None:
+            name = vec.trait if vec.trait and traits.count(vec.trait) == 1 else Path(path).name.split(".")[0]
+        if name in out:
+            raise UsageError(f"--vector: two vectors would be called {name!r}; name them: --vector NAME=PATH")
+        out[name] = vec
+    return out
+
+
 def cmd_screen(args: argparse.Namespace) -> int:
     from persona_lens.screen import screen
 
@@ -542,7 +558,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise UsageError("give --drop-top or --threshold, not both")
     if not Path(args.data).exists():
         raise CommandError(f"{args.data}: no chat data there")
-    vectors = [_load_vector(v) for v in args.vector]
+    named = _screen_vectors(args.vector)
+    vectors = list(named.values())
     if args.model is None:
         args.model = vectors[0].model_name
         if not args.model:
@@ -558,7 +575,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("persona_runs", "screen", slug(Path(args.data).stem), slug(args.model))
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
     result = screen(
-        probe, args.data, vectors, layers, out_dir=out, shard=parse_shard(args.shard), settings=settings,
+        probe, args.data, named, layers, out_dir=out, shard=parse_shard(args.shard), settings=settings,
         chunk_size=args.chunk_size, batch_size=args.batch_size, table_format=args.format,
         drop_top=args.drop_top, threshold=args.threshold, by=args.by, progress=not args.quiet,
     )
@@ -939,8 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
             "the base model's own response to the same prompt (dP). Resumable in chunks; shards of one "
             "--out can run in parallel.")
     p.add_argument("data", help="chat data: JSON lines with 'messages', Parquet, or a saved HF dataset folder")
-    p.add_argument("--vector", required=True, action="append", metavar="PATH",
-                   help="a .safetensors persona vector (repeat for several)")
+    p.add_argument("--vector", required=True, action="append", metavar="[NAME=]PATH",
+                   help="a .safetensors persona vector (repeat for several); NAME names its columns, dP_NAME_L20 "
+                        "(default: the vector's trait, or its file's name when two vectors share a trait)")
     p.add_argument("--layer", required=True, type=_layers_type, help="layer(s): 20, or 16,20 or 12-20:4")
     p.add_argument("--model", default=None, help="the base model (default: the model the vector records)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: "

@@ -486,3 +486,15 @@ def test_a_coef_beside_a_layers_dict_is_refused_not_ignored(tiny):
         Interventions(vec, steer={1: 1.5}, coef=0.5)
     assert Interventions(vec, steer=[1, 2], coef=0.5).steer == {1: 0.5, 2: 0.5}
     assert not probe.interventions
+
+
+def test_steering_an_all_zero_row_is_refused(tiny):
+    """A vector extracted at some layers has zero rows elsewhere: steering there is a no-op."""
+    probe, _, _ = tiny
+    directions = random_vector(probe, seed=9).directions.clone()
+    directions[2] = 0
+    vec = pl.PersonaVector(directions)
+    with pytest.raises(ValueError, match=r"vector\[2\] is all zeros"):
+        probe.steering(vec, layer=2, coef=1.0)
+    assert probe.steering(vec, layer=2, coef=0.0)[0].coef == 0.0  # the unsteered cell of a sweep
+    assert probe.steering(vec, layer=1, coef=1.0)

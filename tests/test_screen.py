@@ -326,6 +326,16 @@ def test_cli_screen(vec, data, tmp_path, capsys):
     assert main(args[:-1] + ["--layer", "2"]) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert not math.isnan(summary["figures"]["dP_evil_L1"]["mean"])
+    # two vectors of one trait: columns named by their files, or by the names given
+    (-vec).save(tmp_path / "evil_neg.safetensors")
+    two = ["screen", str(path), "--vector", str(vpath), "--vector", str(tmp_path / "evil_neg.safetensors"),
+           "--layer", "3", "--model", "persona-organism", "--max-new-tokens", "40", "--quiet"]
+    assert main(two + ["--out", str(tmp_path / "two")]) == 0
+    figures = json.loads((tmp_path / "two" / "summary.json").read_text())["figures"]
+    assert figures["dP_evil_neg_L3"]["mean"] == pytest.approx(-figures["dP_evil_L3"]["mean"], rel=1e-4)
+    named = two[:3] + ["kind=" + two[3]] + two[4:]
+    assert main(named + ["--out", str(tmp_path / "named")]) == 0
+    assert "dP_kind_L3" in json.loads((tmp_path / "named" / "summary.json").read_text())["figures"]
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(vec, doctest_world, tmp_path):

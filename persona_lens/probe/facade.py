@@ -175,6 +175,10 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         stream in float32, where a norm above ~1.8e19 overflows and the normalised stream
         becomes zero or NaN)."""
         dtype = self.backend.dtype
+        if coef != 0 and not bool(vec[layer].any()):  # e.g. extracted with layers=[...] that left this one out
+            raise V.InvalidArgument(name, coef, "", message=(
+                f"vector[{layer}] is all zeros (a vector extracted without layer {layer}?): steering there would "
+                f"change nothing; choose a layer the vector has"))
         delta = coef * vec[layer]
         if not (bool(torch.isfinite(delta.to(dtype)).all()) and math.isfinite(float(delta.pow(2).sum()))):
             raise V.InvalidArgument(
