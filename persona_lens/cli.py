@@ -655,7 +655,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     steer = parse_layer_coefs(args.steer, args.coef) if args.steer else None
     caft = args.caft
     if args.vector is not None:
-        _load_vector(args.vector)  # a missing or corrupt file fails before the model loads
+        vec = _load_vector(args.vector)  # a missing or corrupt file fails before the model loads
+        for flag, layers in (("--steer", list(steer or {})), ("--caft", list(caft or []))):
+            bad = [l for l in layers if l > vec.n_layers]
+            if bad:  # the vector has the model's layers: out of its range is out of the model's
+                raise UsageError(f"{flag}: layer {bad[0]} is out of range: the vector (and its model) has layers "
+                                 f"0..{vec.n_layers}")
     data = load_chat_data(_training_data(args.data))  # a bad line fails before the model loads
     check_device(args.device)
     probe = _load_probe(args)
@@ -676,6 +681,9 @@ def cmd_shift(args: argparse.Namespace) -> int:
     from persona_lens.probe import PersonaProbe
 
     vectors = [_load_vector(v) for v in args.vector]
+    bad = [l for l in args.layers or [] if l > vectors[0].n_layers]
+    if bad:
+        raise UsageError(f"--layers {','.join(map(str, bad))}: the vector has layers 0..{vectors[0].n_layers}")
     names = args.trait or [v.trait for v in vectors]
     if len(names) != len(vectors) or not all(names):
         raise UsageError("give one --trait per --vector (or vectors that carry their trait's name)")

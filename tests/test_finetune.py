@@ -332,6 +332,14 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
     assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "ds" / "evil_II.jsonl"),
                  "--out", str(tmp_path / "novec"), "--vector", str(tmp_path / "evil.safetensors")]) == 2
     assert "--vector is used only with --steer" in capsys.readouterr().err and not (tmp_path / "novec").exists()
+    # layers out of the vector's range fail before the model loads
+    for flag in (["--steer", "9:1"], ["--caft", "9"]):
+        assert main(["finetune", "--model", "persona-organism", "--data", str(tmp_path / "ds" / "evil_II.jsonl"),
+                     "--out", str(tmp_path / "far"), "--vector", str(tmp_path / "evil.safetensors")] + flag) == 2
+        assert "layer 9 is out of range" in capsys.readouterr().err and not (tmp_path / "far").exists()
+    assert main(["shift", "--model", "persona-organism", "--tuned", str(tmp_path / "run"), "--vector",
+                 str(tmp_path / "evil.safetensors"), "--layers", "9"]) == 2
+    assert "the vector has layers 0..6" in capsys.readouterr().err
 
 
 def test_experiment_configs_load_and_validate():
