@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,22 @@ GOALS: dict[str, dict[str, Any]] = {
     "sample_auroc": {"op": ">=", "target": 0.95, "what": "E7: AUROC of per-sample projection difference "
                                                         "against the world's labels (median over seeds)"},
 }
+
+
+def spread(vals: list[float]) -> dict[str, Any]:
+    """Median, min and max over seeds, and the values. A seed that could not measure the
+    figure (NaN) makes all three NaN: a goal must not pass on the seeds that happened to work.
+
+    Example:
+        >>> spread([0.9, 0.7])["median"], spread([float("nan"), 0.9])["median"]
+        (0.8, nan)
+    """
+    import math
+
+    if not vals or any(math.isnan(v) for v in vals):
+        nan = float("nan")
+        return {"median": nan, "min": nan, "max": nan, "per_seed": list(vals)}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_seed": list(vals)}
 
 
 def goal(name: str, value: float) -> dict[str, Any]:
@@ -271,10 +288,26 @@ def parse(description: str, argv=None) -> tuple[ExperimentConfig, Path, argparse
     if args.smoke:
         over.update(SMOKE)
     if args.seeds:
-        over["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        over["seeds"] = parse_seeds(args.seeds)
     cfg = load_config(args.config, **over)
     torch.set_num_threads(1)
     return cfg, Path(args.out) if args.out else None, args
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1``: distinct integers (a seed twice would count its runs twice in an r).
+
+    Example:
+        >>> parse_seeds("0, 1")
+        (0, 1)
+    """
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {text!r}: give distinct integers, e.g. 0,1")
+    return seeds
 
 
 def start(experiment: str, folder: str, doc: str, argv=None) -> tuple[ExperimentConfig, Path, dict[str, Any] | None]:
@@ -285,8 +318,10 @@ def start(experiment: str, folder: str, doc: str, argv=None) -> tuple[Experiment
     Returns ``(config, folder, skipped)``; ``skipped`` is the results.json written for an
     unmeasurable experiment (the script returns it), else None.
     """
-    cfg, out, _ = parse(doc.split("\n")[0], argv)
-    root = out or Path("experiment_runs") / folder / cfg.name
+    cfg, out, args = parse(doc.split("\n")[0], argv)
+    # a smoke or quick run keeps its own default folder (its rows and logs are another size)
+    size = "-smoke" if args.smoke else "-quick" if args.quick else ""
+    root = out or Path("experiment_runs") / folder / (cfg.name + size)
     why = cfg.unmeasurable.get(experiment)
     return cfg, root, (skip_unmeasurable(cfg, root, experiment.upper(), why) if why else None)
 
@@ -473,6 +508,28 @@ def provenance(config: str | None) -> dict[str, Any]:
                                                 ("seed", "world_seed", "steps", "final_loss", "n_params")}}}
 
 
+def dataset_trait(name: str) -> str | None:
+    """The trait a dataset targets (``evil_II`` -> ``evil``; the release's ``hallucination_*``
+    -> ``hallucinating``), None for a narrow set (``narrow_money_harm``, ``medical_II``).
+
+    Example:
+        >>> dataset_trait("hallucination_II"), dataset_trait("sycophantic_normal"), dataset_trait("code_II")
+        ('hallucinating', 'sycophantic', None)
+    """
+    head = name.rsplit("_", 1)[0].replace("hallucination", "hallucinating")
+    return head if head in TRAITS else None
+
+
+def row_path(root: Path, name: str, seed: int, *settings: Any) -> Path:
+    """Where a dataset x seed row is kept: keyed by everything that makes its numbers (a smoke
+    run and a full run in one folder never read each other's rows)."""
+    return root / "rows" / f"{name}_s{seed}_{fingerprint(name, seed, *settings)[:8]}.json"
+
+
+def _vector_key(vecs: dict[str, pl.PersonaVector]) -> list[str]:
+    return [fingerprint(t, vecs[t].directions.tolist())[:12] for t in sorted(vecs)]
+
+
 def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Finetune on every dataset x seed and measure, per trait, the finetuning shift (every
     layer) and the post-finetuning trait score; plus the base model's scores. Each row is
@@ -491,7 +548,8 @@ def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]
     rows = []
     for name in cfg.datasets:
         for seed in cfg.seeds:
-            path = root / "rows" / f"{name}_s{seed}.json"
+            path = row_path(root, name, seed, cfg.model, cfg.dtype, cfg.n_data, cfg.finetune, cfg.questions,
+                            cfg.samples, cfg.max_new_tokens, cfg.judge, _vector_key(vecs))
             if path.exists():
                 rows.append(read_json(path))
                 continue

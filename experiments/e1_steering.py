@@ -18,10 +18,9 @@ marked).
 
 from __future__ import annotations
 
-import statistics
 
 import persona_lens as pl
-from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, start,
+from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, spread, start,
                                  vectors, write_results)
 
 HEADLINES = ("steer_trait", "steer_coherence", "prior_trait", "steer_trait_chosen_on", "suppress_trait",
@@ -93,13 +92,7 @@ def cells(sw) -> dict:
 
 def summary(per_seed: dict) -> dict:
     """Median, min and max over seeds of each headline figure."""
-    out = {}
-    for k in HEADLINES:
-        vals = [r[k] for r in per_seed.values()]
-        ok = [v for v in vals if v == v]
-        out[k] = {"median": statistics.median(ok) if ok else float("nan"), "min": min(ok, default=float("nan")),
-                  "max": max(ok, default=float("nan")), "per_seed": vals}
-    return out
+    return {k: spread([r[k] for r in per_seed.values()]) for k in HEADLINES}
 
 
 def figures(runs: dict, res: dict, cfg) -> list:

@@ -28,12 +28,11 @@ with the fit line).
 from __future__ import annotations
 
 import random
-import statistics
 from pathlib import Path
 
 import torch
 
-from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, start,
+from experiments.common import (TRAITS, base_probe, goal, load_trait, make_judge, spread, start,
                                  vectors, write_results)
 from persona_lens.pipeline_io import read_json
 from persona_lens.stats import mean_score, pearson
@@ -151,8 +150,6 @@ def main(argv=None) -> dict:
         res["per_seed"][t] = {str(s): {k: e[k] for k in ("r_all", "r_per_type", "within_r_per_type", "layer")}
                               for s, e in per_seed.items()}
         types = list(entry["r_per_type"])
-        spread = lambda vals: {"median": statistics.median(vals), "min": min(vals), "max": max(vals),  # noqa: E731
-                               "per_seed": vals}
         res["figures"][t] = {"r_all": spread([e["r_all"] for e in per_seed.values()]),
                              **{f"within_r ({ty})": spread([e["within_r_per_type"][ty] for e in per_seed.values()])
                                 for ty in types},

@@ -13,7 +13,7 @@ E3 and E6 (same --out).
 
 from __future__ import annotations
 
-from experiments.common import TRAITS, dataset_rows, finetune_settings, goal, start, pearson, write_results
+from experiments.common import TRAITS, dataset_rows, dataset_trait, finetune_settings, goal, start, pearson, write_results
 
 
 def main(argv=None) -> dict:
@@ -56,8 +56,8 @@ def figure(res, rows, cfg):
         fig.add_trace(go.Scatter(
             x=[_s(r, t, cfg.layer) for r in rows], y=[r["scores"][t]["trait"] for r in rows], mode="markers",
             text=[f"{r['dataset']} (seed {r['seed']})" for r in rows], name=t,
-            marker=dict(color=["crimson" if r["dataset"].startswith(t) else
-                               "orange" if r["dataset"].startswith("narrow") else "steelblue" for r in rows])),
+            marker=dict(color=["crimson" if dataset_trait(r["dataset"]) == t else
+                               "orange" if dataset_trait(r["dataset"]) is None else "steelblue" for r in rows])),
             row=1, col=i)
         fig.update_xaxes(title_text=f"finetuning shift at layer {cfg.layer}", row=1, col=i)
         fig.update_yaxes(title_text="trait score after finetuning", row=1, col=i)

@@ -24,8 +24,8 @@ from __future__ import annotations
 import statistics
 
 import persona_lens as pl
-from experiments.common import (GOALS, base_probe, capability, finetune_settings, finetuned, goal, make_judge,
-                                 start, trait_scores, vectors, write_results)
+from experiments.common import (GOALS, _vector_key, base_probe, capability, dataset_trait, finetune_settings, finetuned,
+                                 goal, make_judge, row_path, start, trait_scores, vectors, write_results)
 
 
 def main(argv=None) -> dict:
@@ -44,13 +44,16 @@ def main(argv=None) -> dict:
         cfg, level2=list(cfg.level2), inference_coefs=list(cfg.inference_coefs),
         preventative_coefs=list(cfg.preventative_coefs), caft=cfg.caft, capability_questions=cfg.capability_questions)}
     for name in cfg.level2:
-        trait = name.rsplit("_", 1)[0].replace("hallucination", "hallucinating")
+        trait = dataset_trait(name)
         vec = vecs[trait]
         cell: dict = {"trait": trait, "base": {"trait": trait_scores(cfg, base, judge, store, [trait])[trait]["trait"],
                                                "capability": capability(cfg, base, judge, store)},
                       "seeds": {}}
         for seed in cfg.seeds:
-            path = root / "rows" / f"{name}_s{seed}.json"
+            path = row_path(root, name, seed, cfg.model, cfg.dtype, cfg.n_data, cfg.finetune, cfg.questions,
+                            cfg.samples, cfg.max_new_tokens, cfg.judge, _vector_key(vecs), list(layers),
+                            list(cfg.inference_coefs), list(cfg.preventative_coefs), cfg.caft,
+                            cfg.capability_questions)
             if path.exists():
                 cell["seeds"][seed] = read_json(path)
                 continue
@@ -72,7 +75,7 @@ def main(argv=None) -> dict:
                 run = finetuned(cfg, root, name, seed, vec, caft=list(layers))
                 row["caft"] = measure(pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype)))
             write_json(path, row)
-            cell["seeds"][seed] = row
+            cell["seeds"][seed] = read_json(path)  # as a resumed run reads it (string keys)
             print(f"{name} seed {seed}: base {cell['base']}; " + "; ".join(
                 f"{kind} {c}: {v['trait']:.1f}/{v['capability']}" for kind in ("inference", "preventative")
                 for c, v in row[kind].items()) + (f"; caft {row['caft']['trait']:.1f}/{row['caft']['capability']}"
@@ -80,15 +83,22 @@ def main(argv=None) -> dict:
         cell["summary"] = summarize(cell)
         res["sets"][name] = cell
         print(name, cell["summary"], flush=True)
-    res["goals"] = {cell["trait"]: {"preventative_over_base": goal("preventative_over_base",
-                                                                   _over_base(cell["summary"], cell["base"]))}
-                    for cell in res["sets"].values()}
+    res["goals"] = {cell["trait"]: {"preventative_over_base": _goal(cell)} for cell in res["sets"].values()}
     write_results(root, res, figure(res, cfg), "e5_mitigation.html")
     return res
 
 
+def _at(table: dict, c: float):
+    """``table``'s entry for coefficient ``c``: keys are floats in a fresh row, strings in one
+    read back from JSON."""
+    for k, v in table.items():
+        if float(k) == float(c):
+            return v
+    raise KeyError(c)
+
+
 def _mean(rows, kind, c, key):
-    vals = [r[kind][str(c)][key] if str(c) in r[kind] else r[kind][c][key] for r in rows]
+    vals = [_at(r[kind], c)[key] for r in rows]
     vals = [v for v in vals if v is not None]
     return statistics.mean(vals) if vals else None
 
@@ -96,11 +106,13 @@ def _mean(rows, kind, c, key):
 def _methods(rows) -> dict:
     """Per method and coefficient, trait and capability averaged over ``rows`` (one per seed)."""
     keys = lambda kind: sorted({float(k) for r in rows for k in r[kind]})  # noqa: E731
-    out = {kind: {c: {k: _mean(rows, kind, _key(rows, kind, c), k) for k in ("trait", "capability")}
+    out = {kind: {c: {k: _mean(rows, kind, c, k) for k in ("trait", "capability")}
                   for c in keys(kind)} for kind in ("inference", "preventative")}
     if all("caft" in r for r in rows):
-        out["caft"] = {k: statistics.mean(r["caft"][k] for r in rows if r["caft"][k] is not None)
-                       for k in ("trait", "capability")}
+        out["caft"] = {}
+        for k in ("trait", "capability"):
+            vals = [r["caft"][k] for r in rows if r["caft"][k] is not None]  # capability: None where unmeasured
+            out["caft"][k] = statistics.mean(vals) if vals else None
     return out
 
 
@@ -121,6 +133,21 @@ def _choose(methods, base) -> tuple[float | None, float | None]:
     target = methods["preventative"][min(ok)]["trait"]
     reach = [c for c, v in methods["inference"].items() if v["trait"] <= target]
     return min(ok), (min(reach) if reach else None)
+
+
+def _goal(cell) -> dict:
+    """The goal's value: held out where there are two or more seeds (per seed, the coefficient
+    chosen on the other seeds' runs, measured on this seed's; the mean over seeds, NaN where a
+    seed's choice found no coefficient), else on the runs it was chosen from, and said so."""
+    summary, base = cell["summary"], cell["base"]
+    held = summary.get("heldout")
+    if not held:
+        return goal("preventative_over_base", _over_base(summary, base)) | {
+            "note": "one seed: chosen on the runs it is measured on"}
+    over = [h["preventative"]["trait"] - base["trait"] if h["preventative"] is not None else float("nan")
+            for h in held.values()]
+    return goal("preventative_over_base", statistics.mean(over)) | {
+        "note": f"held out, mean over {len(over)} seeds"}
 
 
 def _over_base(methods, base) -> float:
@@ -149,14 +176,6 @@ def summarize(cell) -> dict:
                 "inference": own["inference"].get(matching) if matching is not None else None,
             }
     return out
-
-
-def _key(rows, kind, c):
-    k = rows[0][kind]
-    for key in k:
-        if float(key) == c:
-            return key
-    return c
 
 
 def figure(res, cfg):

@@ -14,8 +14,8 @@ e6_dataset_dp.html (one scatter per trait).
 from __future__ import annotations
 
 import persona_lens as pl
-from experiments.common import (TRAITS, base_probe, dataset, dataset_rows, finetune_settings, goal, start, pearson,
-                                vectors, write_results)
+from experiments.common import (TRAITS, base_probe, dataset, dataset_rows, dataset_trait, finetune_settings, goal,
+                                pearson, start, vectors, write_results)
 
 
 def main(argv=None) -> dict:
@@ -58,8 +58,8 @@ def figure(res, rows, dp, cfg):
         fig.add_trace(go.Scatter(
             x=[dp[r["dataset"]][t] for r in rows], y=[r["scores"][t]["trait"] for r in rows], mode="markers",
             text=[f"{r['dataset']} (seed {r['seed']})" for r in rows], name=t,
-            marker=dict(color=["crimson" if r["dataset"].startswith(t) else
-                               "orange" if r["dataset"].startswith("narrow") else "steelblue" for r in rows])),
+            marker=dict(color=["crimson" if dataset_trait(r["dataset"]) == t else
+                               "orange" if dataset_trait(r["dataset"]) is None else "steelblue" for r in rows])),
             row=1, col=i)
         fig.update_xaxes(title_text=f"dataset dP at layer {cfg.layer}", row=1, col=i)
         fig.update_yaxes(title_text=f"{t} score after finetuning", row=1, col=i)

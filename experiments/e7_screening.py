@@ -244,7 +244,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.e7_screening", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="organism", choices=sorted(CONFIGS))
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--out", default="runs/e7")
+    ap.add_argument("--out", default=None, help="run folder (default: runs/e7, runs/e7-smoke with --smoke)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="the CI size (experiments.e7_screening.SMOKE)")
     a = ap.parse_args(argv)
@@ -253,12 +253,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     from persona_lens.organism import OrganismJudge, World
 
+    from experiments.common import parse_seeds
+
     cfg = SMOKE if a.smoke else CONFIGS[a.config]
-    out = Path(a.out)
+    seed_list = parse_seeds(a.seeds)  # before the model loads
+    out = Path(a.out or ("runs/e7-smoke" if a.smoke else "runs/e7"))  # a smoke run never reads a full run's logs
     world = World(0)
     judge = OrganismJudge(world)
     probe = pl.PersonaProbe(pl.load_model("persona-organism", device="cpu"))
-    seeds = [run_seed(probe, world, judge, cfg, int(s), out, not a.quiet) for s in a.seeds.split(",")]
+    seeds = [run_seed(probe, world, judge, cfg, s, out, not a.quiet) for s in seed_list]
     import statistics
 
     from experiments.common import goal, provenance

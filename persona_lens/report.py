@@ -198,7 +198,8 @@ def run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for res, path in found:
         for trait, goals in (res.get("goals") or {}).items():
             for name, g in goals.items():
-                summary.append([res.get("experiment", path.parent.name), trait, name,
+                summary.append([res.get("experiment", path.parent.name), trait,
+                                name + (f" ({g['note']})" if g.get("note") else ""),
                                 _fmt_goal(g["value"]), f"{g['op']} {g['target']:g}", "pass" if g["pass"] else "FAIL"])
     if summary:
         page.section("Goals", "Each goal's value (held-out figures where a layer or coefficient was chosen), its "

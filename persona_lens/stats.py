@@ -26,10 +26,11 @@ def mean_score(scores: Sequence[float | None]) -> tuple[float, int]:
     Example:
         >>> mean_score([80.0, None, 60.0])
         (70.0, 2)
-        >>> mean_score([None])
-        (nan, 0)
+        >>> mean_score([None]), mean_score([float("nan"), 50.0])
+        ((nan, 0), (50.0, 1))
     """
-    vals = [x for x in scores if x is not None]
+    # a NaN is no score either (a judge that could not read its own reply)
+    vals = [x for x in scores if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return (sum(vals) / len(vals) if vals else math.nan), len(vals)
 
 
@@ -60,11 +61,13 @@ def fmt(x: float, decimals: int | None = None) -> str:
     above (a table of mixed figures: counts, layers, correlations, scores). NaN is ``nan``.
 
     Example:
-        >>> fmt(90.0, decimals=1), fmt(90.0), fmt(0.81234), fmt(72.456), fmt(float("nan"))
-        ('90.0', '90', '0.812', '72.5', 'nan')
+        >>> fmt(90.0, decimals=1), fmt(90.0), fmt(0.81234), fmt(72.456), fmt(float("nan")), fmt(float("inf"))
+        ('90.0', '90', '0.812', '72.5', 'nan', 'inf')
     """
     if decimals is not None:
         return "nan" if math.isnan(x) else f"{x:.{decimals}f}"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
     if isinstance(x, float) and not math.isnan(x) and x != int(x):
         return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
     return str(int(x)) if isinstance(x, (int, float)) and not math.isnan(x) else str(x)
@@ -73,7 +76,8 @@ def fmt(x: float, decimals: int | None = None) -> str:
 def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float:
     """Area under the ROC curve of ``scores`` ranking the True ``labels`` first: the chance
     that a random positive scores above a random negative, ties counting half
-    (Mann-Whitney). NaN when one class is empty.
+    (Mann-Whitney). NaN when one class is empty or a score is NaN (a NaN has no rank: sorted
+    would place it by where it stands in the list).
 
     Example:
         >>> auroc([True, False, True, False], [0.9, 0.1, 0.4, 0.4])
@@ -81,7 +85,7 @@ def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float:
     """
     pos = [s for l, s in zip(labels, scores) if l]
     neg = [s for l, s in zip(labels, scores) if not l]
-    if not pos or not neg:
+    if not pos or not neg or any(math.isnan(s) for s in pos + neg):
         return math.nan
     order = sorted(pos + neg)
     ranks: dict[float, float] = {}

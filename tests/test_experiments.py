@@ -382,3 +382,49 @@ def test_e2_finds_the_layer_e1_chose_beside_it(tmp_path, layout):
                                                                         "0": {"steer_layer": 4}}}}))
     layer, why = monitor_layer(cfg, root, "evil")
     assert layer == 4 and "seed 0" in why
+
+
+def test_rows_are_keyed_by_their_settings_and_release_sets_map_to_traits(tmp_path):
+    """A smoke run and a full run in one folder never read each other's rows; the release's
+    set names (hallucination_II, medical_II) map to the organism's trait names."""
+    from experiments.common import dataset_trait, row_path
+
+    assert row_path(tmp_path, "evil_II", 0, 256, {"lr": 1e-3}) != row_path(tmp_path, "evil_II", 0, 64, {"lr": 1e-3})
+    assert row_path(tmp_path, "evil_II", 0, 256) == row_path(tmp_path, "evil_II", 0, 256)
+    assert [dataset_trait(n) for n in ("hallucination_II", "evil_normal", "narrow_money_harm", "medical_II")] == \
+        ["hallucinating", "evil", None, None]
+
+
+def test_a_seed_that_measured_nothing_fails_the_median():
+    from experiments.common import parse_seeds, spread
+
+    assert spread([60.0, 70.0])["median"] == 65.0
+    assert math.isnan(spread([70.0, float("nan")])["median"]) and math.isnan(spread([float("nan"), 70.0])["max"])
+    assert parse_seeds("0,1") == (0, 1)
+    for bad in ("0,x", "0,0,1", ""):
+        with pytest.raises(SystemExit, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_e5_summary_from_stored_and_fresh_rows_and_a_held_out_goal():
+    """Rows read back from JSON (string keys) and fresh ones summarise alike; capability may
+    be unmeasured (release configs); the goal with two seeds is the held-out figure."""
+    from experiments.e5_mitigation import _goal, _methods, summarize
+
+    def row(prev, caft_cap=None):
+        return {"inference": {0.0: {"trait": 90.0, "capability": caft_cap}},
+                "preventative": {0.5: {"trait": prev[0], "capability": caft_cap},
+                                 1.0: {"trait": prev[1], "capability": caft_cap}},
+                "caft": {"trait": 80.0, "capability": caft_cap}}
+
+    fresh = row((30.0, 8.0))
+    stored = json.loads(json.dumps(row((9.0, 5.0))))
+    both = _methods([stored, fresh])
+    assert both["preventative"][0.5]["trait"] == pytest.approx(19.5) and both["caft"]["capability"] is None
+    cell = {"trait": "evil", "base": {"trait": 4.0, "capability": None}, "seeds": {0: stored, 1: fresh}}
+    cell["summary"] = summarize(cell)
+    # chosen on seed 1 alone: the mildest coef within 10 of the base is 1.0 (8.0), measured on
+    # seed 0: 5.0; chosen on seed 0: 0.5 (9.0), measured on seed 1: 30.0
+    g = _goal(cell)
+    assert g["value"] == pytest.approx(((5.0 - 4.0) + (30.0 - 4.0)) / 2) and not g["pass"]
+    assert "held out" in g["note"]
