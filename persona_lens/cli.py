@@ -77,6 +77,8 @@ _FLAGS = {
 
 
 def _known(e: BaseException) -> bool:
+    if isinstance(e, CommandError):  # this module's own class: under python -m it is __main__.CommandError
+        return True
     for module, name in _KNOWN_ERRORS:
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None
@@ -155,13 +157,13 @@ def parse_float_list(text: str) -> list[float]:
     return out
 
 
-def _int_type(lo: int, what: str):
+def _int_type(lo: int, what: str, hi: int | None = None):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if v < lo:
+        if v < lo or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
         return v
 
@@ -765,6 +767,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     named = parse_named_vectors(args.vector or [])
     steering = [parse_steer_spec(s, list(named), args.positions) for s in args.steer or []]
     vectors = {name: _load_vector(path) for name, path in named.items()}  # a bad file fails before the model loads
+    for text, spec in zip(args.steer or [], steering):
+        bad = [l for l in spec["layers"] if l > vectors[spec["vector"]].n_layers]
+        if bad:
+            raise UsageError(f"--steer {text}: layer {bad[0]} is out of range: the vector has layers "
+                             f"0..{vectors[spec['vector']].n_layers}")
     check_device(args.device)
     probe = _load_probe(args)
     app = make_app(probe, vectors, steering=steering, name=args.name, max_tokens=args.max_tokens)
@@ -1099,7 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's released mode), response_only, all or prompt")
     p.add_argument("--name", default=None, help="the model name clients send (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=POSITIVE, default=8000, help="port to listen on")
+    p.add_argument("--port", type=_int_type(1, "in 1..65535", hi=65535), default=8000, help="port to listen on")
     p.add_argument("--max-tokens", type=POSITIVE, default=256, metavar="N",
                    help="answer length limit of a request that sets none")
     _add_runtime_args(p, engine=True)

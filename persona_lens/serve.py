@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from persona_lens import validate as V
-from persona_lens.ops import POSITION_MODES
+from persona_lens.chat import chat_rows
+from persona_lens.ops import STEERING_MODES
 from persona_lens.vectors import PersonaVector
 
 #: The steering positions a request names when it says none: the paper's released mode.
@@ -45,7 +46,7 @@ DEFAULT_POSITIONS = "response"
 
 # OpenAI fields that change nothing here, accepted as they are.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options", "prediction",
-            "reasoning_effort", "modalities"}
+            "reasoning_effort", "modalities", "safety_identifier", "prompt_cache_key"}
 # OpenAI fields this server does not implement: accepted only at a value that asks for nothing.
 _UNSUPPORTED_UNLESS = {
     "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
@@ -57,11 +58,12 @@ _FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperat
 
 
 class RequestError(ValueError):
-    """A request the server refuses (HTTP 400 or 404), with the field it is about."""
+    """A request the server refuses (HTTP 400 or 404), with the field it is about and, where
+    OpenAI has one, its error code."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class _Server:
         try:
             self.steering = self._steering(steering if steering is not None else [], "steering")
         except RequestError as e:
-            raise V.InvalidArgument("steering", steering, "a list of steering specs", hint=f": {e}") from None
+            raise V.InvalidArgument("steering", steering, "", message=f"the default steering: {e}") from None
 
     # -- parsing ----------------------------------------------------------------------------
     def _vector(self, name: Any, param: str) -> str:
@@ -123,8 +125,9 @@ class _Server:
 
     def _layer(self, value: Any, param: str) -> int:
         try:
-            return self.probe.check_layer(int(value) if isinstance(value, str) and value.strip().isdigit() else value,
-                                          name=param)
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # a JSON object's keys are strings
+                value = int(value)
+            return self.probe.check_layer(value, name=param)
         except ValueError as e:
             raise RequestError(str(e), param) from None
 
@@ -160,8 +163,9 @@ class _Server:
                     raise RequestError(f"{p}: layer {layer} is given twice", p)
                 layers[layer] = self._number(c, f"{p}.coef" if "coef" in spec else f"{p}.layers[{l!r}]")
             positions = spec.get("positions", DEFAULT_POSITIONS)
-            if positions not in POSITION_MODES:
-                raise RequestError(f"{p}.positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}", p)
+            if not isinstance(positions, str) or positions not in STEERING_MODES:
+                raise RequestError(f"{p}.positions must be one of {', '.join(STEERING_MODES)}, got {positions!r}",
+                                   f"{p}.positions")
             out.append(_Steering(name, layers, positions))
         return out
 
@@ -211,7 +215,7 @@ class _Server:
                            for c in content):
                     raise RequestError(f"{p}.content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
                                        "are supported", p)
-                content = "".join(c["text"] for c in content)
+                content = "\n".join(c["text"] for c in content)  # as vLLM joins them
             if not isinstance(content, str):
                 raise RequestError(f"{p}.content must be a string", p)
             out.append({"role": role, "content": content})
@@ -237,7 +241,14 @@ class _Server:
         if model is not None and model != self.name:
             raise RequestError(f"the model {model!r} does not exist here; this server serves {self.name!r}", "model",
                                status=404)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = body.get(tokens_field)
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not isinstance(stream_options, dict):
+            raise RequestError("stream_options must be an object, e.g. {\"include_usage\": true}", "stream_options")
+        for flag in ("stream",):
+            if body.get(flag) is not None and not isinstance(body[flag], bool):
+                raise RequestError(f"{flag} must be true or false, got {body[flag]!r}", flag)
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
@@ -246,16 +257,16 @@ class _Server:
         seed = body.get("seed")
         return {
             "messages": self._messages(body.get("messages")),
-            "max_tokens": self.max_tokens if max_tokens is None else self._int(max_tokens, "max_tokens", min=1),
+            "max_tokens": self.max_tokens if max_tokens is None else self._int(max_tokens, tokens_field, min=1),
             "temperature": 1.0 if body.get("temperature") is None
             else self._number(body["temperature"], "temperature", min=0, max=2),
-            "top_p": 1.0 if body.get("top_p") is None
-            else self._number(body["top_p"], "top_p", min=0, max=1, min_open=True),
+            # top_p 0 keeps the single likeliest token: greedy, as OpenAI takes it
+            "top_p": 1.0 if body.get("top_p") is None else self._number(body["top_p"], "top_p", min=0, max=1),
             "n": 1 if body.get("n") is None else self._int(body["n"], "n", min=1, max=16),
             "seed": secrets.randbits(63) if seed is None else self._int(seed, "seed", min=-(2**63), max=2**63 - 1),
             "stop": stop or [],
-            "stream": bool(body.get("stream") or False),
-            "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
+            "stream": bool(body.get("stream")),
+            "include_usage": bool((stream_options or {}).get("include_usage")),
             "steering": self.steering if body.get("steering") is None else self._steering(body["steering"], "steering"),
             "monitor": [] if body.get("monitor") is None else self._monitor(body["monitor"]),
         }
@@ -265,9 +276,16 @@ class _Server:
         """Answer one chat-completion request (a dict, as JSON decodes it)."""
         req = self.parse(body)
         conv = req["messages"]
+        self._fit_context(req, body)
+        if req["top_p"] == 0:  # the likeliest token alone: greedy decoding
+            req["temperature"], req["top_p"] = 0.0, 1.0
         with self.lock, ExitStack() as stack:
-            for s in req["steering"]:
-                stack.enter_context(self.probe.steer(self.vectors[s.vector], layers=s.layers, positions=s.positions))
+            for i, s in enumerate(req["steering"]):
+                try:
+                    stack.enter_context(self.probe.steer(self.vectors[s.vector], layers=s.layers,
+                                                         positions=s.positions))
+                except ValueError as e:  # e.g. a coefficient too large for the model's dtype
+                    raise RequestError(f"steering[{i}]: {e}", f"steering[{i}]") from None
             gens = self.probe.generate(
                 [conv] * req["n"], max_new_tokens=req["max_tokens"], temperature=req["temperature"],
                 top_p=req["top_p"], seed=req["seed"], return_generations=True, progress=False)
@@ -305,28 +323,51 @@ class _Server:
             reply["persona"] = before
         return reply
 
+    def _fit_context(self, req: dict[str, Any], body: dict[str, Any]) -> None:
+        """Refuse a prompt (or prompt + asked answer length) longer than the model's context,
+        as OpenAI does; a request that asks no length gets what the context leaves, up to the
+        server's default."""
+        n_ctx = getattr(self.probe.backend, "n_ctx", None)
+        if not n_ctx:
+            return
+        n_prompt = len(chat_rows(self.probe.tokenizer, [req["messages"]], with_response=False)[0][0])
+        asked = body.get("max_completion_tokens", body.get("max_tokens")) is not None
+        if n_prompt >= n_ctx or (asked and n_prompt + req["max_tokens"] > n_ctx):
+            raise RequestError(
+                f"this model's context is {n_ctx} tokens; the request has {n_prompt} in its messages"
+                + (f" and asks for {req['max_tokens']} more" if asked else ""), "messages", code="context_length_exceeded")
+        req["max_tokens"] = min(req["max_tokens"], n_ctx - n_prompt)
+
     def _describe(self, s: _Steering) -> dict[str, Any]:
         vec = self.vectors[s.vector]
         return {"vector": s.vector, "trait": vec.trait, "model_name": vec.model_name,
                 "layers": {str(l): c for l, c in s.layers.items()}, "positions": s.positions}
 
     def stream(self, body: Any, reply: dict[str, Any]) -> Iterator[str]:
-        """The reply as server-sent events of ``chat.completion.chunk`` objects."""
+        """The reply as server-sent events of ``chat.completion.chunk`` objects, OpenAI's way:
+        every chunk carries choices except the usage chunk ``include_usage`` asks for (a
+        client's ``chunk.choices[0]`` never fails otherwise). Each choice's readings ride in
+        its finish chunk's choice; the request's ``persona`` and ``persona_lens`` on the last
+        chunk that has choices."""
         head = {k: reply[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage_none = {"usage": None} if include_usage else {}
 
         def event(choices: list, **extra: Any) -> str:
-            return f"data: {json.dumps(head | {'choices': choices} | extra)}\n\n"
+            return f"data: {json.dumps(head | {'choices': choices} | usage_none | extra)}\n\n"
 
-        for c in reply["choices"]:
+        last = len(reply["choices"]) - 1
+        for j, c in enumerate(reply["choices"]):
             i = c["index"]
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             yield event([{"index": i, "delta": {"content": c["message"]["content"]}, "finish_reason": None}])
-            yield event([{"index": i, "delta": {}, "finish_reason": c["finish_reason"]}],
-                        **({"persona": c["persona"]} if "persona" in c else {}))
-        extra = {k: reply[k] for k in ("persona", "persona_lens") if k in reply}
-        usage = reply["usage"] if bool((body.get("stream_options") or {}).get("include_usage")) else None
-        if usage is not None or extra:
-            yield event([], **({"usage": usage} if usage else {}), **extra)
+            finish = {"index": i, "delta": {}, "finish_reason": c["finish_reason"]}
+            if "persona" in c:
+                finish["persona"] = c["persona"]
+            yield event([finish], **({k: reply[k] for k in ("persona", "persona_lens") if k in reply}
+                                     if j == last else {}))
+        if include_usage:
+            yield event([], usage=reply["usage"])
         yield "data: [DONE]\n\n"
 
     def models(self) -> dict[str, Any]:
@@ -390,26 +431,35 @@ def make_app(
         from fastapi import Body, FastAPI
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, StreamingResponse
+        from starlette.exceptions import HTTPException
     except ImportError as e:
         raise ImportError(f"the server needs FastAPI: pip install 'persona-lens[serve]' ({e})") from None
 
     server = _Server(probe, vectors, steering, name, max_tokens)
     app = FastAPI(title=f"persona_lens: {server.name}", version=_version())
 
-    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": V.redact(message), "type": kind, "param": param, "code": None}},
+    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+              code: str | None = None):
+        return JSONResponse({"error": {"message": V.redact(message), "type": kind, "param": param, "code": code}},
                             status_code=status)
 
     @app.exception_handler(RequestValidationError)
     def _bad_json(request: Any, exc: RequestValidationError):  # FastAPI's own 422: OpenAI's 400 instead
-        return error(400, "the request body must be a JSON object (chat completion request)")
+        return error(400, "the request body must be a JSON object (a chat completion request, sent with "
+                          "Content-Type: application/json)")
+
+    @app.exception_handler(HTTPException)
+    def _http(request: Any, exc: HTTPException):  # an unknown route or method, in OpenAI's error shape
+        routes = "POST /v1/chat/completions, GET /v1/models, GET /v1/vectors, GET /health"
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail} (this server answers "
+                                      f"{routes})", code="not_found" if exc.status_code == 404 else None)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: Any = Body(...)):
         try:
             reply = server.complete(body)
         except RequestError as e:
-            return error(e.status, str(e), e.param)
+            return error(e.status, str(e), e.param, code=e.code)
         except ValueError as e:  # the library's checks (context length, ...): the request's fault
             return error(400, str(e))
         except Exception as e:  # noqa: BLE001 - answered as a 500 with its type; the server keeps running
@@ -421,6 +471,13 @@ def make_app(
     @app.get("/v1/models")
     def models():
         return server.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        if model_id != server.name:
+            return error(404, f"the model {model_id!r} does not exist here; this server serves {server.name!r}",
+                         "model", code="model_not_found")
+        return server.models()["data"][0]
 
     @app.get("/v1/vectors")
     def vectors_route():

@@ -190,15 +190,20 @@ def test_length_limit_gives_finish_reason_length(client, questions):
     assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == 2
 
 
-def test_stream_carries_the_same_answer_usage_and_readings(client, questions):
-    kw = dict(temperature=0, seed=0, extra_body={"monitor": [{"vector": "evil", "layer": 3}]})
+def test_stream_carries_the_same_answers_usage_and_readings(client, questions):
+    kw = dict(temperature=1.0, seed=5, n=2, extra_body={"monitor": [{"vector": "evil", "layer": 3}]})
     whole = ask(client, questions[2], **kw)
+    # OpenAI's own loop: every chunk has a choice unless usage was asked for
+    plain = list(ask(client, questions[2], stream=True, **kw))
+    for i in range(2):
+        mine = [c.choices[0] for c in plain if c.choices[0].index == i]
+        assert "".join(d.delta.content or "" for d in mine) == whole.choices[i].message.content
+        assert mine[-1].finish_reason == whole.choices[i].finish_reason
+        assert mine[-1].persona == whole.choices[i].persona  # each choice's readings in its own choice
+    assert plain[-1].persona == whole.persona and plain[-1].persona_lens == whole.persona_lens
     chunks = list(ask(client, questions[2], stream=True, stream_options={"include_usage": True}, **kw))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert all(c.choices for c in chunks[:-1]) and not chunks[-1].choices and all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    assert chunks[-1].persona == whole.persona
 
 
 def test_default_steering_applies_until_a_request_replaces_it(probe, vec, hf, questions):
@@ -248,8 +253,15 @@ def test_concurrent_requests_each_get_their_own_steering(app, questions):
     ({"steering": [{"vector": "evil", "layer": 9, "coef": 1}]}, "steering[0].layer", "layers 0..6"),
     ({"steering": [{"vector": "evil", "layer": 5}]}, "steering[0]", "\"coef\" is missing"),
     ({"steering": [{"vector": "evil", "layer": 5, "coef": "x"}]}, "steering[0].coef", "number"),
-    ({"steering": [{"vector": "evil", "layer": 5, "coef": 1, "positions": "everywhere"}]}, "steering[0]",
+    ({"steering": [{"vector": "evil", "layer": 5, "coef": 1, "positions": "everywhere"}]}, "steering[0].positions",
      "positions must be one of"),
+    ({"steering": [{"vector": "evil", "layer": 5, "coef": 1, "positions": ["answer"]}]}, "steering[0].positions",
+     "positions must be one of all, prompt, response, response_only"),
+    ({"steering": [{"vector": "evil", "layer": 5, "coef": 1e30}]}, "steering[0]", "finite"),
+    ({"steering": [{"vector": "evil", "layers": {"-1": 1.0}}]}, "steering[0].layers key", "out of range"),
+    ({"stream": "false"}, "stream", "true or false"),
+    ({"stream": True, "stream_options": "yes"}, "stream_options", "must be an object"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens", ">= 1"),
     ({"steering": {"vector": "evil"}}, "steering", "must be a list"),
     ({"monitor": [{"vector": "evil"}]}, "monitor[0]", "those two keys"),
     ({"logprobs": True}, "logprobs", "not supported"),
@@ -277,10 +289,37 @@ def test_bad_messages_model_and_body(client, http, questions):
     reply = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "JSON object" in reply.json()["error"]["message"]
     # text content parts are joined; a refused request leaves no steering behind
-    parts = [{"type": "text", "text": questions[0][:10]}, {"type": "text", "text": questions[0][10:]}]
+    cut = questions[0].index(" ", 8)  # parts are joined with a newline, as vLLM joins them
+    parts = [{"type": "text", "text": questions[0][:cut]}, {"type": "text", "text": questions[0][cut + 1:]}]
     joined = client.chat.completions.create(model="persona-organism", temperature=0, max_tokens=24,
                                             messages=[{"role": "user", "content": parts}])
     assert joined.choices[0].message.content == ask(client, questions[0], temperature=0).choices[0].message.content
+
+
+def test_the_models_context_bounds_a_request(http, probe, questions):
+    """As OpenAI: a prompt past the context, or one that asks for more than the context leaves,
+    is a 400 (context_length_exceeded); asking for nothing gets what the context leaves."""
+    n_ctx = probe.backend.n_ctx
+    long = " ".join([questions[0]] * (n_ctx // 8))
+    body = {"messages": [{"role": "user", "content": long}], "temperature": 0}
+    reply = http.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
+    short = {"messages": [{"role": "user", "content": questions[0]}], "temperature": 0}
+    reply = http.post("/v1/chat/completions", json={**short, "max_tokens": n_ctx})
+    assert reply.status_code == 400 and f"context is {n_ctx} tokens" in reply.json()["error"]["message"]
+    assert http.post("/v1/chat/completions", json={**short, "max_tokens": 8}).status_code == 200
+    # top_p 0 keeps the single likeliest token: the greedy answer
+    greedy = http.post("/v1/chat/completions", json={**short, "max_tokens": 16}).json()
+    top0 = http.post("/v1/chat/completions", json={**short, "max_tokens": 16, "temperature": 1.0, "top_p": 0}).json()
+    assert top0["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+def test_unknown_routes_answer_in_openais_error_shape(client, http):
+    reply = http.get("/v1/completions")
+    assert reply.status_code in (404, 405) and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.models.retrieve("persona-organism").id == "persona-organism"
+    with pytest.raises(openai.NotFoundError, match="serves 'persona-organism'"):
+        client.models.retrieve("gpt-4.1")
 
 
 def test_a_failure_inside_generation_removes_the_steering(app, probe, vec, questions, monkeypatch):
@@ -346,6 +385,8 @@ def test_serve_command_builds_the_app_it_describes(vec, hf, questions, tmp_path,
     (["--vector", "HERE", "--steer", "kind@5:1"], "no --vector named 'kind'"),
     (["--vector", "HERE", "--steer", "evil5:1"], "use NAME@LAYER:COEF"),
     (["--vector", "HERE", "--vector", "HERE"], "given twice"),
+    (["--vector", "HERE", "--steer", "evil@9:1"], "layer 9 is out of range"),
+    (["--port", "70000"], "in 1..65535"),
 ])
 def test_serve_command_errors_are_one_line_before_the_model_loads(vec, tmp_path, monkeypatch, capsys, args, words):
     import persona_lens.models
@@ -356,3 +397,15 @@ def test_serve_command_errors_are_one_line_before_the_model_loads(vec, tmp_path,
     code = main(["serve", "--model", "persona-organism"] + [path if a == "HERE" else a for a in args])
     err = capsys.readouterr().err
     assert code in (1, 2) and words in err and "Traceback" not in err, err
+
+
+def test_a_command_error_is_one_line_under_python_m_too(tmp_path):
+    """``python -m persona_lens.cli``: the module is __main__, and its errors are still the
+    user's to fix, not a bug."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "persona_lens.cli", "serve", "--model", "persona-organism",
+                          "--vector", f"evil={tmp_path / 'nope.safetensors'}"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "no vector file there" in out.stderr and "Traceback" not in out.stderr, out.stderr
