@@ -497,6 +497,12 @@ def extract(
     vectors = _load_cached_vectors(vector_paths, kept_hash, probe)
     if vectors is not None:
         stats.vectors_reused = True
+        # The same kept answers give the same numbers; the provenance is this run's (another
+        # judge or thresholds can keep the same pairs).
+        for r, v in vectors.items():
+            if v.notes != {**v.notes, **notes}:
+                v.notes = {**v.notes, **notes}
+                v.save(vector_paths[r])
     else:
         vectors = _compute_vectors(probe, kept, trait.name, model, notes, layers,
                                    capture_batch_size, progress)

@@ -176,6 +176,11 @@ def test_outputs_and_rerun_reuse_everything(tiny_probe, tmp_path):
     assert judge2.asked == []
     assert res2.stats.vectors_reused
     torch.testing.assert_close(res2.vector.directions, res.vector.directions)
+    # other thresholds that keep the same pairs: the same numbers, this run's provenance
+    res2b = extract(probe, trait, judge2, out_dir=tmp_path, thresholds={"pos_trait": 39, "neg_trait": 61}, **FAST)
+    assert res2b.stats.vectors_reused and res2b.stats.kept == res2.stats.kept
+    saved = pl.PersonaVector.load(res2b.vector_paths["response_mean"])
+    assert saved.notes["thresholds"]["pos_trait"] == 39 and res2b.vector.notes["thresholds"]["neg_trait"] == 61
 
     # More samples: the old ones are reused, only the new ones generated and judged.
     res3 = extract(probe, trait, judge2, out_dir=tmp_path, thresholds={"pos_trait": 40, "neg_trait": 60},
