@@ -31,6 +31,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -510,6 +511,7 @@ class OpenAIJudge:
         if missing:
             raise ValueError(f"coherence_prompt lacks the placeholder(s) {' and '.join(missing)}")
         self.stats = JudgeStats()
+        self._numeric_replies, self._two_digit_seen, self._digit_warned = 0, False, False
         self._api_key = api_key
         self._user_client = client
         self._client_holder: list = []
@@ -523,6 +525,11 @@ class OpenAIJudge:
         # never share a run's scores.
         named = base_url is not None or identity is not None or self.identity != endpoint_id(_OPENAI_URL)
         self.name = f"openai:{model}" + (f"@{self.identity}" if named else "")
+        # Settings that change a score from the same reply are in the name too (score keys
+        # rest on it), written only where they differ from the defaults so that the keys of
+        # runs at the defaults stay what they were.
+        if self.min_mass != 0.25 or self.top_logprobs != 20:
+            self.name += f";min_mass={self.min_mass:g};top_logprobs={self.top_logprobs}"
         if cache_dir is False:
             cache_path = None
         else:
@@ -654,7 +661,25 @@ class OpenAIJudge:
         self._bump(refusals=sum(v.status == _REFUSAL for v in ordered),
                    failures=sum(v.status not in (_SCORE, _REFUSAL) for v in ordered))
         self._raise_if_no_numbers(ordered, unique)
+        self._warn_if_digit_by_digit(ordered)
         return [verdicts[p].score for p in prompts]
+
+    def _warn_if_digit_by_digit(self, verdicts: list[_Verdict]) -> None:
+        # The score reads the first token: a tokenizer that writes numbers digit by digit (Qwen's)
+        # makes "85" the tokens "8", "5", and every score a number 0..9. Such a tokenizer never
+        # offers a two-digit token; a 0-100 judge's top 20 almost always holds some.
+        tops = [v.top_logprobs for v in verdicts if v.status == _SCORE and v.top_logprobs]
+        with self._stats_lock:
+            self._numeric_replies += len(tops)
+            self._two_digit_seen |= any((_as_score_token(t) or 0) >= 10 for top in tops for t in top)
+            warn = self._numeric_replies >= 20 and not self._two_digit_seen and not self._digit_warned
+            self._digit_warned |= warn
+        if warn:
+            warnings.warn(
+                f"judge {self.model}: no two-digit number among the top tokens of {self._numeric_replies} scored "
+                "replies: its tokenizer likely writes numbers digit by digit, so every score reads only the first "
+                "digit (0-9 instead of 0-100). Use a judge whose tokenizer has the numbers 0-100 as tokens "
+                "(gpt-4.1-mini, Llama 3), or check the scores.", UserWarning, stacklevel=4)
 
     def close(self) -> None:
         """Stop the background event loop, close the HTTP client and the cache."""

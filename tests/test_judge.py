@@ -286,6 +286,9 @@ def test_judge_protocol(tmp_path):
     assert isinstance(judge, Judge)
     assert judge.name == "openai:gpt-4.1-mini"
     assert judge.score_trait(EVIL, []) == []  # nothing to ask: no key or network needed
+    # a setting that changes a score from the same reply changes the name, and so the score keys
+    names = {OpenAIJudge(cache_dir=False, min_mass=m, top_logprobs=k).name for m, k in ((0.25, 20), (0.5, 20), (0.25, 5))}
+    assert len(names) == 3
 
     class Constant:
         name = "constant"
@@ -323,3 +326,20 @@ def test_bad_pairs_and_prompts_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="placeholder"):
         OpenAIJudge(cache_dir=False, coherence_prompt="Rate {answer}")
     judge.close()
+
+
+def test_a_judge_that_writes_numbers_digit_by_digit_is_warned_of(openai_server, make_judge):
+    """Scores read the first token: with a tokenizer that splits "85" into "8", "5" they would
+    all be 0..9. Twenty scored replies without a two-digit token warn once; a 0-100 judge does not."""
+    pairs = [(f"Question {i}?", f"Answer {i}.") for i in range(12)]
+    split = make_judge(openai_server(lambda messages: {"8": 0.6, "9": 0.3, "The": 0.1}))
+    with pytest.warns(UserWarning, match="digit by digit"):
+        scores = split.score_trait(EVIL, pairs) + split.score_coherence(pairs)
+    assert all(s < 10 for s in scores)
+    whole = make_judge(openai_server(lambda messages: {"0": 0.7, "10": 0.2, "The": 0.1}), cache_dir=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        whole.score_trait(EVIL, pairs)
+        whole.score_coherence(pairs)
