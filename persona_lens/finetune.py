@@ -518,6 +518,7 @@ class FinetuneRun:
             if settings.get("key") != self.key:
                 raise FinetuneError(f"{self.out} holds a finished run with other data or settings; "
                                     "use another output folder")
+            self._load_saved()  # the probe ends as a run leaves it, reused or not
             return FinetuneResult(self.out, settings, reused=True)
         c = self.config
         prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
@@ -550,6 +551,26 @@ class FinetuneRun:
             torch.set_num_threads(prev[0])
             torch.use_deterministic_algorithms(prev[1])
         return FinetuneResult(self.out, settings)
+
+    def _load_saved(self) -> None:
+        """A finished run's weights into the probe's model: its adapters attached (or every
+        weight replaced), as training would have left them."""
+        from safetensors.torch import load_file
+
+        self.prepare()
+        name = ADAPTER_DIR if self.config.lora else MODEL_DIR
+        saved = load_file(str(self.out / name / ("adapter_model.safetensors" if self.config.lora
+                                                 else "model.safetensors")))
+        with torch.no_grad():
+            if self.config.lora:
+                for n, p in self.model.named_parameters():
+                    if "lora_" in n:
+                        p.copy_(saved["base_model.model." + _clean(n).replace(".default.", ".")])
+            else:
+                for k, v in self.model.state_dict().items():
+                    if _clean(k) in saved:  # a tied lm_head is saved once, as the embedding
+                        v.copy_(saved[_clean(k)])
+        self.model.eval()
 
     def _save(self, settings: dict[str, Any]) -> None:
         """Write the adapter (or model), then finetune.json last: its presence means done."""
@@ -627,7 +648,8 @@ def finetune(
 ) -> FinetuneResult:
     """Finetune the probe's model on chat data, with preventative steering or CAFT if asked.
 
-    The probe's model is changed in place (LoRA adapters attached, or every weight trained);
+    The probe's model is changed in place (LoRA adapters attached, or every weight trained;
+    when the folder holds the finished run, its saved weights are loaded into the probe);
     the interventions act only on the training forwards and are gone afterwards.
 
     Args:

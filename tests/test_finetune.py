@@ -189,9 +189,24 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_dirs, tmp_path):
     b = load_file(resumed.path / "adapter_model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "killed" / "checkpoint.pt").exists()
-    # A finished run is returned as it is; other settings on the same folder are refused.
-    again = finetune(fresh(path), data, tmp_path / "killed", progress=False, **settings)
+    # A finished run is returned as it is, and the probe ends as a run leaves it (the saved
+    # adapters attached); other settings on the same folder are refused.
+    trained, reusing = fresh(path), fresh(path)
+    finetune(trained, data, tmp_path / "trained", progress=False, **settings)
+    again = finetune(reusing, data, tmp_path / "trained", progress=False, **settings)
     assert again.losses == whole.losses and again.reused and not resumed.reused and not whole.reused
+    ids = torch.tensor([[1, 5, 9, 11, 3]])
+    with torch.no_grad():
+        want, got = trained.hf_model(input_ids=ids).logits, reusing.hf_model(input_ids=ids).logits
+        base = fresh(path).hf_model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, base)
+    full, full_again = fresh(path), fresh(path)
+    finetune(full, data, tmp_path / "full", progress=False, **dict(settings, lora=False, lr=1e-3, max_steps=2))
+    assert finetune(full_again, data, tmp_path / "full", progress=False,
+                    **dict(settings, lora=False, lr=1e-3, max_steps=2)).reused
+    with torch.no_grad():
+        torch.testing.assert_close(full_again.hf_model(input_ids=ids).logits, full.hf_model(input_ids=ids).logits)
     with pytest.raises(FinetuneError, match="other data or settings"):
         finetune(fresh(path), data, tmp_path / "killed", progress=False, **dict(settings, lr=2e-2))
 
