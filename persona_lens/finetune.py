@@ -188,7 +188,8 @@ class Interventions:
                                         "its own coefficient; coef= goes with a list of layers)")
             if self.steer is not None and not isinstance(self.steer, Mapping):
                 coef = V.number("coef", 1.0 if self.coef is None else self.coef)
-                layers = [self.steer] if isinstance(self.steer, int) else V.items("steer", self.steer)
+                layers = [self.steer] if isinstance(self.steer, int) else V.items(
+                    "steer", self.steer, what="a {layer: coef} dict, a list of layers or one layer")
                 self.steer = {V.integer(f"steer[{i}]", l, min=0): coef for i, l in enumerate(layers)}
             self.steer = {V.integer("steer key", l, min=0): V.number(f"steer[{l!r}]", c)
                           for l, c in (self.steer or {}).items()}
@@ -199,6 +200,15 @@ class Interventions:
                                 f"got {self.positions!r}")
         if (self.steer or self.caft) and self.vector is None:
             raise FinetuneError("preventative steering and CAFT need a vector")
+        # Arguments that would be ignored are refused: each is a run other than the one asked for.
+        if self.vector is not None and not (self.steer or self.caft):
+            raise FinetuneError("a vector is used only with steer= (preventative steering) or caft=; give one of "
+                                "them, or leave the vector out for plain finetuning")
+        if not self.steer and self.coef is not None:
+            raise FinetuneError("coef= goes with steer= (a list of layers); there is no steering here")
+        if not self.steer and self.positions != "all":
+            raise FinetuneError(f"positions={self.positions!r} says where steer= adds the vector; CAFT ablates at "
+                                "every position and there is no steering here")
 
     @property
     def active(self) -> bool:
@@ -233,6 +243,10 @@ class Interventions:
         for l, c in self.steer.items():
             with _as_finetune_error():
                 probe._check_steer_size(self.vector, l, c, f"steer[{l}]")
+        for l in self.caft:  # before any adapter is attached: a late failure would leave the model changed
+            if not bool(self.vector[l].any()):
+                raise FinetuneError(f"caft: the vector is all zeros at layer {l} (extracted without it?): there is "
+                                    "no direction to project out; choose a layer the vector has")
 
     @contextlib.contextmanager
     def applied(self, probe: "PersonaProbe", batch: Any):
@@ -692,13 +706,22 @@ def finetune(
 # ----------------------------------------------------------------------------- shift
 
 
+class LastPromptActivations(dict):
+    """``{layer: [n_questions, d_model]}``, and the ``questions`` they were taken on (so that
+    a shift never pairs one set of questions' activations with another's)."""
+
+    def __init__(self, acts: Mapping[int, torch.Tensor], questions: Sequence[str]):
+        super().__init__(acts)
+        self.questions = list(questions)
+
+
 def last_prompt_activations(probe: "PersonaProbe", questions: Sequence[str], layers: Sequence[int],
-                            batch_size: int = 32) -> dict[int, torch.Tensor]:
+                            batch_size: int = 32) -> LastPromptActivations:
     """``{layer: [n_questions, d_model]}`` last-prompt-token activations, no system prompt."""
     convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": ""}] for q in questions]
     acts = probe.capture(convs, layers=list(layers), reductions=["last_prompt"], batch_size=batch_size,
                          progress=False)
-    return {l: acts.at("last_prompt", l).float() for l in layers}
+    return LastPromptActivations({l: acts.at("last_prompt", l).float() for l in layers}, questions)
 
 
 def finetuning_shift(
@@ -728,7 +751,24 @@ def finetuning_shift(
                  enumerate(V.items("questions", questions, what="a list of question strings", nonempty=True))]
     vector.check_compatible(tuned.n_layers, tuned.d_model, None)
     a_tuned = last_prompt_activations(tuned, questions, layers, batch_size)
-    a_base = base if isinstance(base, Mapping) else last_prompt_activations(base, questions, layers, batch_size)
+    if isinstance(base, Mapping):
+        a_base = base
+        if getattr(base, "questions", questions) != questions:
+            raise V.InvalidArgument("base", "activations", "", message=(
+                "base: these activations were taken on other questions than the ones given; take them with "
+                "last_prompt_activations(base_probe, questions, layers) on the same questions"))
+        missing = [l for l in layers if l not in base]
+        if missing:
+            raise V.InvalidArgument("base", sorted(base), "", message=(
+                f"base: no activations at layer {missing[0]} (they hold layers {sorted(base)}); take them at "
+                "every layer of the shift"))
+        wrong = [l for l in layers if tuple(base[l].shape) != (len(questions), tuned.d_model)]
+        if wrong:
+            raise V.InvalidArgument("base", "activations", "", message=(
+                f"base: activations at layer {wrong[0]} have shape {tuple(base[wrong[0]].shape)}, not "
+                f"[{len(questions)} questions, {tuned.d_model}]"))
+    else:
+        a_base = last_prompt_activations(base, questions, layers, batch_size)
     out = {}
     for l in layers:
         u = vector.unit(l).float()

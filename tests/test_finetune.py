@@ -393,3 +393,28 @@ def test_jsonl_with_raw_line_separators_inside_strings_reads_whole(tmp_path):
     path = tmp_path / "raw.jsonl"
     path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")
     assert load_chat_data(path) == convs
+
+
+def test_arguments_that_would_be_ignored_or_fail_late_are_refused_first(tiny_dirs, tmp_path):
+    from persona_lens.finetune import last_prompt_activations
+
+    path = tiny_dirs["llama"]
+    probe = fresh(path)
+    vec = vector_for(probe)
+    for kw, words in ((dict(vector=vec), "vector is used only with"), (dict(steer=None, coef=2.0), "coef= goes with"),
+                      (dict(vector=vec, caft=[1], positions="response"), "CAFT ablates at every position")):
+        with pytest.raises(FinetuneError, match=words):
+            Interventions(**kw)
+    # CAFT where the vector has no direction fails before any adapter is attached
+    hole = vec.directions.clone()
+    hole[2] = 0
+    with pytest.raises(FinetuneError, match="all zeros at layer 2"):
+        finetune(probe, convs(), tmp_path / "caft", vector=pl.PersonaVector(hole), caft=[2], progress=False, **SMALL)
+    assert not any("lora_" in n for n, _ in probe.hf_model.named_parameters()) and not (tmp_path / "caft").exists()
+    # the shift's precomputed base activations must be the same questions' at every layer
+    acts = last_prompt_activations(probe, QUESTIONS[:3], [1, 2])
+    with pytest.raises(ValueError, match="other questions"):
+        finetuning_shift(acts, probe, vec, QUESTIONS[1:4], layers=[1, 2])
+    with pytest.raises(ValueError, match="no activations at layer 3"):
+        finetuning_shift(acts, probe, vec, QUESTIONS[:3], layers=[1, 3])
+    assert finetuning_shift(acts, probe, vec, QUESTIONS[:3], layers=[1, 2]) == {1: 0.0, 2: 0.0}
