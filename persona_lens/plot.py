@@ -100,17 +100,21 @@ def projection_curve(
     fig = go.Figure()
     for i, r in enumerate(readings):
         name = labels[i] if labels else f"response {i}"
+        # response_projections[k] is read where answer token k was chosen: at the last prompt
+        # token for k = 0, then at answer token k - 1. Each point is drawn at the position it
+        # was read at (x = k - 1: -1 is the last prompt token), so no reading appears twice.
+        n = len(r.response_projections)
         fig.add_trace(
             go.Scatter(
-                x=list(range(len(r.response_projections))),
+                x=list(range(-1, n - 1)),
                 y=r.response_projections,
                 mode="lines+markers",
                 name=name,
-                text=r.response_tokens[: len(r.response_projections)],
-                hovertemplate="token %{x}: %{text}<br>projection %{y:.3f}<extra>" + name + "</extra>",
+                text=["(last prompt token)"] + list(r.response_tokens[: max(n - 1, 0)]),
+                hovertemplate="position %{x}: %{text}<br>projection %{y:.3f}<extra>" + name + "</extra>",
             )
         )
-        if show_prompt_reading and r.prompt_projections:
+        if show_prompt_reading and r.prompt_projections:  # the paper's reading, marked
             fig.add_trace(
                 go.Scatter(
                     x=[-1], y=[r.last_prompt], mode="markers", showlegend=False,
@@ -121,7 +125,7 @@ def projection_curve(
     layer = readings[0].layer
     fig.update_layout(
         title=title or f"Projection onto the persona vector, layer {layer}",
-        xaxis_title="response token (-1: last prompt token)",
+        xaxis_title="position read (-1: last prompt token; 0, 1, ...: answer tokens)",
         yaxis_title="projection onto unit vector",
         template="plotly_white",
         height=HEIGHT,
@@ -180,9 +184,11 @@ def projection_bands(
     for g in [*order, *others]:
         rs = [r for r, gg in zip(readings, groups) if gg == g]
         xs, ys, lo, hi, ns = [], [], [], [], []
-        series = [[r.last_prompt for r in rs if r.prompt_projections]]
-        longest = max(len(r.response_projections) for r in rs)
-        series += [[r.response_projections[k] for r in rs if len(r.response_projections) > k] for k in range(longest)]
+        # as in projection_curve: response_projections[k] is read at position k - 1 (-1: the
+        # last prompt token, which is also r.last_prompt)
+        per = [r.response_projections or ([r.last_prompt] if r.prompt_projections else []) for r in rs]
+        longest = max(len(p) for p in per)
+        series = [[p[k] for p in per if len(p) > k] for k in range(longest)]
         for k, vals in enumerate(series, start=-1):
             if len(vals) < max(1, min(min_responses, len(rs))):
                 if k >= 0:
@@ -207,7 +213,7 @@ def projection_bands(
     fig.add_vline(x=-0.5, line_dash="dot", line_color="gray")
     fig.update_layout(
         title=title or f"Projection onto the persona vector token by token, layer {layer}",
-        xaxis_title="response token (-1: last prompt token)",
+        xaxis_title="position read (-1: last prompt token; 0, 1, ...: answer tokens)",
         yaxis_title="projection onto the unit vector<br>(mean, 95% band)",
         template="plotly_white", height=height, legend_title_text="system prompt",
     )

@@ -344,6 +344,9 @@ def test_monitor_figure(tiny):
     fig = pl.plot.projection_curve(readings, labels=["a", "b"])
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     assert [list(t.y) for t in lines] == [r.response_projections for r in readings]
+    # each reading at the position it was read at: the first at the last prompt token (-1)
+    assert [list(t.x) for t in lines] == [list(range(-1, len(r.response_projections) - 1)) for r in readings]
+    assert all(t.y[0] == r.last_prompt for t, r in zip(lines, readings))
     assert "layer 1" in fig.layout.title.text
 
 

@@ -49,8 +49,9 @@ def test_monitor_scatter_one_entry_per_group_on_one_scale_with_fit():
 
 
 def test_projection_bands_draw_a_mean_and_band_per_group_not_a_line_per_response():
-    readings = [FakeReading([1.0, 2.0, 3.0], [0.5]) for _ in range(6)]
-    readings += [FakeReading([10.0, 20.0] + [30.0] * (i % 3), [5.0]) for i in range(6)]
+    # as a real Reading: response_projections[0] is read at the last prompt token (last_prompt)
+    readings = [FakeReading([0.5, 1.0, 2.0, 3.0], [0.5]) for _ in range(6)]
+    readings += [FakeReading([5.0, 10.0, 20.0] + [30.0] * (i % 3), [5.0]) for i in range(6)]
     groups = ["low"] * 6 + ["high"] * 6
     fig = plot.projection_bands(readings, groups, order=["low", "high"], min_responses=2)
     lines = [t for t in fig.data if t.mode == "lines"]
@@ -58,7 +59,7 @@ def test_projection_bands_draw_a_mean_and_band_per_group_not_a_line_per_response
     assert len(lines) == 2 and len(bands) == 2
     low = next(t for t in lines if t.name.startswith("low"))
     assert low.name == "low (n=6)"
-    assert list(low.x) == [-1, 0, 1, 2] and list(low.y) == [0.5, 1.0, 2.0, 3.0]
+    assert list(low.x) == [-1, 0, 1, 2] and list(low.y) == [0.5, 1.0, 2.0, 3.0]  # each reading once
     high = next(t for t in lines if t.name.startswith("high"))
     # token 2 and 3 exist in 4 and 2 of the 6 "high" responses: the mean is over those
     assert list(high.x) == [-1, 0, 1, 2, 3] and list(high.customdata) == [6, 6, 6, 4, 2]
