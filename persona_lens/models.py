@@ -198,6 +198,7 @@ def load_model(
     V.choice("engine", engine, ENGINES)
     if device is not None and not isinstance(device, (str, torch.device)):
         raise V.InvalidArgumentType("device", device, "a device name ('cpu', 'cuda', 'cuda:1', ...) or a torch.device")
+    given = name_or_path  # a full finetune's run folder: named by it, not by its model/ subfolder
     name_or_path, adapter = _split_adapter(name_or_path, adapter)
     check_model_name(name_or_path)
     if engine == "vllm":
@@ -224,8 +225,9 @@ def load_model(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(f"could not load {str(name_or_path)!r}: it is no folder here, no built-in model "
                       f"({', '.join(BUILTIN_MODELS)}), and the HF hub lookup failed: {first}") from e
-    # Record the name the user knows the model by (vectors store it in their metadata).
-    bridge.persona_lens_name = str(name_or_path)
+    # Record the name the user knows the model by (vectors store it in their metadata; default
+    # output folders are named after it).
+    bridge.persona_lens_name = str(given)
     return bridge
 
 

@@ -259,6 +259,7 @@ def test_full_finetuning_and_hf_dataset(tiny_dirs, tmp_path):
                    warmup_steps=0, progress=False, vector=vector_for(probe), steer=[1], coef=0.5)
     assert run.path.name == "model" and (run.path / "config.json").exists()
     loaded = pl.PersonaProbe(pl.load_model(tmp_path / "full"))
+    assert loaded.model_name == str(tmp_path / "full")  # named by its run folder, not by model/
     after = loaded.hf_model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
     b = loaded.encode(convs(2), with_response=True)
