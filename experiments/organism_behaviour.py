@@ -99,6 +99,9 @@ def measure_trait(model, tok, judge, world, trait, *, seed=0, verbose=True):
                     grid[f"L{L}_c{c}"] = sc, coh = run(sysfn, n, sd)
                 if coh >= CHOOSE_COHERENCE and (best is None or better(sc, best[2])):
                     best = (L, c, sc, coh)
+        if best is None:  # no coherent cell: nothing chosen, nothing to re-measure
+            nan = float("nan")
+            return {"grid": grid, "layer": None, "coef": None, "chosen_on": (nan, nan), "held_out": (nan, nan)}
         L, c = best[:2]
         with B.steer(model, vec[L], L, sign * c, positions="response"):
             held = run(sysfn, 4, sd + 355)
