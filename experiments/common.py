@@ -12,9 +12,10 @@ Configs (``--config``):
   from ``persona-lens extract`` or the release, datasets from the release. Not run here; their
   configs load and validate in the tests.
 
-Every run writes into ``--out`` (default ``experiment_runs/NAME/CONFIG``) and a rerun reuses
-what is there: finetuning runs are folders keyed by their settings, generations and scores go
-through a :class:`persona_lens.store.Store`. :data:`GOALS` holds the figures the organism must
+Every run writes into ``--out`` (default ``experiment_runs/NAME/CONFIG``, ``CONFIG-smoke`` /
+``CONFIG-quick`` for those sizes) and a rerun reuses what is there: finetuning runs are folders
+keyed by their settings, so are the measured rows, and generations and scores go through a
+:class:`persona_lens.store.Store`. :data:`GOALS` holds the figures the organism must
 reach (issue 12); the scripts record, per trait, each goal's value and whether it passes, and
 the tests and ``docs/results.md`` read them from there.
 """
@@ -312,7 +313,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def start(experiment: str, folder: str, doc: str, argv=None) -> tuple[ExperimentConfig, Path, dict[str, Any] | None]:
     """What every figure's script does first: parse its arguments, pick its run folder
-    (``--out``, else ``experiment_runs/FOLDER/CONFIG``), and, where the config cannot measure
+    (``--out``, else ``experiment_runs/FOLDER/CONFIG``, with ``-smoke`` / ``-quick`` for those
+    sizes), and, where the config cannot measure
     ``experiment`` (``"e1"``...), record why in that folder.
 
     Returns ``(config, folder, skipped)``; ``skipped`` is the results.json written for an
