@@ -316,7 +316,8 @@ def run_demo(
             "evaluation questions": len(eval_q), "layers": sweep_layers, "coefs": list(coefs),
             "positions": positions, "coherence floor": coherence_floor, "max new tokens": max_new_tokens,
             "held out": f"the chosen cells and the unsteered baselines re-measured on {sw.heldout_how}",
-            "monitor": f"{len(prompts)} system prompts x {len(mq)} questions x {monitor_samples} samples, "
+            "monitor": f"{len(prompts)} prompt conditions (graded system prompts and none) x {len(mq)} questions x "
+                       f"{monitor_samples} samples, "
                        f"layer {layer}",
             "seed": seed, "torch threads": torch.get_num_threads(),
             "generations": job.total,

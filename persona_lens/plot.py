@@ -72,9 +72,10 @@ def projection_curve(
 ) -> go.Figure:
     """The trait-projection curve: one line per response, a point per generated token.
 
-    The x axis is the response token index; point ``k`` is the projection the model held
-    when it chose token ``k`` (hover shows the token). A dashed marker at x = -1 shows the
-    last prompt token's reading, the paper's pre-answer monitor, if asked. For many
+    The x axis is the position read: -1 is the last prompt token (the reading the model held
+    when it chose the first answer token, the paper's pre-answer monitor, marked if asked),
+    ``j`` answer token ``j`` (the reading before it chose token ``j + 1``); hover shows the
+    token. For many
     responses, :func:`projection_bands` reads better.
 
     Example (``probe``, ``vec``, ``trait``: the persona organism, its ``evil`` vector and

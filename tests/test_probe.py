@@ -6,6 +6,8 @@ plain torch hooks on HF decoder layers, or formulas written out here.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -348,6 +350,21 @@ def test_monitor_figure(tiny):
     assert [list(t.x) for t in lines] == [list(range(-1, len(r.response_projections) - 1)) for r in readings]
     assert all(t.y[0] == r.last_prompt for t, r in zip(lines, readings))
     assert "layer 1" in fig.layout.title.text
+
+
+@pytest.mark.skipif(os.environ.get("PERSONA_LENS_TEST_BACKEND", "bridge") != "bridge",
+                    reason="the organism loads as a TransformerBridge")
+def test_a_readings_response_mean_is_captures_response_mean(doctest_probe, doctest_vec, doctest_trait):
+    """Reading.response_mean averages the answer's own positions, as project(at="response_mean")
+    does for the same answer: not the last prompt token's reading. (The organism: its answers
+    end; a tiny random model's run to the length limit.)"""
+    probe, vec, prompts = doctest_probe, doctest_vec, list(doctest_trait.eval_questions[:4])
+    readings = probe.monitor(prompts, vec, layer=3, max_new_tokens=48)
+    finished = [(p, r) for p, r in zip(prompts, readings) if r.text and len(r.response_tokens) < 48]
+    assert finished, "no answer ended inside 48 tokens"
+    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": r.text}] for p, r in finished]
+    want = probe.project(convs, vec, layer=3, at="response_mean")
+    torch.testing.assert_close(torch.tensor([r.response_mean for _, r in finished]), want.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_is_seeded(tiny):

@@ -121,7 +121,12 @@ class Reading:
 
     @property
     def response_mean(self) -> float:
-        vals = self.response_projections
+        """Mean projection over the answer's own token positions, as ``project(...,
+        at="response_mean")`` computes it for the same answer. ``response_projections[0]`` is
+        the last prompt token's reading, so it is left out; an answer cut at
+        ``max_new_tokens`` lacks its last token's reading (that token was never fed back).
+        NaN for an empty answer."""
+        vals = self.response_projections[1:]
         return sum(vals) / len(vals) if vals else math.nan
 
 
