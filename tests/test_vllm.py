@@ -264,6 +264,29 @@ def test_what_the_engine_cannot_do_says_what_can(engine, vec, prompts):
             call()
 
 
+def test_the_server_on_the_engine_answers_and_reads_as_on_the_hf_path(engine, hf, vec, prompts):
+    """persona-lens serve --engine vllm: the same steered answers and persona readings."""
+    pytest.importorskip("fastapi")
+    from persona_lens.serve import make_app
+
+    def served(probe):
+        # The request logic, called directly: HTTP is tested on the HF path (tests/test_serve.py).
+        server = make_app(probe, {"evil": vec}, max_tokens=MAX_NEW).state.persona_lens
+        out = []
+        for conv in prompts[:3]:
+            body = {"messages": conv, "temperature": 0, "steering": [{"vector": "evil", "layer": 3, "coef": 4.0}],
+                    "monitor": [{"vector": "evil", "layer": 5}]}
+            r = server.complete(body)
+            out.append((r["choices"][0]["message"]["content"], r["persona"][0]["last_prompt"],
+                        r["choices"][0]["persona"][0]["response_mean"]))
+        return out
+
+    got, want = served(engine), served(hf)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for g, w in zip(got, want):
+        assert g[1:] == pytest.approx(w[1:], rel=1e-4, abs=1e-3)
+
+
 @pytest.mark.smollm
 def test_smollm2_steered_greedy_tokens_equal_the_hf_path(smollm2):
     from persona_lens.models import cache_root
@@ -305,30 +328,6 @@ def test_an_adapter_is_served_merged(hf, prompts, tmp_path, monkeypatch):
     got = engine.generate(prompts, max_new_tokens=MAX_NEW)
     assert got == reference.generate(prompts, max_new_tokens=MAX_NEW)
     assert got != hf.generate(prompts, max_new_tokens=MAX_NEW), "the adapter must change an answer"
-
-
-def test_the_server_on_the_engine_answers_and_reads_as_on_the_hf_path(engine, hf, vec, prompts):
-    """persona-lens serve --engine vllm: the same steered answers and persona readings."""
-    pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from persona_lens.serve import make_app
-
-    def served(probe):
-        client = TestClient(make_app(probe, {"evil": vec}, max_tokens=MAX_NEW))
-        out = []
-        for conv in prompts[:3]:
-            body = {"messages": conv, "temperature": 0, "steering": [{"vector": "evil", "layer": 3, "coef": 4.0}],
-                    "monitor": [{"vector": "evil", "layer": 5}]}
-            r = client.post("/v1/chat/completions", json=body).json()
-            out.append((r["choices"][0]["message"]["content"], r["persona"][0]["last_prompt"],
-                        r["choices"][0]["persona"][0]["response_mean"]))
-        return out
-
-    got, want = served(engine), served(hf)
-    assert [g[0] for g in got] == [w[0] for w in want]
-    for g, w in zip(got, want):
-        assert g[1:] == pytest.approx(w[1:], rel=1e-4, abs=1e-3)
 
 
 def test_a_model_vllm_cannot_load_is_a_clear_error(tmp_path):
