@@ -441,9 +441,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.judge is not None and args.judge.lower() == "none":
         raise UsageError("a sweep needs a judge: --judge MODEL or --judge organism")
     vector = _load_vector(args.vector)
-    bad = [l for l in args.layers if l > vector.n_layers]
-    if bad:
-        raise UsageError(f"--layers {','.join(map(str, bad))}: the vector has layers 0..{vector.n_layers}")
+    _check_vector_layers("--layers", args.layers, vector)
     judge = make_judge(args.judge, base, args.base_url, args.api_key, args.judge_timeout, args.judge_cache,
                        args.judge_retries)
     if args.shard is None:  # a shard only generates: its judge is not asked
@@ -537,20 +535,43 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _screen_vectors(specs: Sequence[str]) -> dict[str, Any]:
-    """``--vector [NAME=]PATH`` for screening: a name names the table's columns (dP_NAME_L20);
-    without one, the vector's trait, or its file's name when two vectors share a trait."""
-    given = [(spec.split("=", 1) if "=" in spec else (None, spec)) for spec in specs]
-    loaded = [(name, path, _load_vector(path)) for name, path in given]
+def split_vector_arg(spec: str) -> tuple[str | None, str]:
+    """``--vector [NAME=]PATH`` as ``(NAME or None, PATH)``.
+
+    Example:
+        >>> split_vector_arg("runs/evil.safetensors"), split_vector_arg("kind=runs/helpful.safetensors")
+        ((None, 'runs/evil.safetensors'), ('kind', 'runs/helpful.safetensors'))
+    """
+    name, path = spec.split("=", 1) if "=" in spec else (None, spec)
+    if name == "" or not path:
+        raise UsageError(f"--vector {spec!r}: use PATH or NAME=PATH")
+    return name, path
+
+
+def _load_named_vectors(specs: Sequence[str], *, by_trait: bool) -> dict[str, Any]:
+    """``--vector [NAME=]PATH`` values, loaded (a bad file fails before the model loads) and
+    named: NAME, else (``by_trait``) the vector's trait when no other unnamed vector has it,
+    else the file's name before its first dot."""
+    loaded = [(name, path, _load_vector(path)) for name, path in map(split_vector_arg, specs)]
     traits = [v.trait for name, _, v in loaded if name is None]
     out: dict[str, Any] = {}
     for name, path, vec in loaded:
         if name is None:
-            name = vec.trait if vec.trait and traits.count(vec.trait) == 1 else Path(path).name.split(".")[0]
+            name = vec.trait if by_trait and vec.trait and traits.count(vec.trait) == 1 \
+                else Path(path).name.split(".")[0]
         if name in out:
-            raise UsageError(f"--vector: two vectors would be called {name!r}; name them: --vector NAME=PATH")
+            raise UsageError(f"--vector: the name {name!r} is given twice; name them: --vector NAME=PATH")
         out[name] = vec
     return out
+
+
+def _check_vector_layers(flag: str, layers: Sequence[int], vector: Any) -> None:
+    """Layers out of the vector's range fail here, before the model loads (a vector has its
+    model's layers)."""
+    bad = [l for l in layers if l > vector.n_layers]
+    if bad:
+        raise UsageError(f"{flag} {','.join(map(str, bad))}: the vector has layers 0..{vector.n_layers} (layer "
+                         f"{bad[0]} is out of range)")
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -560,16 +581,14 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise UsageError("give --drop-top or --threshold, not both")
     if not Path(args.data).exists():
         raise CommandError(f"{args.data}: no chat data there")
-    named = _screen_vectors(args.vector)
+    named = _load_named_vectors(args.vector, by_trait=True)
     vectors = list(named.values())
     if args.model is None:
         args.model = vectors[0].model_name
         if not args.model:
             raise UsageError("the vector records no model: give --model")
     layers = args.layer
-    bad = [l for l in layers if l > vectors[0].n_layers]
-    if bad:
-        raise UsageError(f"--layer {','.join(map(str, bad))}: the vector has layers 0..{vectors[0].n_layers}")
+    _check_vector_layers("--layer", layers, vectors[0])
     check_device(args.device)
     probe = _load_probe(args)
     from persona_lens.pipeline_io import slug
@@ -658,11 +677,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     caft = args.caft
     if args.vector is not None:
         vec = _load_vector(args.vector)  # a missing or corrupt file fails before the model loads
-        for flag, layers in (("--steer", list(steer or {})), ("--caft", list(caft or []))):
-            bad = [l for l in layers if l > vec.n_layers]
-            if bad:  # the vector has the model's layers: out of its range is out of the model's
-                raise UsageError(f"{flag}: layer {bad[0]} is out of range: the vector (and its model) has layers "
-                                 f"0..{vec.n_layers}")
+        _check_vector_layers("--steer", list(steer or {}), vec)
+        _check_vector_layers("--caft", list(caft or []), vec)
     data = load_chat_data(_training_data(args.data))  # a bad line fails before the model loads
     check_device(args.device)
     probe = _load_probe(args)
@@ -683,9 +699,7 @@ def cmd_shift(args: argparse.Namespace) -> int:
     from persona_lens.probe import PersonaProbe
 
     vectors = [_load_vector(v) for v in args.vector]
-    bad = [l for l in args.layers or [] if l > vectors[0].n_layers]
-    if bad:
-        raise UsageError(f"--layers {','.join(map(str, bad))}: the vector has layers 0..{vectors[0].n_layers}")
+    _check_vector_layers("--layers", args.layers or [], vectors[0])
     names = args.trait or [v.trait for v in vectors]
     if len(names) != len(vectors) or not all(names):
         raise UsageError("give one --trait per --vector (or vectors that carry their trait's name)")
@@ -723,25 +737,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_named_vectors(specs: Sequence[str]) -> dict[str, str]:
-    """``--vector [NAME=]PATH`` values as ``{name: path}``; a bare path is named by its file
-    (``evil.safetensors`` -> ``evil``).
-
-    Example:
-        >>> parse_named_vectors(["runs/evil.safetensors", "kind=runs/helpful.safetensors"])
-        {'evil': 'runs/evil.safetensors', 'kind': 'runs/helpful.safetensors'}
-    """
-    out: dict[str, str] = {}
-    for spec in specs:
-        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).name.split(".")[0], spec)
-        if not name or not path:
-            raise UsageError(f"--vector {spec!r}: use PATH or NAME=PATH")
-        if name in out:
-            raise UsageError(f"--vector: the name {name!r} is given twice; name them: --vector NAME=PATH")
-        out[name] = path
-    return out
-
-
 def parse_steer_spec(text: str, names: Sequence[str], positions: str) -> dict[str, Any]:
     """``--steer NAME@LAYER:COEF[,LAYER:COEF]`` as the server's steering spec.
 
@@ -764,14 +759,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from persona_lens.serve import make_app
     except ImportError as e:
         raise CommandError(f"the server needs FastAPI and uvicorn: pip install 'persona-lens[serve]' ({e})") from None
-    named = parse_named_vectors(args.vector or [])
-    steering = [parse_steer_spec(s, list(named), args.positions) for s in args.steer or []]
-    vectors = {name: _load_vector(path) for name, path in named.items()}  # a bad file fails before the model loads
-    for text, spec in zip(args.steer or [], steering):
-        bad = [l for l in spec["layers"] if l > vectors[spec["vector"]].n_layers]
-        if bad:
-            raise UsageError(f"--steer {text}: layer {bad[0]} is out of range: the vector has layers "
-                             f"0..{vectors[spec['vector']].n_layers}")
+    vectors = _load_named_vectors(args.vector or [], by_trait=False)
+    steering = [parse_steer_spec(s, list(vectors), args.positions) for s in args.steer or []]
+    for spec in steering:
+        _check_vector_layers(f"--steer {spec['vector']}@", list(spec["layers"]), vectors[spec["vector"]])
     check_device(args.device)
     probe = _load_probe(args)
     app = make_app(probe, vectors, steering=steering, name=args.name, max_tokens=args.max_tokens)
