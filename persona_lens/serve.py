@@ -161,7 +161,7 @@ class _Server:
                 layer = self._layer(l, f"{p}.layers key" if "layers" in spec else f"{p}.layer")
                 if layer in layers:
                     raise RequestError(f"{p}: layer {layer} is given twice", p)
-                layers[layer] = self._number(c, f"{p}.coef" if "coef" in spec else f"{p}.layers[{l!r}]")
+                layers[layer] = self._checked(V.number, c, f"{p}.coef" if "coef" in spec else f"{p}.layers[{l!r}]")
             positions = spec.get("positions", DEFAULT_POSITIONS)
             if not isinstance(positions, str) or positions not in STEERING_MODES:
                 raise RequestError(f"{p}.positions must be one of {', '.join(STEERING_MODES)}, got {positions!r}",
@@ -181,16 +181,11 @@ class _Server:
         return out
 
     @staticmethod
-    def _number(value: Any, param: str, **bounds: Any) -> float:
+    def _checked(check: Any, value: Any, param: str, **bounds: Any) -> Any:
+        """``check(param, value, **bounds)`` (``V.number``, ``V.integer``): its refusal is the
+        request's 400 naming ``param``."""
         try:
-            return V.number(param, value, **bounds)
-        except ValueError as e:
-            raise RequestError(str(e), param) from None
-
-    @staticmethod
-    def _int(value: Any, param: str, **bounds: Any) -> int:
-        try:
-            return V.integer(param, value, **bounds)
+            return check(param, value, **bounds)
         except ValueError as e:
             raise RequestError(str(e), param) from None
 
@@ -241,32 +236,31 @@ class _Server:
         if model is not None and model != self.name:
             raise RequestError(f"the model {model!r} does not exist here; this server serves {self.name!r}", "model",
                                status=404)
-        tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = body.get(tokens_field)
-        stream_options = body.get("stream_options")
-        if stream_options is not None and not isinstance(stream_options, dict):
+        # stream and stream_options are checked here and read where the reply is streamed
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
+            raise RequestError(f"stream must be true or false, got {body['stream']!r}", "stream")
+        if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
             raise RequestError("stream_options must be an object, e.g. {\"include_usage\": true}", "stream_options")
-        for flag in ("stream",):
-            if body.get(flag) is not None and not isinstance(body[flag], bool):
-                raise RequestError(f"{flag} must be true or false, got {body[flag]!r}", flag)
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
         if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
             raise RequestError("stop must be a non-empty string or a list of them", "stop")
-        seed = body.get("seed")
+
+        def field(key: str, check: Any, default: Any, **bounds: Any) -> Any:
+            return default if body.get(key) is None else self._checked(check, body[key], key, **bounds)
+
+        tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        seed = field("seed", V.integer, None, min=-(2**63), max=2**63 - 1)
         return {
             "messages": self._messages(body.get("messages")),
-            "max_tokens": self.max_tokens if max_tokens is None else self._int(max_tokens, tokens_field, min=1),
-            "temperature": 1.0 if body.get("temperature") is None
-            else self._number(body["temperature"], "temperature", min=0, max=2),
+            "max_tokens": field(tokens_field, V.integer, self.max_tokens, min=1),
+            "temperature": field("temperature", V.number, 1.0, min=0, max=2),
             # top_p 0 keeps the single likeliest token: greedy, as OpenAI takes it
-            "top_p": 1.0 if body.get("top_p") is None else self._number(body["top_p"], "top_p", min=0, max=1),
-            "n": 1 if body.get("n") is None else self._int(body["n"], "n", min=1, max=16),
-            "seed": secrets.randbits(63) if seed is None else self._int(seed, "seed", min=-(2**63), max=2**63 - 1),
+            "top_p": field("top_p", V.number, 1.0, min=0, max=1),
+            "n": field("n", V.integer, 1, min=1, max=16),
+            "seed": secrets.randbits(63) if seed is None else seed,
             "stop": stop or [],
-            "stream": bool(body.get("stream")),
-            "include_usage": bool((stream_options or {}).get("include_usage")),
             "steering": self.steering if body.get("steering") is None else self._steering(body["steering"], "steering"),
             "monitor": [] if body.get("monitor") is None else self._monitor(body["monitor"]),
         }
@@ -291,18 +285,19 @@ class _Server:
                 top_p=req["top_p"], seed=req["seed"], return_generations=True, progress=False)
             texts, reasons = zip(*(_cut(g.text, req["stop"], g.finished) for g in gens))
             before, after = [], [[] for _ in gens]
-            for name, layer in req["monitor"]:
-                vec = self.vectors[name]
-                last = self.probe.project([conv], vec, layer, at="last_prompt", progress=False)
-                before.append({"vector": name, "layer": layer, "last_prompt": float(last[0])})
+            if req["monitor"]:
+                # One forward over every answer serves all readings: the last prompt token's
+                # (the same in every row: it sees no answer) and each answer's mean.
                 answered = [conv + [{"role": "assistant", "content": t}] for t in texts]
-                # an empty answer has no token to average: its reading is null
-                idx = [i for i, t in enumerate(texts) if t]
-                means = self.probe.project([answered[i] for i in idx], vec, layer, at="response_mean",
-                                           progress=False) if idx else []
-                got = dict(zip(idx, (float(m) for m in means)))
-                for i in range(len(gens)):
-                    after[i].append({"vector": name, "layer": layer, "response_mean": got.get(i)})
+                acts = self.probe.capture(answered, layers=sorted({l for _, l in req["monitor"]}),
+                                          reductions=["last_prompt", "response_mean"], progress=False)
+            for name, layer in req["monitor"]:
+                unit = self.vectors[name].unit(layer).float()
+                last = acts.at("last_prompt", layer)[0].float().cpu() @ unit
+                before.append({"vector": name, "layer": layer, "last_prompt": float(last)})
+                means = acts.at("response_mean", layer).float().cpu() @ unit
+                for i, m in enumerate(means.tolist()):  # an empty answer has no token to average: null
+                    after[i].append({"vector": name, "layer": layer, "response_mean": None if m != m else m})
         prompt_tokens = len(gens[0].prompt_ids)
         completion_tokens = sum(len(g.response_ids) for g in gens)
         reply: dict[str, Any] = {
