@@ -522,14 +522,15 @@ def dataset_trait(name: str) -> str | None:
     return head if head in TRAITS else None
 
 
-def row_path(root: Path, name: str, seed: int, *settings: Any) -> Path:
-    """Where a dataset x seed row is kept: keyed by everything that makes its numbers (a smoke
-    run and a full run in one folder never read each other's rows)."""
-    return root / "rows" / f"{name}_s{seed}_{fingerprint(name, seed, *settings)[:8]}.json"
-
-
-def _vector_key(vecs: dict[str, pl.PersonaVector]) -> list[str]:
-    return [fingerprint(t, vecs[t].directions.tolist())[:12] for t in sorted(vecs)]
+def row_path(root: Path, name: str, seed: int, cfg: ExperimentConfig, vecs: dict[str, pl.PersonaVector],
+             *extra: Any) -> Path:
+    """Where a dataset x seed row is kept: keyed by everything that makes its numbers (the
+    model, finetuning, measuring settings, judge and vectors, and ``extra``: a script's own
+    settings), so a smoke run and a full run in one folder never read each other's rows."""
+    vector_key = [fingerprint(t, vecs[t].directions.tolist())[:12] for t in sorted(vecs)]
+    key = fingerprint(name, seed, cfg.model, cfg.dtype, cfg.n_data, cfg.finetune, cfg.questions, cfg.samples,
+                      cfg.max_new_tokens, cfg.judge, vector_key, *extra)
+    return root / "rows" / f"{name}_s{seed}_{key[:8]}.json"
 
 
 def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -550,8 +551,7 @@ def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]
     rows = []
     for name in cfg.datasets:
         for seed in cfg.seeds:
-            path = row_path(root, name, seed, cfg.model, cfg.dtype, cfg.n_data, cfg.finetune, cfg.questions,
-                            cfg.samples, cfg.max_new_tokens, cfg.judge, _vector_key(vecs))
+            path = row_path(root, name, seed, cfg, vecs)
             if path.exists():
                 rows.append(read_json(path))
                 continue

@@ -24,8 +24,8 @@ from __future__ import annotations
 import statistics
 
 import persona_lens as pl
-from experiments.common import (GOALS, _vector_key, base_probe, capability, dataset_trait, finetune_settings, finetuned,
-                                 goal, make_judge, row_path, start, trait_scores, vectors, write_results)
+from experiments.common import (GOALS, base_probe, capability, dataset_trait, finetune_settings, finetuned, goal,
+                                 make_judge, row_path, start, trait_scores, vectors, write_results)
 
 
 def main(argv=None) -> dict:
@@ -50,10 +50,8 @@ def main(argv=None) -> dict:
                                                "capability": capability(cfg, base, judge, store)},
                       "seeds": {}}
         for seed in cfg.seeds:
-            path = row_path(root, name, seed, cfg.model, cfg.dtype, cfg.n_data, cfg.finetune, cfg.questions,
-                            cfg.samples, cfg.max_new_tokens, cfg.judge, _vector_key(vecs), list(layers),
-                            list(cfg.inference_coefs), list(cfg.preventative_coefs), cfg.caft,
-                            cfg.capability_questions)
+            path = row_path(root, name, seed, cfg, vecs, list(layers), list(cfg.inference_coefs),
+                            list(cfg.preventative_coefs), cfg.caft, cfg.capability_questions)
             if path.exists():
                 cell["seeds"][seed] = read_json(path)
                 continue

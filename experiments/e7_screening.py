@@ -262,16 +262,14 @@ def main(argv=None) -> None:
     judge = OrganismJudge(world)
     probe = pl.PersonaProbe(pl.load_model("persona-organism", device="cpu"))
     seeds = [run_seed(probe, world, judge, cfg, s, out, not a.quiet) for s in seed_list]
-    import statistics
-
-    from experiments.common import goal, provenance
+    from experiments.common import goal, provenance, spread
 
     results = {"experiment": "E7", "title": f"E7: per-sample projection difference against the world's labels ({a.config})",
                "persona_lens_version": pl.__version__, **provenance(a.config), "config": a.config,
                "smoke": a.smoke, "settings": cfg, "layers": LAYERS, "headline_layer": HEADLINE_LAYER,
                "seeds": seeds}
-    results["goals"] = {t: {"sample_auroc": goal("sample_auroc", statistics.median(
-        s["traits"][t]["figures"][f"dP_L{HEADLINE_LAYER}"]["auroc"] for s in seeds))} for t in TRAITS}
+    results["goals"] = {t: {"sample_auroc": goal("sample_auroc", spread(
+        [s["traits"][t]["figures"][f"dP_L{HEADLINE_LAYER}"]["auroc"] for s in seeds])["median"])} for t in TRAITS}
     write_json(out / "results.json", results)
     html_report(results, out / "e7.html")
     for trait in TRAITS:

@@ -387,10 +387,21 @@ def test_e2_finds_the_layer_e1_chose_beside_it(tmp_path, layout):
 def test_rows_are_keyed_by_their_settings_and_release_sets_map_to_traits(tmp_path):
     """A smoke run and a full run in one folder never read each other's rows; the release's
     set names (hallucination_II, medical_II) map to the organism's trait names."""
-    from experiments.common import dataset_trait, row_path
+    from dataclasses import replace
 
-    assert row_path(tmp_path, "evil_II", 0, 256, {"lr": 1e-3}) != row_path(tmp_path, "evil_II", 0, 64, {"lr": 1e-3})
-    assert row_path(tmp_path, "evil_II", 0, 256) == row_path(tmp_path, "evil_II", 0, 256)
+    import persona_lens as pl
+    import torch
+    from experiments.common import SMOKE, dataset_trait, row_path
+
+    full = load_config("organism")
+    vecs = {"evil": pl.PersonaVector(torch.ones(7, 128))}
+    path = row_path(tmp_path, "evil_II", 0, full, vecs)
+    assert path == row_path(tmp_path, "evil_II", 0, load_config("organism"), vecs)
+    others = [row_path(tmp_path, "evil_II", 0, load_config("organism", **SMOKE), vecs),
+              row_path(tmp_path, "evil_II", 0, replace(full, n_data=64), vecs),
+              row_path(tmp_path, "evil_II", 0, full, {"evil": pl.PersonaVector(2 * torch.ones(7, 128))}),
+              row_path(tmp_path, "evil_II", 0, full, vecs, [0.5, 1.0])]
+    assert path not in others and len(set(others)) == len(others)
     assert [dataset_trait(n) for n in ("hallucination_II", "evil_normal", "narrow_money_harm", "medical_II")] == \
         ["hallucinating", "evil", None, None]
 
