@@ -579,7 +579,7 @@ class FinetuneRun:
             if self.config.lora:
                 for n, p in self.model.named_parameters():
                     if "lora_" in n:
-                        p.copy_(saved["base_model.model." + _clean(n).replace(".default.", ".")])
+                        p.copy_(saved[_adapter_key(n)])
             else:
                 for k, v in self.model.state_dict().items():
                     if _clean(k) in saved:  # a tied lm_head is saved once, as the embedding
@@ -613,6 +613,11 @@ def _clean_named(named: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
         yield _clean(n), m
 
 
+def _adapter_key(name: str) -> str:
+    """A LoRA parameter's name in peft's saved format, from its name on the bridge's model."""
+    return "base_model.model." + _clean(name).replace(".default.", ".")
+
+
 def save_adapter(model: Any, out: Path, config: FinetuneConfig, base: str, targets: Sequence[str],
                  settings: Mapping[str, Any]) -> None:
     """The adapters in peft's format, named as on the plain HF model."""
@@ -621,8 +626,7 @@ def save_adapter(model: Any, out: Path, config: FinetuneConfig, base: str, targe
     tensors = {}
     for n, p in model.named_parameters():
         if "lora_" in n:
-            key = "base_model.model." + _clean(n).replace(".default.", ".")
-            tensors[key] = p.detach().cpu().contiguous()
+            tensors[_adapter_key(n)] = p.detach().cpu().contiguous()
     out.mkdir(parents=True, exist_ok=True)
     plain_lora_config(config, base, targets).save_pretrained(str(out))
     save_file(tensors, str(out / "adapter_model.safetensors"))
