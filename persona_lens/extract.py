@@ -244,6 +244,17 @@ class ExtractionResult:
         """The paper's vector: mean difference over response tokens, every layer."""
         return self.vectors["response_mean"]
 
+    def __repr__(self) -> str:
+        from persona_lens.display import extraction_repr
+
+        return extraction_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: :meth:`summary` (``display``)."""
+        from persona_lens.display import extraction_html
+
+        return extraction_html(self)
+
     def summary(self) -> str:
         """A short human-readable account of the run."""
         s = self.stats

@@ -237,6 +237,17 @@ class ScreenResult:
     reused: int = 0
     _rows: list[dict[str, Any]] | None = None
 
+    def __repr__(self) -> str:
+        from persona_lens.display import screen_repr
+
+        return screen_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the dataset-level figures (``display``)."""
+        from persona_lens.display import screen_html
+
+        return screen_html(self)
+
     def rows(self) -> list[dict[str, Any]]:
         """Every sample's row, in the data's order (read from the table when on disk)."""
         if self._rows is not None:

@@ -111,6 +111,17 @@ class SweepResult:
         """The cell the grid chose: :attr:`best` (``choose="highest"``) or :attr:`lowest`."""
         return self.lowest if self.choose == "lowest" else self.best
 
+    def __repr__(self) -> str:
+        from persona_lens.display import sweep_repr
+
+        return sweep_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the table, the chosen cell marked (``display``)."""
+        from persona_lens.display import sweep_html
+
+        return sweep_html(self)
+
     @property
     def layers(self) -> list[int]:
         return sorted({c.layer for c in self.cells})

@@ -109,6 +109,13 @@ def test_readme_quickstart_runs_as_written_and_shows_its_effects(tmp_path, monke
     saved = pl.PersonaVector.load(tmp_path / "pirate.safetensors")
     assert torch.equal(saved.directions, ns["vec"].directions) and saved.trait == "pirate"
     assert len(shown) == 1 and len(ns["readings"]) == 1
+    # The notebook display of that reading covers SmolLM2's byte-level tokens, every one found.
+    from persona_lens.display import token_pieces
+
+    r = ns["readings"][0]
+    pieces = token_pieces(r.response_tokens, r.text)
+    assert "".join(p for p, found in pieces if found) == r.text, pieces
+    assert r._repr_html_().count("<span title=") == len(r.response_tokens)
 
 
 # ---------------------------------------------------------------------------------------

@@ -129,6 +129,17 @@ class Reading:
         vals = self.response_projections[1:]
         return sum(vals) / len(vals) if vals else math.nan
 
+    def __repr__(self) -> str:
+        from persona_lens.display import reading_repr
+
+        return reading_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the answer, each token coloured by its reading (``display``)."""
+        from persona_lens.display import reading_html
+
+        return reading_html(self)
+
 
 class GenerationMixin:
     """``generate`` and ``monitor`` of :class:`PersonaProbe`."""
