@@ -152,15 +152,19 @@ def _cell_text(cell: Any) -> str:
     return f"{fmt(cell.trait, decimals=1)} / {fmt(cell.coherence, decimals=1)}"
 
 
-def sweep_repr(s: "SweepResult") -> str:
+def _chosen(s: "SweepResult") -> str:
     c = s.chosen
     chosen = (f"layer {c.layer} coef {c.coef:g}: trait {fmt(c.trait, decimals=1)}, coherence "
               f"{fmt(c.coherence, decimals=1)}" if c else f"none (no steered cell has coherence >= {s.coherence_floor:g})")
     held = (f"; held out {fmt(s.heldout.trait, decimals=1)} (coherence {fmt(s.heldout.coherence, decimals=1)})"
             if s.heldout is not None else "")
+    return chosen + held
+
+
+def sweep_repr(s: "SweepResult") -> str:
     coefs = ", ".join(f"{x:g}" for x in s.coefs)
     return (f"SweepResult(trait={s.trait_name!r}, layers={s.layers}, coefs=[{coefs}], "
-            f"choose={s.choose!r}, chosen={chosen}{held})")
+            f"choose={s.choose!r}, chosen={_chosen(s)})")
 
 
 def sweep_html(s: "SweepResult") -> str:
@@ -185,7 +189,7 @@ def sweep_html(s: "SweepResult") -> str:
             tds.append(f"<td style='{style}' title='n = {cell.n}'>{_cell_text(cell)}</td>")
         rows.append(f"<tr><th style='{_CELL}'>layer {layer}</th>{''.join(tds)}</tr>")
     lines = [f"{esc(s.trait_name or 'trait')} sweep on {esc(s.model_name or '?')}, judge {esc(s.judge_name or '?')}: "
-             f"trait score / coherence (0-100), chosen: {esc(sweep_repr(s).split('chosen=')[1][:-1])}"]
+             f"trait score / coherence (0-100), chosen: {esc(_chosen(s).split('; held out')[0])}"]
     if s.heldout is not None:
         lines.append(esc(s.heldout_line()))
     caption = "".join(f"<div style='color:#555'>{x}</div>" for x in lines)
