@@ -78,6 +78,17 @@ class DemoResult:
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        from persona_lens.display import demo_repr
+
+        return demo_repr(self)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the headline table (``display``)."""
+        from persona_lens.display import demo_html
+
+        return demo_html(self)
+
     def rows(self) -> list[tuple[str, str, str, str]]:
         """The headline table: (measure, value, scale, n)."""
         out = []

@@ -2,8 +2,9 @@
 
 A notebook shows the value of a cell's last line. The results a researcher looks at there
 (:class:`~persona_lens.probe.Reading`, :class:`~persona_lens.sweep.SweepResult`,
-:class:`~persona_lens.extract.ExtractionResult`, :class:`~persona_lens.screen.ScreenResult`)
-would otherwise print every token, cell, kept pair or row; their ``__repr__`` and
+:class:`~persona_lens.extract.ExtractionResult`, :class:`~persona_lens.screen.ScreenResult`,
+:class:`~persona_lens.demo.DemoResult`, :class:`~persona_lens.finetune.FinetuneResult`)
+would otherwise print every token, cell, kept pair, row or loss; their ``__repr__`` and
 ``_repr_html_`` call the functions here instead. The HTML is a fragment with inline styles
 (a notebook shares one page between cells, so a ``<style>`` block would restyle all of
 them); nothing here computes a figure.
@@ -24,13 +25,16 @@ from persona_lens.report import esc
 from persona_lens.stats import fmt
 
 if TYPE_CHECKING:
+    from persona_lens.demo import DemoResult
     from persona_lens.extract import ExtractionResult
+    from persona_lens.finetune import FinetuneResult
     from persona_lens.probe import Reading
     from persona_lens.screen import ScreenResult
     from persona_lens.sweep import SweepResult
 
 __all__ = ["shorten", "token_texts", "token_pieces", "token_colour", "reading_repr", "reading_html", "sweep_repr", "sweep_html",
-           "extraction_repr", "extraction_html", "screen_repr", "screen_html"]
+           "extraction_repr", "extraction_html", "screen_repr", "screen_html", "demo_repr", "demo_html",
+           "finetune_repr"]
 
 #: Towards the vector (the trait) and away from it: plotly's red and blue.
 TOWARDS, AWAY = (214, 39, 40), (31, 119, 180)
@@ -232,3 +236,26 @@ def screen_html(s: "ScreenResult") -> str:
     return (f"<div style='{_BOX}'><div style='color:#555'>projection difference per sample (dP), "
             f"{esc(s.summary.get('samples', '?'))} samples; {where}</div><table style='border-collapse:collapse'>"
             f"<thead><tr><th style='{_CELL}'></th>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+
+
+def demo_repr(d: "DemoResult") -> str:
+    return (f"DemoResult(layer={d.layer}, coef={d.coef:g}, figures={len(d.figures)}, "
+            f"report_path={str(d.report_path)!r})")
+
+
+def demo_html(d: "DemoResult") -> str:
+    """The headline table (measure, value, scale, n) and where the report is."""
+    cell = _CELL + ";text-align:left"
+    rows = "".join("<tr>" + "".join(f"<td style='{_CELL if j in (1, 3) else cell}'>{esc(v)}</td>"
+                                    for j, v in enumerate(r)) + "</tr>" for r in d.rows())
+    head = "".join(f"<th style='{cell}'>{h}</th>" for h in ("measure", "value", "scale", "n"))
+    return (f"<div style='{_BOX}'><table style='border-collapse:collapse'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{rows}</tbody></table><div style='color:#555'>report: {esc(d.report_path)}</div></div>")
+
+
+def finetune_repr(r: "FinetuneResult") -> str:
+    losses = r.settings.get("losses") or []
+    last = f", final loss {losses[-1]:.4g}" if losses else ""
+    cfg = r.settings.get("config", {})
+    how = "LoRA" if cfg.get("lora") else "full"
+    return (f"FinetuneResult({how}, {len(losses)} steps{last}, reused={r.reused}, path={str(r.path)!r})")

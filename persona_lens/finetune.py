@@ -269,6 +269,11 @@ class FinetuneResult:
     #: True when the folder already held this finished run and nothing was trained
     reused: bool = False
 
+    def __repr__(self) -> str:
+        from persona_lens.display import finetune_repr
+
+        return finetune_repr(self)
+
     @property
     def losses(self) -> list[float]:
         return self.settings["losses"]

@@ -130,6 +130,17 @@ def test_reprs_stay_short_however_large_the_result():
     assert len(repr(sr)) < 300 and "samples=20000" in repr(sr)
     assert "dP_evil_L3" in sr._repr_html_() and "20000" in sr._repr_html_()
 
+    from persona_lens.demo import DemoResult
+    from persona_lens.finetune import FinetuneResult
+
+    demo = DemoResult(Path("d"), Path("d/report.html"), 2, 1.5, figures={"layer": 2.0, "monitor_r": 0.9},
+                      cells=[{"layer": 1, "coef": 0.5, "answers": ["x " * 100] * 40}] * 500)
+    assert len(repr(demo)) < 200 and "report.html" in repr(demo)
+    html = demo._repr_html_()
+    assert all(label in html for label, *_ in demo.rows()) and len(demo.rows()) == 2
+    run = FinetuneResult(Path("runs/evil_II"), {"losses": [1.0] * 4999 + [0.25], "config": {"lora": True}})
+    assert len(repr(run)) < 200 and "5000 steps, final loss 0.25" in repr(run) and "LoRA" in repr(run)
+
 
 def test_sweep_html_marks_the_chosen_cell_and_greys_the_incoherent():
     cells = [SweepCell(2, 0.0, 5.0, 99.0, 4, 4, 4), SweepCell(2, 1.5, 70.0, 90.0, 4, 4, 4),
