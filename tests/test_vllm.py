@@ -127,6 +127,23 @@ def test_rows_with_different_steering_equal_each_row_alone(engine, hf, vec, prom
     assert len(set(together)) > len(prompts[:3]) + 1, "the cells must differ, or this test could not fail"
 
 
+def test_rows_holding_the_same_edits_in_other_orders_keep_their_own_order(engine, hf, vec, prompts):
+    """Steer-then-ablate and ablate-then-steer at one layer, the same two objects in both
+    rows: each row must get its own order (they do not commute), as each does alone."""
+    from persona_lens.interventions import Ablate
+
+    steer = engine.steering(vec, layer=2, coef=2.0, positions="response")[0]
+    ablate = Ablate(2, vec.unit(2).float(), ("all",))
+    orders = [[steer, ablate], [ablate, steer]]
+    rows = [p for p in prompts[:3] for _ in orders]
+    together = engine.generate(rows, max_new_tokens=MAX_NEW, interventions=[o for _ in prompts[:3] for o in orders])
+    for i, order in enumerate(orders):
+        alone = engine.generate(prompts[:3], max_new_tokens=MAX_NEW, interventions=[order] * 3)
+        reference = hf.generate(prompts[:3], max_new_tokens=MAX_NEW, interventions=[order] * 3)
+        assert together[i :: len(orders)] == alone == reference
+    assert together[0::2] != together[1::2], "the two orders must differ, or this test could not fail"
+
+
 def test_a_sweep_in_a_store_is_one_batch_and_equals_the_hf_path(engine, hf, vec, prompts, monkeypatch):
     asks = [Prompt(p, steer=Steering(vec, layer=l, coef=c)) for p in prompts[:2] for l in (1, 2) for c in (0.5, 1.5)]
     settings = dict(max_new_tokens=MAX_NEW, temperature=0.0)

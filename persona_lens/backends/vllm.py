@@ -201,18 +201,23 @@ class _Step:
         return out
 
     def edits(self, layer: int) -> list[tuple[_Op, Tensor]]:
-        """The edits at ``layer``, each with the tokens it acts on; rows that share an edit
-        (every row under ``probe.steer``) are one tensor operation, not one per row."""
+        """The edits at ``layer``, each with the tokens it acts on, in the order they apply.
+        Rows whose edits there are the same ops in the same order (every row under
+        ``probe.steer``) share one tensor operation per op. Rows holding the same ops in
+        another order are another group: adding a direction and projecting one out do not
+        commute, so each row keeps its own order (the groups' tokens never overlap)."""
         if layer not in self._edits:
-            carriers: dict[int, tuple[_Op, list[int]]] = {}
+            groups: dict[tuple[int, ...], tuple[list[_Op], list[int]]] = {}
             for j, s in enumerate(self.slots):
-                for o in (s.edits.get(layer, ()) if s is not None else ()):
-                    carriers.setdefault(id(o), (o, []))[1].append(j)
+                ops_here = list(s.edits.get(layer, ())) if s is not None else []
+                if ops_here:
+                    groups.setdefault(tuple(id(o) for o in ops_here), (ops_here, []))[1].append(j)
             out = []
-            for o, rows in carriers.values():
+            for ops_here, rows in groups.values():
                 rows_t = torch.zeros(len(self.slots) + 1, dtype=torch.bool, device=self.token_slot.device)
                 rows_t[rows] = True
-                out.append((o, rows_t[self.token_slot] & self.mask(o.kinds)))
+                tokens = rows_t[self.token_slot]
+                out += [(o, tokens & self.mask(o.kinds)) for o in ops_here]
             self._edits[layer] = out
         return self._edits[layer]
 
