@@ -143,9 +143,6 @@ class Instance:
 class _LibraryNames(dict):
     """Names a postponed annotation may use: its module's, then the package's (lazy) exports."""
 
-    def __init__(self, module_globals: dict):
-        super().__init__(module_globals)
-
     def __missing__(self, name):
         import persona_lens
 
@@ -213,7 +210,7 @@ class ExampleChecker(ast.NodeVisitor):
         value = self.resolve(node.value)
         for t in node.targets:
             if isinstance(t, ast.Name):
-                self.env[t.id] = value if isinstance(value, Instance) or value is not None else None
+                self.env[t.id] = value
 
     def visit_With(self, node: ast.With) -> None:
         for item in node.items:
