@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import codecs
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from persona_lens.report import esc
 from persona_lens.stats import fmt
@@ -152,48 +152,44 @@ def reading_html(r: "Reading") -> str:
             f"<div style='font-family:monospace'>{''.join(spans)}</div></div>")
 
 
-def _cell_text(cell: Any) -> str:
-    return f"{fmt(cell.trait, decimals=1)} / {fmt(cell.coherence, decimals=1)}"
-
-
 def _chosen(s: "SweepResult") -> str:
     c = s.chosen
-    chosen = (f"layer {c.layer} coef {c.coef:g}: trait {fmt(c.trait, decimals=1)}, coherence "
-              f"{fmt(c.coherence, decimals=1)}" if c else f"none (no steered cell has coherence >= {s.coherence_floor:g})")
-    held = (f"; held out {fmt(s.heldout.trait, decimals=1)} (coherence {fmt(s.heldout.coherence, decimals=1)})"
-            if s.heldout is not None else "")
-    return chosen + held
+    return (f"layer {c.layer} coef {c.coef:g}: trait {fmt(c.trait, decimals=1)}, coherence "
+            f"{fmt(c.coherence, decimals=1)}" if c else f"none (no steered cell has coherence >= {s.coherence_floor:g})")
 
 
 def sweep_repr(s: "SweepResult") -> str:
     coefs = ", ".join(f"{x:g}" for x in s.coefs)
+    held = (f"; held out {fmt(s.heldout.trait, decimals=1)} (coherence {fmt(s.heldout.coherence, decimals=1)})"
+            if s.heldout is not None else "")
     return (f"SweepResult(trait={s.trait_name!r}, layers={s.layers}, coefs=[{coefs}], "
-            f"choose={s.choose!r}, chosen={_chosen(s)})")
+            f"choose={s.choose!r}, chosen={_chosen(s)}{held})")
 
 
 def sweep_html(s: "SweepResult") -> str:
-    """The sweep's table, trait / coherence per (layer, coefficient): the chosen cell bold on
-    yellow, cells under the coherence floor grey (they cannot be chosen)."""
-    c = s.chosen
-    head = "".join(f"<th style='{_CELL}'>coef {x:g}</th>" for x in s.coefs)
+    """The sweep's table (:meth:`SweepResult.table_rows`), trait / coherence per (layer,
+    coefficient): the chosen cell bold on yellow, cells under the coherence floor grey (they
+    cannot be chosen)."""
+    header, table, marks = s.table_rows()
+    head = "".join(f"<th style='{_CELL}'>{esc(h)}</th>" for h in header[1:])
     rows = []
-    for layer in s.layers:
+    for i, (layer, row) in enumerate(zip(s.layers, table)):
         tds = []
-        for coef in s.coefs:
+        for j, (coef, text) in enumerate(zip(s.coefs, row[1:]), start=1):
+            style, title = _CELL, ""
+            if (i, j) in marks:
+                style += ";font-weight:bold;background:#fff6d5"
             try:
                 cell = s.cell(layer, coef)
-            except KeyError:
-                tds.append(f"<td style='{_CELL}'>-</td>")
-                continue
-            style = _CELL
-            if c is not None and (cell.layer, cell.coef) == (c.layer, c.coef):
-                style += ";font-weight:bold;background:#fff6d5"
-            elif not cell.coherence >= s.coherence_floor:
-                style += ";color:#999"
-            tds.append(f"<td style='{style}' title='n = {cell.n}'>{_cell_text(cell)}</td>")
+                title = f" title='n = {cell.n}'"
+                if (i, j) not in marks and not cell.coherence >= s.coherence_floor:
+                    style += ";color:#999"
+            except KeyError:  # no cell there: table_rows shows "-"
+                pass
+            tds.append(f"<td style='{style}'{title}>{esc(text)}</td>")
         rows.append(f"<tr><th style='{_CELL}'>layer {layer}</th>{''.join(tds)}</tr>")
     lines = [f"{esc(s.trait_name or 'trait')} sweep on {esc(s.model_name or '?')}, judge {esc(s.judge_name or '?')}: "
-             f"trait score / coherence (0-100), chosen: {esc(_chosen(s).split('; held out')[0])}"]
+             f"trait score / coherence (0-100), chosen: {esc(_chosen(s))}"]
     if s.heldout is not None:
         lines.append(esc(s.heldout_line()))
     caption = "".join(f"<div style='color:#555'>{x}</div>" for x in lines)

@@ -295,7 +295,10 @@ def python_examples() -> list[tuple[str, str]]:
     return [(f"{p.relative_to(ROOT)}:{n}", code) for p in DOCS for n, code in fenced_blocks(p, ("python",))]
 
 
-@pytest.mark.parametrize("where,code", python_examples(), ids=[w for w, _ in python_examples()])
+EXAMPLES = python_examples()
+
+
+@pytest.mark.parametrize("where,code", EXAMPLES, ids=[w for w, _ in EXAMPLES])
 def test_python_example_uses_the_library_as_it_is(where, code):
     checker = ExampleChecker(where)
     # Examples in docs/ continue the page's earlier ones (`probe`, `vec`, ...): names they use
@@ -411,7 +414,10 @@ def parse_only(words: list[str], monkeypatch) -> None:
         main(argv)
 
 
-@pytest.mark.parametrize("where,words,whole", command_lines(), ids=[w for w, _, _ in command_lines()])
+COMMANDS = command_lines()
+
+
+@pytest.mark.parametrize("where,words,whole", COMMANDS, ids=[w for w, _, _ in COMMANDS])
 def test_command_in_the_docs_parses(where, words, whole, monkeypatch):
     try:
         parse_only(words, monkeypatch)
@@ -422,7 +428,7 @@ def test_command_in_the_docs_parses(where, words, whole, monkeypatch):
 
 
 def test_commands_are_found_and_a_wrong_flag_is_refused():
-    found = [w for _, w, _ in command_lines()]
+    found = [w for _, w, _ in COMMANDS]
     assert ["persona-lens", "demo", "--out", "persona_demo"] in found
     assert any(w[:3] == ["python", "-m", "experiments.e7_screening"] for w in found)
     for bad in (["persona-lens", "demo", "--no-such-flag"], ["python", "-m", "experiments.e1_steering", "--config", "gpt5"]):
