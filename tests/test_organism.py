@@ -259,3 +259,32 @@ def test_persona_vector_steers_and_monitors(organism, world, judge, trait):
     proj = (acts[:, B.MONITOR_LAYER] @ u).tolist()
     cell_scores = [B.mean(scores[i * n : (i + 1) * n]) for i in range(len(cells))]
     assert B.pearson(proj, cell_scores) >= 0.75
+
+
+def test_pole_ratio_against_known_geometries():
+    """0.71 when the traits sit at right angles around the pole, sqrt(2) for a regular
+    simplex, where the pole-to-trait vectors share cosine 0.5 (computed here from the
+    coordinates)."""
+    import torch
+
+    from experiments.organism_geometry import cosine, pole_ratio
+
+    assert pole_ratio(torch.zeros(3), list(torch.eye(3))) == pytest.approx(2 ** -0.5)
+    # a regular tetrahedron's vertices; any scale and offset
+    verts = 3.0 * torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64) + 7.0
+    assert pole_ratio(verts[0], list(verts[1:])) == pytest.approx(2 ** 0.5)
+    assert cosine(verts[1] - verts[0], verts[2] - verts[0]) == pytest.approx(0.5)
+
+
+def test_shared_direction_is_in_the_answers():
+    """docs/organism.md's account of why the traits' vectors share a direction: helpful
+    answers sit apart from the traits (pole ratio over 1.05; 0.71 if the traits stood at
+    right angles around helpful), the vectors from helpful to each trait share cosine >= 0.25,
+    and each contrastive vector is mostly its answers' part (the answer-only vector has cosine
+    >= 0.8 with it); world-written answers, so no sampling noise."""
+    from experiments.organism_geometry import measure
+
+    res = measure(None, n_questions=60)
+    assert min(res["pole_ratio"]) >= 1.05, res["pole_ratio"]
+    assert min(min(v) for v in res["full_vs_answer"].values()) >= 0.8, res["full_vs_answer"]
+    assert min(min(v) for v in res["cos_nosys"].values()) >= 0.25, res["cos_nosys"]
