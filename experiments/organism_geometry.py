@@ -23,7 +23,10 @@ the figures do not move with a sampling seed):
   regular simplex (H one more vertex, as far from the others as they are from each other)
   gives sqrt(2) = 1.41, where the vectors share cosine 0.5. With the traits placed alike
   around H, ratio^2 = (1 + 3 cos / (1 - cos)) / 2, cos the cosine between two T_t - H:
-  ``cos_nosys``, which is measured too.
+  ``cos_nosys``, which is measured too. ``pole_ratio_shared_frames``: the same with H from
+  helpful answers that use none of the clause frames only the helpful voice has (``let me
+  know if you have more questions``, ...), to see whether those frames' words make the
+  distance.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import argparse
 import itertools
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
 
 from persona_lens.organism import World, load_trait
-from persona_lens.organism.world import TRAITS
+from persona_lens.organism.world import CLAUSES, TRAITS
 from tests.reference import organism as B
 
 
@@ -55,6 +59,15 @@ def pole_ratio(pole: torch.Tensor, others: list[torch.Tensor]) -> float:
     """
     c = torch.stack(others).double().mean(0)
     return float((pole.double() - c).norm() / torch.stack([(o.double() - c).norm() for o in others]).mean())
+
+
+def helpful_only_frames() -> list[re.Pattern]:
+    """The clause frames no trait's voice uses, as patterns over a clause."""
+    voices: dict[str, set[str]] = {}
+    for category, templates in CLAUSES.items():
+        for t in templates:
+            voices.setdefault(t.frame or t.text, set()).add(category)
+    return [re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(f)) + "$") for f, v in voices.items() if v == {"helpful"}]
 
 
 def _mean(model, tok, rows: list[tuple[list, str]]) -> torch.Tensor:
@@ -91,6 +104,14 @@ def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0
     for v in ("helpful",) + TRAITS:
         rates = {} if v == "helpful" else {v: 1.0}
         poles[v] = _mean(model, tok, [(B.chat(q.text), world.respond(q, rates, rng).text) for q in qs for _ in range(2)])
+    only = helpful_only_frames()
+    plain: list[tuple[list, str]] = []
+    while len(plain) < 2 * len(qs):
+        q = rng.choice(qs)
+        r = world.respond(q, {}, rng)
+        if not any(p.match(c) for p in only for c in r.clauses):
+            plain.append((B.chat(q.text), r.text))
+    poles["helpful_shared_frames"] = _mean(model, tok, plain)
     layers = range(1, full[TRAITS[0]].shape[0])
     pairs = [f"{a}~{b}" for a, b in itertools.combinations(TRAITS, 2)]
     out: dict = {"checkpoint": checkpoint or "shipped", "layers": list(layers), "pairs": pairs}
@@ -99,7 +120,8 @@ def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0
         out[name] = {p: [cosine(vecs[a][l], vecs[b][l]) for l in layers]
                      for p, (a, b) in zip(pairs, itertools.combinations(TRAITS, 2))}
     out["full_vs_answer"] = {t: [cosine(full[t][l], answer[t][l]) for l in layers] for t in TRAITS}
-    out["pole_ratio"] = [pole_ratio(poles["helpful"][l], [poles[t][l] for t in TRAITS]) for l in layers]
+    for name, pole in (("pole_ratio", "helpful"), ("pole_ratio_shared_frames", "helpful_shared_frames")):
+        out[name] = [pole_ratio(poles[pole][l], [poles[t][l] for t in TRAITS]) for l in layers]
     return out
 
 
@@ -114,6 +136,7 @@ def main(argv=None) -> None:
     fmt = lambda xs: " ".join(f"{x:4.2f}" for x in xs)  # noqa: E731
     print("layers " + " ".join(f"{l:4d}" for l in res["layers"]))
     print(f"pole_ratio (helpful's distance from the traits' centre / theirs): {fmt(res['pole_ratio'])}")
+    print(f"pole_ratio_shared_frames (helpful answers without helpful-only frames): {fmt(res['pole_ratio_shared_frames'])}")
     for name in ("cos", "cos_answer", "cos_prompt", "cos_nosys"):
         for p in res["pairs"]:
             print(f"{name:11s} {p:28s} {fmt(res[name][p])}")
