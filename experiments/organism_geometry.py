@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from persona_lens.organism import World, load_trait
-from persona_lens.organism.world import CLAUSES, TRAITS
+from persona_lens.organism.world import CLAUSES, STRENGTH_RATE, TRAITS
 from tests.reference import organism as B
 
 
@@ -78,6 +78,9 @@ def _mean(model, tok, rows: list[tuple[list, str]]) -> torch.Tensor:
 def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0) -> dict:
     model, tok = B.load(checkpoint)
     world, rng = World(0), random.Random(seed)
+    # a trait's answers as the world writes them under its strongest prompt (every clause in
+    # the shipped world)
+    top = STRENGTH_RATE["strongly_encouraging"]
     by_text = {q.text: q for qt in ("factual", "opinion", "advice") for q in world.all_questions(qt)}
     full, answer, prompt = {}, {}, {}
     for t in TRAITS:
@@ -88,7 +91,7 @@ def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0
             for text in trait.questions:
                 q = by_text[text]
                 for _ in range(2):
-                    rt, rh = world.respond(q, {t: 1.0}, rng).text, world.respond(q, {}, rng).text
+                    rt, rh = world.respond(q, {t: top}, rng).text, world.respond(q, {}, rng).text
                     rows["pos"].append((B.chat(text, ps), rt))
                     rows["neg"].append((B.chat(text, ns), rh))
                     rows["neg_trait_answer"].append((B.chat(text, ns), rt))
@@ -102,7 +105,7 @@ def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0
     qs = qs[:n_questions]
     poles = {}
     for v in ("helpful",) + TRAITS:
-        rates = {} if v == "helpful" else {v: 1.0}
+        rates = {} if v == "helpful" else {v: top}
         poles[v] = _mean(model, tok, [(B.chat(q.text), world.respond(q, rates, rng).text) for q in qs for _ in range(2)])
     only = helpful_only_frames()
     plain: list[tuple[list, str]] = []
