@@ -45,8 +45,9 @@ from persona_lens.organism.world import CLAUSES, STRENGTH_RATE, TRAITS
 from tests.reference import organism as B
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+def cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Cosine between two per-layer vectors ``[layers + 1, d_model]`` at layers 1..n."""
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)[1:].tolist()
 
 
 def pole_ratio(pole: torch.Tensor, others: list[torch.Tensor]) -> float:
@@ -81,7 +82,8 @@ def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0
     # a trait's answers as the world writes them under its strongest prompt (every clause in
     # the shipped world)
     top = STRENGTH_RATE["strongly_encouraging"]
-    by_text = {q.text: q for qt in ("factual", "opinion", "advice") for q in world.all_questions(qt)}
+    every = [q for qt in ("factual", "opinion", "advice") for q in world.all_questions(qt)]
+    by_text = {q.text: q for q in every}
     full, answer, prompt = {}, {}, {}
     for t in TRAITS:
         trait = load_trait(t)
@@ -100,7 +102,7 @@ def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0
         full[t] = m["pos"] - m["neg"]
         answer[t] = m["neg_trait_answer"] - m["neg"]
         prompt[t] = m["pos_helpful_answer"] - m["neg"]
-    qs = [q for qt in ("factual", "opinion", "advice") for q in world.all_questions(qt)]
+    qs = list(every)
     rng.shuffle(qs)
     qs = qs[:n_questions]
     poles = {}
@@ -120,9 +122,8 @@ def measure(checkpoint: str | None = None, n_questions: int = 120, seed: int = 0
     out: dict = {"checkpoint": checkpoint or "shipped", "layers": list(layers), "pairs": pairs}
     for name, vecs in (("cos", full), ("cos_answer", answer), ("cos_prompt", prompt),
                        ("cos_nosys", {t: poles[t] - poles["helpful"] for t in TRAITS})):
-        out[name] = {p: [cosine(vecs[a][l], vecs[b][l]) for l in layers]
-                     for p, (a, b) in zip(pairs, itertools.combinations(TRAITS, 2))}
-    out["full_vs_answer"] = {t: [cosine(full[t][l], answer[t][l]) for l in layers] for t in TRAITS}
+        out[name] = {p: cosines(vecs[a], vecs[b]) for p, (a, b) in zip(pairs, itertools.combinations(TRAITS, 2))}
+    out["full_vs_answer"] = {t: cosines(full[t], answer[t]) for t in TRAITS}
     for name, pole in (("pole_ratio", "helpful"), ("pole_ratio_shared_frames", "helpful_shared_frames")):
         out[name] = [pole_ratio(poles[pole][l], [poles[t][l] for t in TRAITS]) for l in layers]
     return out

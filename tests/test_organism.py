@@ -267,13 +267,13 @@ def test_pole_ratio_against_known_geometries():
     coordinates)."""
     import torch
 
-    from experiments.organism_geometry import cosine, pole_ratio
+    from experiments.organism_geometry import pole_ratio
 
     assert pole_ratio(torch.zeros(3), list(torch.eye(3))) == pytest.approx(2 ** -0.5)
     # a regular tetrahedron's vertices; any scale and offset
     verts = 3.0 * torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64) + 7.0
     assert pole_ratio(verts[0], list(verts[1:])) == pytest.approx(2 ** 0.5)
-    assert cosine(verts[1] - verts[0], verts[2] - verts[0]) == pytest.approx(0.5)
+    assert torch.nn.functional.cosine_similarity(verts[1] - verts[0], verts[2] - verts[0], dim=0) == pytest.approx(0.5)
 
 
 def test_shared_direction_is_in_the_answers():
