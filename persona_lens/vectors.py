@@ -213,6 +213,50 @@ class PersonaVector:
         cos = torch.nn.functional.cosine_similarity(self.directions, other.directions, dim=-1)
         return cos if layer is None else float(cos[self._check_layer(layer)])
 
+    def without(self, *others: "PersonaVector") -> "PersonaVector":
+        """The part of this vector that the ``others`` do not share: at every layer, the
+        component orthogonal to the span of the others' directions at that layer.
+
+        Persona vectors of different traits share directions (each is measured against the
+        same helpful answers), so a dataset that teaches one trait also moves its projection on
+        the others. Projected on ``evil.without(sycophantic, hallucinating)``, a shift or a
+        projection difference counts only what the other traits' vectors cannot account for.
+        The result keeps this vector's metadata and records the others' traits in
+        ``notes["without"]``; a layer where this direction lies in the others' span comes out
+        exactly zero (its :meth:`unit` then raises). Not normalised: steer with it knowing its
+        norm is smaller.
+
+        Example:
+            >>> a = PersonaVector(torch.tensor([[1., 1.], [2., 0.]]), trait="evil")
+            >>> b = PersonaVector(torch.tensor([[1., 0.], [0., 3.]]), trait="sycophantic")
+            >>> s = a.without(b)
+            >>> s.directions.tolist(), s.notes["without"]
+            ([[0.0, 1.0], [2.0, 0.0]], ['sycophantic'])
+            >>> round(s.cosine(b, layer=0), 6)
+            0.0
+        """
+        if not others:
+            raise ValueError("without() needs at least one other vector to project out, e.g. "
+                             "evil.without(sycophantic, hallucinating)")
+        for o in others:
+            self._check_same_shape(o)
+            if self.model_name and o.model_name and o.model_name != self.model_name:
+                warnings.warn(f"projecting a vector of {o.model_name!r} out of one of {self.model_name!r}",
+                              stacklevel=2)
+        v = self.directions.double()                                          # [L, d]
+        basis = torch.stack([o.directions.double() for o in others], dim=1)  # [L, k, d]
+        # The projection onto the others' row space through the pseudo-inverse: exact for
+        # collinear others and for layers where some of them are zero (a vector extracted
+        # without that layer). A residual under 1e-6 of the norm is float32 rounding of a
+        # direction inside the span (stored directions carry ~1e-7 relative error): zero.
+        coef = torch.einsum("ld,ldk->lk", v, torch.linalg.pinv(basis))
+        rest = v - torch.einsum("lk,lkd->ld", coef, basis)
+        inside = rest.norm(dim=-1) <= 1e-6 * v.norm(dim=-1)
+        rest[inside] = 0.0
+        out = self._with(rest.float())
+        out.notes["without"] = list(self.notes.get("without", [])) + [o.trait or "?" for o in others]
+        return out
+
     # -- arithmetic -----------------------------------------------------------------------
     def _check_same_shape(self, other: "PersonaVector") -> None:
         if not isinstance(other, PersonaVector):

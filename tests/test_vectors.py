@@ -58,6 +58,55 @@ def test_unit_and_cosine_against_formula():
         PersonaVector(torch.zeros(2, 3)).unit(0)
 
 
+def test_without_is_the_least_squares_residual_per_layer():
+    import numpy as np
+
+    a = vec(1, shape=(5, 16), trait="evil", model_name="m", notes={"k": 1})
+    b, c = vec(2, shape=(5, 16), trait="sycophantic"), vec(3, shape=(5, 16), trait="hallucinating")
+    s = a.without(b, c)
+    for layer in range(5):
+        # Independent: numpy's least squares of a's row on the others' rows, per layer.
+        basis = np.stack([b.directions[layer].numpy(), c.directions[layer].numpy()], axis=1).astype(np.float64)
+        target = a.directions[layer].numpy().astype(np.float64)
+        x, *_ = np.linalg.lstsq(basis, target, rcond=None)
+        np.testing.assert_allclose(s.directions[layer].numpy(), target - basis @ x, atol=1e-5)
+        assert abs(s.cosine(b, layer=layer)) < 1e-5 and abs(s.cosine(c, layer=layer)) < 1e-5
+    assert s.directions.dtype == torch.float32
+    assert (s.trait, s.model_name, s.notes) == ("evil", "m", {"k": 1, "without": ["sycophantic", "hallucinating"]})
+    assert a.notes == {"k": 1}, "the original keeps its metadata"
+    torch.testing.assert_close(s.without(b).directions, s.directions, atol=1e-5, rtol=0)  # already orthogonal
+    assert s.without(b).notes["without"] == ["sycophantic", "hallucinating", "sycophantic"]
+
+
+def test_without_handles_collinear_zero_and_inside_directions():
+    b = vec(2, shape=(3, 8), trait="b")
+    zero_row = b.directions.clone()
+    zero_row[1] = 0.0  # a vector extracted without layer 1
+    a = vec(1, shape=(3, 8))
+    # A duplicated or zero other changes nothing against projecting out b alone.
+    torch.testing.assert_close(a.without(b, b).directions, a.without(b).directions, atol=1e-5, rtol=0)
+    s = a.without(PersonaVector(zero_row))
+    torch.testing.assert_close(s.directions[1], a.directions[1])
+    # Inside the span: exactly zero, and the unit vector says so.
+    inside = PersonaVector(2.0 * b.directions - 0.5 * zero_row)
+    t = inside.without(b)
+    assert torch.count_nonzero(t.directions) == 0
+    with pytest.raises(ValueError, match="zero"):
+        t.unit(0)
+
+
+def test_without_rejects_bad_others():
+    a = vec(1)
+    with pytest.raises(ValueError, match="at least one"):
+        a.without()
+    with pytest.raises(VectorMismatchError):
+        a.without(vec(2, shape=(5, 6)))
+    with pytest.raises(TypeError, match="PersonaVector"):
+        a.without(torch.randn(4, 6))
+    with pytest.warns(UserWarning, match="projecting a vector of 'other'"):
+        vec(1, model_name="mine").without(vec(2, model_name="other"))
+
+
 def test_save_load_roundtrip(tmp_path):
     a = vec(1, model_name="m", trait="evil", position="prompt_mean", n_pos=7, n_neg=9, notes={"judge": "x", "thr": [50, 50]})
     p = a.save(tmp_path / "sub" / "evil.safetensors")
