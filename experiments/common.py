@@ -52,14 +52,20 @@ GOALS: dict[str, dict[str, Any]] = {
     # issue 13
     "shift_r": {"op": ">=", "target": 0.9, "what": "E4: Pearson r, finetuning shift vs trait score after "
                                                   "finetuning, across every dataset and seed"},
+    "shift_r_specific": {"op": ">=", "target": 0.9, "what": "E4 with each trait's vector without the other "
+                                                           "traits' (PersonaVector.without)"},
     "preventative_over_base": {"op": "<=", "target": 10.0, "what": "E5: trait score after preventative "
                                "finetuning minus the base's, at the best coefficient that keeps capability "
                                ">= 95% of the base's (mean over seeds)"},
     # issue 14
     "dataset_dp_r": {"op": ">=", "target": 0.9, "what": "E6: Pearson r, dataset projection difference vs "
                                                        "trait score after finetuning"},
+    "dataset_dp_r_specific": {"op": ">=", "target": 0.9, "what": "E6 with each trait's vector without the "
+                                                                "other traits' (PersonaVector.without)"},
     "sample_auroc": {"op": ">=", "target": 0.95, "what": "E7: AUROC of per-sample projection difference "
                                                         "against the world's labels (median over seeds)"},
+    "sample_auroc_specific": {"op": ">=", "target": 0.95, "what": "E7 with each trait's vector without the "
+                                                                 "other traits' (PersonaVector.without)"},
 }
 
 
@@ -393,6 +399,14 @@ def vectors(cfg: ExperimentConfig, probe: pl.PersonaProbe, root: Path) -> dict[s
     return out
 
 
+def specific_vectors(vecs: dict[str, pl.PersonaVector]) -> dict[str, pl.PersonaVector]:
+    """Each trait's vector without the other traits' (:meth:`PersonaVector.without`): the
+    traits' vectors share a direction (docs/organism.md, "Why the vectors share a direction"),
+    so a dataset that teaches one trait moves its projection on the others too. E4, E6 and E7
+    report their figures with these beside the paper's vectors."""
+    return {t: v.without(*(vecs[o] for o in vecs if o != t)) for t, v in vecs.items()}
+
+
 def dataset(cfg: ExperimentConfig, name: str):
     if cfg.data_dir:
         return Path(cfg.data_dir) / f"{name}.jsonl"
@@ -548,17 +562,27 @@ def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]
     questions = {t: list(load_trait(cfg, t).eval_questions[: cfg.questions]) for t in TRAITS}
     base_acts = {t: last_prompt_activations(base, questions[t], layers) for t in TRAITS}
     base_row = {"scores": trait_scores(cfg, base, judge, store)}
+    specific = specific_vectors(vecs)
+
+    def specific_shift(tuned):  # layer 0 (the embeddings) has no shift worth a vector of its own
+        return {t: finetuning_shift(base_acts[t], tuned, specific[t], questions[t], layers[1:]) for t in TRAITS}
+
     rows = []
     for name in cfg.datasets:
         for seed in cfg.seeds:
             path = row_path(root, name, seed, cfg, vecs)
             if path.exists():
-                rows.append(read_json(path))
+                row = read_json(path)
+                if "shift_specific" not in row:  # a row from before E4 measured it: the run is on disk
+                    row["shift_specific"] = specific_shift(pl.PersonaProbe(pl.load_model(row["run"], dtype=cfg.dtype)))
+                    write_json(path, row)
+                rows.append(row)
                 continue
             run = finetuned(cfg, root, name, seed)
             tuned = pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype))
             row = {"dataset": name, "seed": seed, "run": str(run),
                    "shift": {t: finetuning_shift(base_acts[t], tuned, vecs[t], questions[t], layers) for t in TRAITS},
+                   "shift_specific": specific_shift(tuned),
                    "scores": trait_scores(cfg, tuned, judge, store)}
             write_json(path, row)
             rows.append(row)

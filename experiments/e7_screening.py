@@ -13,7 +13,8 @@ For each seed:
    one of 2-4 clauses carries the trait, the rest helpful). A sample *carries* a trait when
    one of its clauses is of that trait (the world's own labels).
 3. **Screening.** ``pl.screen`` with all three vectors at layers 1-5 in one pass (greedy
-   base responses).
+   base responses), and in the same pass each trait's vector without the other two traits'
+   (``PersonaVector.without``: ``dP_specific_L*``).
 4. **Ranking quality** per trait, over the whole dataset (the other traits' samples are
    distractors): AUROC and precision at k (k = the number of carriers) of dP at the
    headline layer (3, fixed beforehand; every layer is in results.json), of the organism's
@@ -29,7 +30,8 @@ For each seed:
 
 Writes ``OUT/results.json``, ``OUT/e7.html`` (self-contained plotly: dP distributions
 per sample group and trait, and the AUROC table) and, per seed, ``OUT/seedS/data.jsonl``
-(the samples with their ground truth) beside the screen table ``OUT/seedS/screen``.
+(the samples with their ground truth) beside the screen table ``OUT/seedS/screen_KEY`` (KEY: a
+hash of the vectors, so a rerun with other vectors screens anew).
 
 The dataset-level comparison with post-finetuning trait scores is E6
 (``experiments/e6_dataset_dp.py``).
@@ -47,7 +49,7 @@ from collections import Counter
 from pathlib import Path
 
 import persona_lens as pl
-from persona_lens.pipeline_io import write_json, write_text
+from persona_lens.pipeline_io import fingerprint, write_json, write_text
 from persona_lens.stats import auroc, precision_at_k
 
 TRAITS = ("evil", "sycophantic", "hallucinating")
@@ -128,7 +130,11 @@ def run_seed(probe, world, judge, cfg: dict, seed: int, out: Path, progress: boo
     # figure can be recomputed from the screen table and this file alone.
     write_text(out / f"seed{seed}" / "data.jsonl", "".join(json.dumps(d) + "\n" for d in data))
     t1 = time.perf_counter()
-    result = pl.screen(probe, data, vectors, LAYERS, out_dir=out / f"seed{seed}" / "screen",
+    from experiments.common import specific_vectors
+
+    named = {**vectors, **{f"{t}_specific": v for t, v in specific_vectors(vectors).items()}}
+    vkey = fingerprint(sorted((n, v.directions.tolist()) for n, v in named.items()))[:8]
+    result = pl.screen(probe, data, named, LAYERS, out_dir=out / f"seed{seed}" / f"screen_{vkey}",
                        settings={"max_new_tokens": cfg["base_tokens"], "temperature": 0.0, "seed": seed},
                        progress=progress)
     t_screen = time.perf_counter() - t1
@@ -142,6 +148,7 @@ def run_seed(probe, world, judge, cfg: dict, seed: int, out: Path, progress: boo
         judge_scores = [float(s) for s in judge.score_trait(trait, pairs)]
         kw_scores = [keyword_score(a, set(kw[trait])) for _, a in pairs]
         methods = {f"dP_L{l}": [r[f"dP_{trait}_L{l}"] for r in rows] for l in LAYERS}
+        methods.update({f"dP_specific_L{l}": [r[f"dP_{trait}_specific_L{l}"] for r in rows] for l in LAYERS})
         methods["proj_L3_alone"] = [r[f"proj_{trait}_L3"] for r in rows]
         methods["judge"] = judge_scores
         methods["keywords"] = kw_scores
@@ -224,7 +231,7 @@ def html_report(results: dict, path: Path) -> None:
     header = ["trait", "method", "AUROC (mean over seeds)", "AUROC per seed", "precision@k", "AUROC subtle only"]
     cells = [[] for _ in header]
     for trait in TRAITS:
-        for name in [f"dP_L{HEADLINE_LAYER}", "proj_L3_alone", "judge", "keywords"]:
+        for name in [f"dP_L{HEADLINE_LAYER}", f"dP_specific_L{HEADLINE_LAYER}", "proj_L3_alone", "judge", "keywords"]:
             au = [s["traits"][trait]["figures"][name]["auroc"] for s in results["seeds"]]
             pk = [s["traits"][trait]["figures"][name]["precision_at_k"] for s in results["seeds"]]
             sub = [s["traits"][trait]["figures"][name]["auroc_subtle_only"] for s in results["seeds"]]
@@ -268,13 +275,15 @@ def main(argv=None) -> None:
                "persona_lens_version": pl.__version__, **provenance(a.config), "config": a.config,
                "smoke": a.smoke, "settings": cfg, "layers": LAYERS, "headline_layer": HEADLINE_LAYER,
                "seeds": seeds}
-    results["goals"] = {t: {"sample_auroc": goal("sample_auroc", spread(
-        [s["traits"][t]["figures"][f"dP_L{HEADLINE_LAYER}"]["auroc"] for s in seeds])["median"])} for t in TRAITS}
+    results["goals"] = {t: {name: goal(name, spread([s["traits"][t]["figures"][f"{col}_L{HEADLINE_LAYER}"]["auroc"]
+                                                     for s in seeds])["median"])
+                            for name, col in (("sample_auroc", "dP"), ("sample_auroc_specific", "dP_specific"))}
+                        for t in TRAITS}
     write_json(out / "results.json", results)
     html_report(results, out / "e7.html")
     for trait in TRAITS:
         line = [trait]
-        for name in (f"dP_L{HEADLINE_LAYER}", "judge", "keywords"):
+        for name in (f"dP_L{HEADLINE_LAYER}", f"dP_specific_L{HEADLINE_LAYER}", "judge", "keywords"):
             au = [s["traits"][trait]["figures"][name]["auroc"] for s in seeds]
             line.append(f"{name} AUROC " + " / ".join(f"{x:.3f}" for x in au))
         ov = [s["traits"][trait]["top_k_overlap"]["keywords"]["dP_finds_filter_misses"] for s in seeds]
