@@ -565,6 +565,14 @@ def _load_named_vectors(specs: Sequence[str], *, by_trait: bool) -> dict[str, An
     return out
 
 
+def _specific(named: dict[str, Any]) -> dict[str, Any]:
+    """``--specific``: each vector without the others (``PersonaVector.without``), named
+    ``NAME_specific``; needs two vectors or more (vectors of other shapes fail there)."""
+    if len(named) < 2:
+        raise UsageError("--specific projects the other vectors out of each one: give two --vector or more")
+    return {f"{n}_specific": v.without(*(o for m, o in named.items() if m != n)) for n, v in named.items()}
+
+
 def _check_vector_layers(flag: str, layers: Sequence[int], vector: Any) -> None:
     """Layers out of the vector's range fail here, before the model loads (a vector has its
     model's layers)."""
@@ -583,6 +591,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.data}: no chat data there")
     named = _load_named_vectors(args.vector, by_trait=True)
     vectors = list(named.values())
+    if args.specific:
+        named.update(_specific(named))
     if args.model is None:
         args.model = vectors[0].model_name
         if not args.model:
@@ -708,6 +718,9 @@ def cmd_shift(args: argparse.Namespace) -> int:
     labels = [n if names.count(n) == 1 else f"{n} ({Path(p).name})" for n, p in zip(names, args.vector)]
     if len(set(labels)) != len(labels):
         raise UsageError("--vector: the same vector file is given twice")
+    if args.specific:
+        specific = _specific(dict(zip(labels, vectors)))
+        names, vectors, labels = names * 2, vectors + list(specific.values()), labels + list(specific)
     check_device(args.device)
     base = _load_probe(args)
     print(f"loading {args.tuned} ...", file=sys.stderr)
@@ -966,6 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .safetensors persona vector (repeat for several); NAME names its columns, dP_NAME_L20 "
                         "(default: the vector's trait, or its file's name when two vectors share a trait)")
     p.add_argument("--layer", required=True, type=_layers_type, help="layer(s): 20, or 16,20 or 12-20:4")
+    p.add_argument("--specific", action="store_true",
+                   help="also screen along each vector without the others (PersonaVector.without), columns "
+                        "dP_NAME_specific_L20: traits' vectors share directions, so data that teaches one trait "
+                        "moves the others' dP too")
     p.add_argument("--model", default=None, help="the base model (default: the model the vector records)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: "
                    "persona_runs/screen/DATA/MODEL)")
@@ -1059,6 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trait", action="append", default=None,
                    help="trait of each vector, for its eval questions (default: the vector's own)")
     p.add_argument("--layers", type=_layers_type, default=None, help="e.g. 10-20 (default: all)")
+    p.add_argument("--specific", action="store_true",
+                   help="also the shift along each vector without the others (PersonaVector.without), rows "
+                        "NAME_specific, on NAME's eval questions")
     p.add_argument("--out", default=None, metavar="FILE", help="write the shifts as JSON here (default: print only)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_shift)

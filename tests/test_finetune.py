@@ -331,6 +331,23 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
     assert set(rows) == {"evil (evil.safetensors)", "evil (evil_neg.safetensors)"}
     assert rows["evil (evil_neg.safetensors)"]["3"] == pytest.approx(-rows["evil (evil.safetensors)"]["3"], rel=1e-4)
     assert rows["evil (evil.safetensors)"]["3"] == pytest.approx(shift["3"], rel=1e-4)
+    # --specific: each vector without the others, on its own trait's questions; recomputed
+    # from the plain rows, both vectors read on evil's questions (the shift is linear in the
+    # unit direction, and the specific direction a fixed combination of the two)
+    other = vector_for(probe, seed=5)
+    other.trait = "evil"
+    other.save(tmp_path / "evil_other.safetensors")
+    assert main(["shift", "--model", "persona-organism", "--tuned", str(tmp_path / "run"), "--vector",
+                 str(tmp_path / "evil.safetensors"), "--vector", str(tmp_path / "evil_other.safetensors"),
+                 "--layers", "3", "--specific", "--out", str(tmp_path / "shift3.json")]) == 0
+    rows = json.loads((tmp_path / "shift3.json").read_text())["shift"]
+    a, b = vec.directions[3].double(), other.directions[3].double()
+    x = float(a @ b / (b @ b))
+    want = (float(a.norm()) * rows["evil (evil.safetensors)"]["3"]
+            - x * float(b.norm()) * rows["evil (evil_other.safetensors)"]["3"]) / float((a - x * b).norm())
+    assert rows["evil (evil.safetensors)_specific"]["3"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert set(rows) == {"evil (evil.safetensors)", "evil (evil_other.safetensors)",
+                         "evil (evil.safetensors)_specific", "evil (evil_other.safetensors)_specific"}
     # the finetuned organism, named by its run folder, gets the organism's trait and exact
     # judge (the default judge of any other model needs an API key)
     from persona_lens.organism import load_trait

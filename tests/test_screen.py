@@ -11,6 +11,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -336,6 +337,30 @@ def test_cli_screen(vec, data, tmp_path, capsys):
     named = two[:3] + ["kind=" + two[3]] + two[4:]
     assert main(named + ["--out", str(tmp_path / "named")]) == 0
     assert "dP_kind_L3" in json.loads((tmp_path / "named" / "summary.json").read_text())["figures"]
+
+
+def test_cli_screen_specific(vec, other, data, tmp_path, capsys):
+    """--specific adds each vector without the others; its dP is recomputed here from the two
+    plain columns (dP is the unit direction's product with one activation difference, and the
+    specific direction is a fixed combination of the two directions)."""
+    import pyarrow.parquet as pq
+
+    paths = [vec.save(tmp_path / "evil.safetensors"), other.save(tmp_path / "noise.safetensors")]
+    path = write_jsonl(tmp_path / "data.jsonl", data)
+    args = ["screen", str(path), "--vector", str(paths[0]), "--vector", str(paths[1]), "--layer", "3",
+            "--model", "persona-organism", "--max-new-tokens", "40", "--quiet", "--specific"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    table = pq.read_table(tmp_path / "out" / "screen.parquet").to_pydict()
+    a, b = vec.directions[3].double(), other.directions[3].double()
+    x = float(a @ b / (b @ b))
+    w = a - x * b
+    want = (float(a.norm()) * np.array(table["dP_evil_L3"]) - x * float(b.norm()) * np.array(table["dP_noise_L3"])) \
+        / float(w.norm())
+    np.testing.assert_allclose(table["dP_evil_specific_L3"], want, rtol=1e-4, atol=1e-3)
+    assert "dP_noise_specific_L3" in table and not np.allclose(table["dP_evil_specific_L3"], table["dP_evil_L3"])
+    capsys.readouterr()
+    assert main(args[:3] + args[5:] + ["--out", str(tmp_path / "one")]) == 2  # one vector: nothing to project out
+    assert "give two --vector or more" in capsys.readouterr().err and not (tmp_path / "one").exists()
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(vec, doctest_world, tmp_path):
