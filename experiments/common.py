@@ -399,14 +399,6 @@ def vectors(cfg: ExperimentConfig, probe: pl.PersonaProbe, root: Path) -> dict[s
     return out
 
 
-def specific_vectors(vecs: dict[str, pl.PersonaVector]) -> dict[str, pl.PersonaVector]:
-    """Each trait's vector without the other traits' (:meth:`PersonaVector.without`): the
-    traits' vectors share a direction (docs/organism.md, "Why the vectors share a direction"),
-    so a dataset that teaches one trait moves its projection on the others too. E4, E6 and E7
-    report their figures with these beside the paper's vectors."""
-    return {t: v.without(*(vecs[o] for o in vecs if o != t)) for t, v in vecs.items()}
-
-
 def dataset(cfg: ExperimentConfig, name: str):
     if cfg.data_dir:
         return Path(cfg.data_dir) / f"{name}.jsonl"
@@ -562,7 +554,10 @@ def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]
     questions = {t: list(load_trait(cfg, t).eval_questions[: cfg.questions]) for t in TRAITS}
     base_acts = {t: last_prompt_activations(base, questions[t], layers) for t in TRAITS}
     base_row = {"scores": trait_scores(cfg, base, judge, store)}
-    specific = specific_vectors(vecs)
+    # Each trait's vector without the other traits': the traits' vectors share a direction
+    # (docs/organism.md, "Why the vectors share a direction"), so a set that teaches one trait
+    # moves the others' shifts too. E4, E6 and E7 report both.
+    specific = pl.specific_vectors(vecs)
 
     def specific_shift(tuned):  # layer 0 (the embeddings) has no shift worth a vector of its own
         return {t: finetuning_shift(base_acts[t], tuned, specific[t], questions[t], layers[1:]) for t in TRAITS}

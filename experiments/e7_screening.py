@@ -130,9 +130,7 @@ def run_seed(probe, world, judge, cfg: dict, seed: int, out: Path, progress: boo
     # figure can be recomputed from the screen table and this file alone.
     write_text(out / f"seed{seed}" / "data.jsonl", "".join(json.dumps(d) + "\n" for d in data))
     t1 = time.perf_counter()
-    from experiments.common import specific_vectors
-
-    named = {**vectors, **{f"{t}_specific": v for t, v in specific_vectors(vectors).items()}}
+    named = {**vectors, **{f"{t}_specific": v for t, v in pl.specific_vectors(vectors).items()}}
     vkey = fingerprint(sorted((n, v.directions.tolist()) for n, v in named.items()))[:8]
     result = pl.screen(probe, data, named, LAYERS, out_dir=out / f"seed{seed}" / f"screen_{vkey}",
                        settings={"max_new_tokens": cfg["base_tokens"], "temperature": 0.0, "seed": seed},

@@ -43,6 +43,7 @@ _EXPORTS = {
     "VectorMismatchError": "persona_lens.vectors",
     "VectorFileError": "persona_lens.vectors",
     "PostNormRowWarning": "persona_lens.vectors",
+    "specific_vectors": "persona_lens.vectors",
     "InvalidArgument": "persona_lens.validate",
     "InvalidArgumentType": "persona_lens.validate",
     "ContextLengthError": "persona_lens.validate",
@@ -82,6 +83,7 @@ __all__ = [
     "VectorMismatchError",
     "VectorFileError",
     "PostNormRowWarning",
+    "specific_vectors",
     "InvalidArgument",
     "InvalidArgumentType",
     "ContextLengthError",
@@ -148,4 +150,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from persona_lens.sweep import sweep
     from persona_lens.traits import Trait, TraitError, generate_trait
     from persona_lens.validate import ContextLengthError, ContextLengthWarning, InvalidArgument, NumericalError
-    from persona_lens.vectors import PersonaVector, PostNormRowWarning, VectorFileError, VectorMismatchError
+    from persona_lens.vectors import (PersonaVector, PostNormRowWarning, VectorFileError, VectorMismatchError,
+                                      specific_vectors)

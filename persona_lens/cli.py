@@ -566,11 +566,13 @@ def _load_named_vectors(specs: Sequence[str], *, by_trait: bool) -> dict[str, An
 
 
 def _specific(named: dict[str, Any]) -> dict[str, Any]:
-    """``--specific``: each vector without the others (``PersonaVector.without``), named
+    """``--specific``: each vector without the others (``specific_vectors``), named
     ``NAME_specific``; needs two vectors or more (vectors of other shapes fail there)."""
+    from persona_lens.vectors import specific_vectors
+
     if len(named) < 2:
         raise UsageError("--specific projects the other vectors out of each one: give two --vector or more")
-    return {f"{n}_specific": v.without(*(o for m, o in named.items() if m != n)) for n, v in named.items()}
+    return {f"{n}_specific": v for n, v in specific_vectors(named).items()}
 
 
 def _check_vector_layers(flag: str, layers: Sequence[int], vector: Any) -> None:

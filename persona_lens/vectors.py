@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -444,3 +445,30 @@ class PersonaVector:
             raise  # a bad keyword argument of the caller's
         except ValueError as exc:
             raise VectorFileError(f"{path}: {exc}") from None
+
+
+def specific_vectors(vectors: "Mapping[str, PersonaVector] | Sequence[PersonaVector]") -> dict[str, PersonaVector]:
+    """Every vector without the others (:meth:`PersonaVector.without`): the trait-specific
+    vectors of a set of traits, under the same names (a list is named by the vectors' traits).
+
+    Example:
+        >>> import torch
+        >>> evil = PersonaVector(torch.tensor([[1., 1.], [2., 0.]]), trait="evil")
+        >>> syco = PersonaVector(torch.tensor([[1., 0.], [0., 3.]]), trait="sycophantic")
+        >>> only = specific_vectors([evil, syco])
+        >>> only["evil"].directions.tolist(), only["sycophantic"].notes["without"]
+        ([[0.0, 1.0], [2.0, 0.0]], ['evil'])
+    """
+    if isinstance(vectors, Mapping):
+        named = dict(vectors)
+    else:
+        items = list(vectors)
+        names = [getattr(v, "trait", None) for v in items]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"a list of vectors is named by their traits, and these are {names}: pass "
+                             "{name: vector} instead")
+        named = dict(zip(names, items))
+    if len(named) < 2:
+        raise ValueError(f"specific vectors need two vectors or more (got {len(named)}): each is projected "
+                         "off the others")
+    return {n: v.without(*(o for m, o in named.items() if m != n)) for n, v in named.items()}

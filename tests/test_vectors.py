@@ -95,6 +95,20 @@ def test_without_handles_collinear_zero_and_inside_directions():
         t.unit(0)
 
 
+def test_specific_vectors_of_a_set_of_traits():
+    from persona_lens import specific_vectors
+
+    a, b, c = (vec(i, shape=(3, 8), trait=t) for i, t in enumerate(("evil", "sycophantic", "hallucinating")))
+    got = specific_vectors([a, b, c])
+    assert list(got) == ["evil", "sycophantic", "hallucinating"]
+    torch.testing.assert_close(got["sycophantic"].directions, b.without(a, c).directions)
+    assert list(specific_vectors({"x": a, "y": b})) == ["x", "y"]
+    with pytest.raises(ValueError, match="two vectors or more"):
+        specific_vectors({"x": a})
+    with pytest.raises(ValueError, match="named by their traits"):
+        specific_vectors([a, vec(4, shape=(3, 8), trait="evil")])
+
+
 def test_without_rejects_bad_others():
     a = vec(1)
     with pytest.raises(ValueError, match="at least one"):
