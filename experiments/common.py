@@ -399,6 +399,14 @@ def vectors(cfg: ExperimentConfig, probe: pl.PersonaProbe, root: Path) -> dict[s
     return out
 
 
+def screen_vectors(vecs: dict[str, pl.PersonaVector]) -> tuple[dict[str, pl.PersonaVector], str]:
+    """What E6 and E7 screen with in one pass: the paper's vectors and each one without the
+    others (``NAME_specific``), and a short key of all of them for the screen's folder, so that
+    a rerun with other vectors screens anew instead of meeting a folder of other settings."""
+    named = {**vecs, **{f"{t}_specific": v for t, v in pl.specific_vectors(vecs).items()}}
+    return named, fingerprint(sorted((n, v.directions.tolist()) for n, v in named.items()))[:8]
+
+
 def dataset(cfg: ExperimentConfig, name: str):
     if cfg.data_dir:
         return Path(cfg.data_dir) / f"{name}.jsonl"

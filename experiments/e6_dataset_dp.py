@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import persona_lens as pl
 from experiments.common import (TRAITS, base_probe, dataset, dataset_rows, dataset_trait, finetune_settings, goal,
-                                pearson, start, vectors, write_results)
-from persona_lens.pipeline_io import fingerprint
+                                pearson, screen_vectors, start, vectors, write_results)
 
 
 def main(argv=None) -> dict:
@@ -30,9 +29,7 @@ def main(argv=None) -> dict:
     rows, base = dataset_rows(cfg, root)
     probe = base_probe(cfg)
     vecs = vectors(cfg, probe, root)
-    named = {**vecs, **{f"{t}_specific": v for t, v in pl.specific_vectors(vecs).items()}}
-    # The screen folders are keyed by the vectors, so a rerun with other vectors screens anew.
-    vkey = fingerprint(sorted((n, v.directions.tolist()) for n, v in named.items()))[:8]
+    named, vkey = screen_vectors(vecs)
     dp: dict[str, dict[str, float]] = {}
     dp_specific: dict[str, dict[str, float]] = {}
     for name in cfg.datasets:

@@ -49,7 +49,7 @@ from collections import Counter
 from pathlib import Path
 
 import persona_lens as pl
-from persona_lens.pipeline_io import fingerprint, write_json, write_text
+from persona_lens.pipeline_io import write_json, write_text
 from persona_lens.stats import auroc, precision_at_k
 
 TRAITS = ("evil", "sycophantic", "hallucinating")
@@ -130,8 +130,9 @@ def run_seed(probe, world, judge, cfg: dict, seed: int, out: Path, progress: boo
     # figure can be recomputed from the screen table and this file alone.
     write_text(out / f"seed{seed}" / "data.jsonl", "".join(json.dumps(d) + "\n" for d in data))
     t1 = time.perf_counter()
-    named = {**vectors, **{f"{t}_specific": v for t, v in pl.specific_vectors(vectors).items()}}
-    vkey = fingerprint(sorted((n, v.directions.tolist()) for n, v in named.items()))[:8]
+    from experiments.common import screen_vectors
+
+    named, vkey = screen_vectors(vectors)
     result = pl.screen(probe, data, named, LAYERS, out_dir=out / f"seed{seed}" / f"screen_{vkey}",
                        settings={"max_new_tokens": cfg["base_tokens"], "temperature": 0.0, "seed": seed},
                        progress=progress)
