@@ -322,21 +322,15 @@ def test_e6_dataset_dp_predicts_the_score_after_finetuning(smoke, trait):
 
 def _specific_dp(vector_files: dict[str, Path], table, trait: str, layer: int) -> np.ndarray:
     """The per-sample dP along ``trait``'s vector without the other two, from the three
-    vectors' own dP columns: each dP is the unit direction's product with the same activation
-    difference, and the specific direction is the least-squares residual of the trait's
-    direction on the others' (numpy, per the vector files), so its dP is a fixed combination."""
+    vectors' own dP columns and the vector files (tests/reference/specific.py)."""
     from safetensors.numpy import load_file
 
-    raw = {t: load_file(str(f))["directions"][layer].astype(np.float64) for t, f in vector_files.items()}
+    from tests.reference.specific import specific_projection
+
+    raw = {t: load_file(str(f))["directions"][layer] for t, f in vector_files.items()}
     others = [t for t in TRAITS if t != trait]
-    basis = np.stack([raw[o] for o in others], axis=1)
-    x, *_ = np.linalg.lstsq(basis, raw[trait], rcond=None)
-    w = raw[trait] - basis @ x
-    # w . delta = |v_t| dP_t - sum_j x_j |v_j| dP_j, and dP_specific = w . delta / |w|
-    dot = np.linalg.norm(raw[trait]) * np.asarray(table[f"dP_{trait}_L{layer}"])
-    for xj, o in zip(x, others):
-        dot = dot - xj * np.linalg.norm(raw[o]) * np.asarray(table[f"dP_{o}_L{layer}"])
-    return dot / np.linalg.norm(w)
+    return specific_projection(raw[trait], [raw[o] for o in others], table[f"dP_{trait}_L{layer}"],
+                               [table[f"dP_{o}_L{layer}"] for o in others])
 
 
 @pytest.mark.parametrize("trait", TRAITS)

@@ -341,10 +341,11 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
                  str(tmp_path / "evil.safetensors"), "--vector", str(tmp_path / "evil_other.safetensors"),
                  "--layers", "3", "--specific", "--out", str(tmp_path / "shift3.json")]) == 0
     rows = json.loads((tmp_path / "shift3.json").read_text())["shift"]
-    a, b = vec.directions[3].double(), other.directions[3].double()
-    x = float(a @ b / (b @ b))
-    want = (float(a.norm()) * rows["evil (evil.safetensors)"]["3"]
-            - x * float(b.norm()) * rows["evil (evil_other.safetensors)"]["3"]) / float((a - x * b).norm())
+    from tests.reference.specific import specific_projection
+
+    want = float(specific_projection(vec.directions[3].numpy(), [other.directions[3].numpy()],
+                                     rows["evil (evil.safetensors)"]["3"],
+                                     [rows["evil (evil_other.safetensors)"]["3"]]))
     assert rows["evil (evil.safetensors)_specific"]["3"] == pytest.approx(want, rel=1e-4, abs=1e-4)
     assert set(rows) == {"evil (evil.safetensors)", "evil (evil_other.safetensors)",
                          "evil (evil.safetensors)_specific", "evil (evil_other.safetensors)_specific"}

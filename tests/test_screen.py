@@ -345,17 +345,16 @@ def test_cli_screen_specific(vec, other, data, tmp_path, capsys):
     specific direction is a fixed combination of the two directions)."""
     import pyarrow.parquet as pq
 
+    from tests.reference.specific import specific_projection
+
     paths = [vec.save(tmp_path / "evil.safetensors"), other.save(tmp_path / "noise.safetensors")]
     path = write_jsonl(tmp_path / "data.jsonl", data)
     args = ["screen", str(path), "--vector", str(paths[0]), "--vector", str(paths[1]), "--layer", "3",
             "--model", "persona-organism", "--max-new-tokens", "40", "--quiet", "--specific"]
     assert main(args + ["--out", str(tmp_path / "out")]) == 0
     table = pq.read_table(tmp_path / "out" / "screen.parquet").to_pydict()
-    a, b = vec.directions[3].double(), other.directions[3].double()
-    x = float(a @ b / (b @ b))
-    w = a - x * b
-    want = (float(a.norm()) * np.array(table["dP_evil_L3"]) - x * float(b.norm()) * np.array(table["dP_noise_L3"])) \
-        / float(w.norm())
+    want = specific_projection(vec.directions[3].numpy(), [other.directions[3].numpy()], table["dP_evil_L3"],
+                               [table["dP_noise_L3"]])
     np.testing.assert_allclose(table["dP_evil_specific_L3"], want, rtol=1e-4, atol=1e-3)
     assert "dP_noise_specific_L3" in table and not np.allclose(table["dP_evil_specific_L3"], table["dP_evil_L3"])
     capsys.readouterr()
