@@ -728,10 +728,12 @@ def cmd_shift(args: argparse.Namespace) -> int:
     print(f"loading {args.tuned} ...", file=sys.stderr)
     tuned = PersonaProbe(load_model(args.tuned, dtype=args.dtype, device=args.device))
     layers = args.layers if args.layers else list(range(base.n_layers + 1))
+    # the base model's activations once per trait, however many vectors (or --specific rows) read them
+    base_acts = {name: last_prompt_activations(base, list(trait.eval_questions), layers)
+                 for name, trait in traits.items()}
     out: dict[str, dict[int, float]] = {}
     for label, name, vec in zip(labels, names, vectors):
-        questions = list(traits[name].eval_questions)
-        out[label] = finetuning_shift(last_prompt_activations(base, questions, layers), tuned, vec, questions, layers)
+        out[label] = finetuning_shift(base_acts[name], tuned, vec, list(traits[name].eval_questions), layers)
     width = max(16, *(len(label) + 1 for label in labels))
     print(f"{'trait':<{width}} " + " ".join(f"L{l:<8}" for l in layers))
     for label, row in out.items():
