@@ -567,8 +567,12 @@ def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]
     # moves the others' shifts too. E4, E6 and E7 report both.
     specific = pl.specific_vectors(vecs)
 
-    def specific_shift(tuned):  # layer 0 (the embeddings) has no shift worth a vector of its own
-        return {t: finetuning_shift(base_acts[t], tuned, specific[t], questions[t], layers[1:]) for t in TRAITS}
+    def tuned_acts(run):  # one forward per trait's questions serves both vectors' shifts
+        tuned = pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype))
+        return tuned, {t: last_prompt_activations(tuned, questions[t], layers) for t in TRAITS}
+
+    def specific_shift(acts):  # layer 0 (the embeddings) has no shift worth a vector of its own
+        return {t: finetuning_shift(base_acts[t], acts[t], specific[t], questions[t], layers[1:]) for t in TRAITS}
 
     rows = []
     for name in cfg.datasets:
@@ -577,15 +581,15 @@ def dataset_rows(cfg: ExperimentConfig, root: Path) -> tuple[list[dict[str, Any]
             if path.exists():
                 row = read_json(path)
                 if "shift_specific" not in row:  # a row from before E4 measured it: the run is on disk
-                    row["shift_specific"] = specific_shift(pl.PersonaProbe(pl.load_model(row["run"], dtype=cfg.dtype)))
+                    row["shift_specific"] = specific_shift(tuned_acts(row["run"])[1])
                     write_json(path, row)
                 rows.append(row)
                 continue
             run = finetuned(cfg, root, name, seed)
-            tuned = pl.PersonaProbe(pl.load_model(run, dtype=cfg.dtype))
+            tuned, acts = tuned_acts(run)
             row = {"dataset": name, "seed": seed, "run": str(run),
-                   "shift": {t: finetuning_shift(base_acts[t], tuned, vecs[t], questions[t], layers) for t in TRAITS},
-                   "shift_specific": specific_shift(tuned),
+                   "shift": {t: finetuning_shift(base_acts[t], acts[t], vecs[t], questions[t], layers) for t in TRAITS},
+                   "shift_specific": specific_shift(acts),
                    "scores": trait_scores(cfg, tuned, judge, store)}
             write_json(path, row)
             rows.append(row)

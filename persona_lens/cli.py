@@ -728,12 +728,15 @@ def cmd_shift(args: argparse.Namespace) -> int:
     print(f"loading {args.tuned} ...", file=sys.stderr)
     tuned = PersonaProbe(load_model(args.tuned, dtype=args.dtype, device=args.device))
     layers = args.layers if args.layers else list(range(base.n_layers + 1))
-    # the base model's activations once per trait, however many vectors (or --specific rows) read them
-    base_acts = {name: last_prompt_activations(base, list(trait.eval_questions), layers)
-                 for name, trait in traits.items()}
+    for vec in vectors:  # a vector from another model fails before any forward
+        vec.check_compatible(tuned.n_layers, tuned.d_model, None)
+    # each model's activations once per trait, however many vectors (or --specific rows) read them
+    acts = {side: {name: last_prompt_activations(probe, list(trait.eval_questions), layers)
+                   for name, trait in traits.items()} for side, probe in (("base", base), ("tuned", tuned))}
     out: dict[str, dict[int, float]] = {}
     for label, name, vec in zip(labels, names, vectors):
-        out[label] = finetuning_shift(base_acts[name], tuned, vec, list(traits[name].eval_questions), layers)
+        out[label] = finetuning_shift(acts["base"][name], acts["tuned"][name], vec,
+                                      list(traits[name].eval_questions), layers)
     width = max(16, *(len(label) + 1 for label in labels))
     print(f"{'trait':<{width}} " + " ".join(f"L{l:<8}" for l in layers))
     for label, row in out.items():

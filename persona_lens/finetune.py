@@ -47,7 +47,7 @@ from persona_lens.ops import STEERING_MODES
 from persona_lens.models import attach_lora
 from persona_lens.pipeline_io import _UMASK, atomic_path, fingerprint, read_json, write_json
 from persona_lens.progress import quiet as _quiet
-from persona_lens.vectors import PersonaVector
+from persona_lens.vectors import PersonaVector, check_layer
 
 if TYPE_CHECKING:
     from persona_lens.probe import PersonaProbe
@@ -733,9 +733,31 @@ def last_prompt_activations(probe: "PersonaProbe", questions: Sequence[str], lay
     return LastPromptActivations({l: acts.at("last_prompt", l).float() for l in layers}, questions)
 
 
+def _shift_side(name: str, side: "PersonaProbe | Mapping[int, torch.Tensor]", questions: list[str],
+                layers: list[int], d_model: int, batch_size: int) -> Mapping[int, torch.Tensor]:
+    """One side of a shift as activations: taken from a probe, or checked when given."""
+    if not isinstance(side, Mapping):
+        return last_prompt_activations(side, questions, layers, batch_size)
+    if getattr(side, "questions", questions) != questions:
+        raise V.InvalidArgument(name, "activations", "", message=(
+            f"{name}: these activations were taken on other questions than the ones given; take them with "
+            f"last_prompt_activations({name}_probe, questions, layers) on the same questions"))
+    missing = [l for l in layers if l not in side]
+    if missing:
+        raise V.InvalidArgument(name, sorted(side), "", message=(
+            f"{name}: no activations at layer {missing[0]} (they hold layers {sorted(side)}); take them at "
+            "every layer of the shift"))
+    wrong = [l for l in layers if tuple(side[l].shape) != (len(questions), d_model)]
+    if wrong:
+        raise V.InvalidArgument(name, "activations", "", message=(
+            f"{name}: activations at layer {wrong[0]} have shape {tuple(side[wrong[0]].shape)}, not "
+            f"[{len(questions)} questions, {d_model}]"))
+    return side
+
+
 def finetuning_shift(
     base: "PersonaProbe | Mapping[int, torch.Tensor]",
-    tuned: "PersonaProbe",
+    tuned: "PersonaProbe | Mapping[int, torch.Tensor]",
     vector: PersonaVector,
     questions: Sequence[str],
     layers: Sequence[int] | None = None,
@@ -745,41 +767,44 @@ def finetuning_shift(
     """The finetuning shift per layer: mean over ``questions`` of ``(a_tuned - a_base) . u_L``.
 
     ``a`` is the activation at the last prompt token of the question asked with no system
-    prompt; ``u_L`` the unit vector of ``vector`` at layer ``L``. ``base`` may be the base
-    model's probe or its :func:`last_prompt_activations` (computed once for many runs).
+    prompt; ``u_L`` the unit vector of ``vector`` at layer ``L``. ``base`` and ``tuned`` may
+    each be a model's probe or its :func:`last_prompt_activations`, so that one forward per
+    model serves many runs and many vectors (with activations on both sides, give ``layers``).
 
     Example:
         >>> shift = finetuning_shift(probe, probe, vec, prompts, layers=[2, 3])
         >>> shift           # the same model on both sides: no shift
         {2: 0.0, 3: 0.0}
+        >>> acts = last_prompt_activations(probe, prompts, [2, 3])
+        >>> finetuning_shift(acts, acts, vec, prompts, layers=[2, 3])   # one forward, any number of vectors
+        {2: 0.0, 3: 0.0}
     """
-    layers = tuned._layers(layers)
     if not isinstance(vector, PersonaVector):
         raise V.InvalidArgumentType("vector", vector, "a PersonaVector")
     questions = [V.text(f"questions[{i}]", q) for i, q in
                  enumerate(V.items("questions", questions, what="a list of question strings", nonempty=True))]
-    vector.check_compatible(tuned.n_layers, tuned.d_model, None)
-    a_tuned = last_prompt_activations(tuned, questions, layers, batch_size)
-    if isinstance(base, Mapping):
-        a_base = base
-        if getattr(base, "questions", questions) != questions:
-            raise V.InvalidArgument("base", "activations", "", message=(
-                "base: these activations were taken on other questions than the ones given; take them with "
-                "last_prompt_activations(base_probe, questions, layers) on the same questions"))
-        missing = [l for l in layers if l not in base]
-        if missing:
-            raise V.InvalidArgument("base", sorted(base), "", message=(
-                f"base: no activations at layer {missing[0]} (they hold layers {sorted(base)}); take them at "
-                "every layer of the shift"))
-        wrong = [l for l in layers if tuple(base[l].shape) != (len(questions), tuned.d_model)]
-        if wrong:
-            raise V.InvalidArgument("base", "activations", "", message=(
-                f"base: activations at layer {wrong[0]} have shape {tuple(base[wrong[0]].shape)}, not "
-                f"[{len(questions)} questions, {tuned.d_model}]"))
+    probe = next((side for side in (tuned, base) if not isinstance(side, Mapping)), None)
+    if probe is not None:
+        layers = probe._layers(layers)
+        vector.check_compatible(probe.n_layers, probe.d_model, None)
+        d_model = probe.d_model
     else:
-        a_base = last_prompt_activations(base, questions, layers, batch_size)
+        if layers is None:
+            raise V.InvalidArgument("layers", None, "", message=(
+                "layers: with activations on both sides, say which layers to shift (the layers they were "
+                "taken at), e.g. layers=[3]"))
+        given = V.items("layers", [layers] if isinstance(layers, int) else layers,
+                        what="a layer or a list of layers", nonempty=True)
+        layers = sorted({check_layer(l, vector.n_layers, "this vector", name=f"layers[{i}]")
+                         for i, l in enumerate(given)})
+        d_model = vector.d_model
+    # given activations are checked before any forward is run for the other side
+    sides = {"base": base, "tuned": tuned}
+    acts = {name: _shift_side(name, side, questions, layers, d_model, batch_size)
+            for name, side in sorted(sides.items(), key=lambda kv: not isinstance(kv[1], Mapping))}
+    a_base, a_tuned = acts["base"], acts["tuned"]
     out = {}
     for l in layers:
         u = vector.unit(l).float()
-        out[l] = float(((a_tuned[l] - a_base[l]) @ u).mean())
+        out[l] = float(((a_tuned[l].float() - a_base[l].float()) @ u).mean())
     return out

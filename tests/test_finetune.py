@@ -247,6 +247,20 @@ def test_shift_equals_hf_hidden_states_of_the_two_models(tiny_dirs, tmp_path):
             assert tuned.last_path == route
             for l in layers:
                 assert got[l] == pytest.approx(want[l], abs=1e-4), (merge, route, l)
+    # both sides as activations taken once: the same shift, for this vector and for another
+    from persona_lens.finetune import last_prompt_activations
+
+    other = vector_for(base, seed=8)
+    acts_b = last_prompt_activations(base, QUESTIONS, layers)
+    acts_t = last_prompt_activations(pl.PersonaProbe(pl.load_model(tmp_path / "run")), QUESTIONS, layers)
+    for v in (vec, other):
+        got = finetuning_shift(acts_b, acts_t, v, QUESTIONS, layers=layers)
+        for l in layers:
+            assert got[l] == pytest.approx(float(((ht[l] - hb[l]) @ (v[l] / v[l].norm())).mean()), abs=1e-4)
+    with pytest.raises(ValueError, match="with activations on both sides, say which layers"):
+        finetuning_shift(acts_b, acts_t, vec, QUESTIONS)
+    with pytest.raises(ValueError, match="tuned: no activations at layer"):
+        finetuning_shift(base, {l: acts_t[l] for l in layers[:1]}, vec, QUESTIONS, layers=layers)
 
 
 def test_full_finetuning_and_hf_dataset(tiny_dirs, tmp_path):
@@ -374,6 +388,11 @@ def test_cli_make_datasets_finetune_and_shift(tmp_path, capsys):
     assert main(["shift", "--model", "persona-organism", "--tuned", str(tmp_path / "run"), "--vector",
                  str(tmp_path / "evil.safetensors"), "--layers", "9"]) == 2
     assert "the vector has layers 0..6" in capsys.readouterr().err
+    # a vector of a deeper model (every asked layer inside its range) is still another model's
+    pl.PersonaVector(torch.randn(9, vec.d_model), trait="evil").save(tmp_path / "deep.safetensors")
+    assert main(["shift", "--model", "persona-organism", "--tuned", str(tmp_path / "run"), "--vector",
+                 str(tmp_path / "deep.safetensors"), "--layers", "3"]) != 0
+    assert "extracted from another model" in capsys.readouterr().err
 
 
 def test_experiment_configs_load_and_validate():
