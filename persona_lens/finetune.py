@@ -47,7 +47,7 @@ from persona_lens.ops import STEERING_MODES
 from persona_lens.models import attach_lora
 from persona_lens.pipeline_io import _UMASK, atomic_path, fingerprint, read_json, write_json
 from persona_lens.progress import quiet as _quiet
-from persona_lens.vectors import PersonaVector, check_layer
+from persona_lens.vectors import PersonaVector, check_layers
 
 if TYPE_CHECKING:
     from persona_lens.probe import PersonaProbe
@@ -733,26 +733,23 @@ def last_prompt_activations(probe: "PersonaProbe", questions: Sequence[str], lay
     return LastPromptActivations({l: acts.at("last_prompt", l).float() for l in layers}, questions)
 
 
-def _shift_side(name: str, side: "PersonaProbe | Mapping[int, torch.Tensor]", questions: list[str],
-                layers: list[int], d_model: int, batch_size: int) -> Mapping[int, torch.Tensor]:
-    """One side of a shift as activations: taken from a probe, or checked when given."""
-    if not isinstance(side, Mapping):
-        return last_prompt_activations(side, questions, layers, batch_size)
-    if getattr(side, "questions", questions) != questions:
+def _check_given(name: str, acts: Mapping[int, torch.Tensor], questions: list[str], layers: list[int],
+                 d_model: int) -> None:
+    """Activations given for one side of a shift must be these questions' at every layer."""
+    if getattr(acts, "questions", questions) != questions:
         raise V.InvalidArgument(name, "activations", "", message=(
             f"{name}: these activations were taken on other questions than the ones given; take them with "
             f"last_prompt_activations({name}_probe, questions, layers) on the same questions"))
-    missing = [l for l in layers if l not in side]
+    missing = [l for l in layers if l not in acts]
     if missing:
-        raise V.InvalidArgument(name, sorted(side), "", message=(
-            f"{name}: no activations at layer {missing[0]} (they hold layers {sorted(side)}); take them at "
+        raise V.InvalidArgument(name, sorted(acts), "", message=(
+            f"{name}: no activations at layer {missing[0]} (they hold layers {sorted(acts)}); take them at "
             "every layer of the shift"))
-    wrong = [l for l in layers if tuple(side[l].shape) != (len(questions), d_model)]
+    wrong = [l for l in layers if tuple(acts[l].shape) != (len(questions), d_model)]
     if wrong:
         raise V.InvalidArgument(name, "activations", "", message=(
-            f"{name}: activations at layer {wrong[0]} have shape {tuple(side[wrong[0]].shape)}, not "
+            f"{name}: activations at layer {wrong[0]} have shape {tuple(acts[wrong[0]].shape)}, not "
             f"[{len(questions)} questions, {d_model}]"))
-    return side
 
 
 def finetuning_shift(
@@ -793,16 +790,13 @@ def finetuning_shift(
             raise V.InvalidArgument("layers", None, "", message=(
                 "layers: with activations on both sides, say which layers to shift (the layers they were "
                 "taken at), e.g. layers=[3]"))
-        given = V.items("layers", [layers] if isinstance(layers, int) else layers,
-                        what="a layer or a list of layers", nonempty=True)
-        layers = sorted({check_layer(l, vector.n_layers, "this vector", name=f"layers[{i}]")
-                         for i, l in enumerate(given)})
+        layers = check_layers(layers, vector.n_layers, "this vector")
         d_model = vector.d_model
-    # given activations are checked before any forward is run for the other side
-    sides = {"base": base, "tuned": tuned}
-    acts = {name: _shift_side(name, side, questions, layers, d_model, batch_size)
-            for name, side in sorted(sides.items(), key=lambda kv: not isinstance(kv[1], Mapping))}
-    a_base, a_tuned = acts["base"], acts["tuned"]
+    for name, side in (("base", base), ("tuned", tuned)):  # before any forward runs for the other side
+        if isinstance(side, Mapping):
+            _check_given(name, side, questions, layers, d_model)
+    a_base, a_tuned = (side if isinstance(side, Mapping) else
+                       last_prompt_activations(side, questions, layers, batch_size) for side in (base, tuned))
     out = {}
     for l in layers:
         u = vector.unit(l).float()

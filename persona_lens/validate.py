@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 __all__ = [
     "InvalidArgument", "InvalidArgumentType", "ContextLengthError", "ContextLengthWarning",
-    "NumericalError", "show", "number", "integer", "boolean", "optional_boolean", "text", "choice",
+    "NumericalError", "show", "number", "integer", "is_integer", "boolean", "optional_boolean", "text", "choice",
     "path", "items", "pairs", "mapping", "redact_url", "redact",
 ]
 
@@ -227,6 +227,20 @@ def integer(
     if (min is not None and i < min) or (max is not None and i > max):
         raise InvalidArgument(name, value, allowed)
     return i
+
+
+def is_integer(value: Any) -> bool:
+    """Whether :func:`integer` takes ``value`` (an int, a numpy int, a 0-d integer tensor).
+
+    Example:
+        >>> is_integer(3), is_integer(3.0), is_integer([3])
+        (True, False, False)
+    """
+    try:
+        integer("value", value)
+        return True
+    except ValueError:
+        return False
 
 
 @no_type_check

@@ -36,6 +36,20 @@ def check_layer(layer: Any, n_layers: int, owner: str, hint: str = "", name: str
     return layer
 
 
+def check_layers(layers: Any, n_layers: int, owner: str, hint: str = "", name: str = "layers") -> list[int]:
+    """``layers`` (one layer or a list of them) as sorted distinct ints in ``0..n_layers``, else
+    raise naming ``owner`` and the offending entry.
+
+    Example:
+        >>> check_layers([3, 1, 3], 6, "this vector")
+        [1, 3]
+    """
+    if V.is_integer(layers):
+        layers = [layers]
+    given = V.items(name, layers, what="a layer or a list of layers", nonempty=True)
+    return sorted({check_layer(l, n_layers, owner, hint, name=f"{name}[{i}]") for i, l in enumerate(given)})
+
+
 class VectorMismatchError(ValueError):
     """A vector does not fit the model it is used with (layer count or d_model)."""
 

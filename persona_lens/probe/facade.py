@@ -29,19 +29,11 @@ from persona_lens.probe.capture import CaptureMixin
 from persona_lens.probe.generation import GenerationMixin
 from persona_lens.probe.owner import HookOwner
 from persona_lens.probe.positions import batch_positions
-from persona_lens.vectors import PersonaVector, VectorMismatchError, check_layer
+from persona_lens.vectors import PersonaVector, VectorMismatchError, check_layer, check_layers
 
 
 #: Largest norm whose square float32 holds.
 _MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
-
-
-def _is_int(x: Any) -> bool:
-    try:
-        V.integer("x", x)
-        return True
-    except ValueError:
-        return False
 
 
 class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
@@ -113,21 +105,18 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
             f"d_model={self.d_model}, active_hooks={len(self._handles)})"
         )
 
+    def _layer_hint(self) -> str:
+        return (f" (layer L is the residual stream entering block L; {self.n_layers} is the last "
+                "block's output)")
+
     def check_layer(self, layer: Any, *, name: str = "layer") -> int:
         """Return ``layer`` if valid for this model (``0..n_layers``), else raise naming ``name``."""
-        return check_layer(
-            layer, self.n_layers, "this model",
-            f" (layer L is the residual stream entering block L; {self.n_layers} is the last "
-            "block's output)", name=name,
-        )
+        return check_layer(layer, self.n_layers, "this model", self._layer_hint(), name=name)
 
     def _layers(self, layers: Any, name: str = "layers") -> list[int]:
         if layers is None:
             return list(range(self.n_layers + 1))
-        if not isinstance(layers, (str, bytes)) and _is_int(layers):
-            layers = [layers]
-        given = V.items(name, layers, what="a layer or a list of layers", nonempty=True)
-        return sorted({self.check_layer(l, name=f"{name}[{i}]") for i, l in enumerate(given)})
+        return check_layers(layers, self.n_layers, "this model", self._layer_hint(), name=name)
 
     def _vector(self, vector: PersonaVector | Tensor) -> PersonaVector:
         if isinstance(vector, Tensor):
@@ -161,7 +150,7 @@ class PersonaProbe(HookOwner, CaptureMixin, GenerationMixin):
         else:
             names = {}
             coef = V.number("coef", 1.0 if coef is None else coef)
-            if _is_int(layers):
+            if V.is_integer(layers):
                 layers = [layers]
             plan = {self.check_layer(l, name=f"layers[{i}]"): coef
                     for i, l in enumerate(V.items("layers", layers, what="a {layer: coef} dict or a list of layers"))}
