@@ -18,8 +18,10 @@ the same answer) and the steering it applied, with each vector's trait and sourc
 
 One model serves one request at a time (a lock around the probe: steering is model-wide
 state); ``n`` choices of one request are one batch. For throughput, load the model on the
-vLLM engine (``--engine vllm``). ``stream: true`` is answered in the server-sent-events
-format after the whole answer is generated (the chunks arrive together). Fields this server
+vLLM engine (``--engine vllm``). ``stream: true`` sends the answer in OpenAI's server-sent
+events as it is generated (on the vLLM engine each answer comes whole, when it is done); a
+client that leaves stops its generation at the next token. A stop string ends an answer's
+generation where it appears, streamed or not. Fields this server
 does not implement (tools, logprobs, penalties, ...) are refused with a message naming them
 when they ask for something; an unknown field is refused too, so a misspelt ``"steering"``
 never passes unnoticed.
@@ -28,6 +30,7 @@ never passes unnoticed.
 from __future__ import annotations
 
 import json
+import queue
 import secrets
 import threading
 import time
@@ -266,13 +269,27 @@ class _Server:
         }
 
     # -- answering --------------------------------------------------------------------------
-    def complete(self, body: Any) -> dict[str, Any]:
-        """Answer one chat-completion request (a dict, as JSON decodes it)."""
+    def complete(self, body: Any, on_text: Any = None, on_start: Any = None) -> dict[str, Any]:
+        """Answer one chat-completion request (a dict, as JSON decodes it).
+
+        ``on_text(i, text)`` receives choice ``i``'s answer as it grows, stop strings already
+        applied (its pieces join to a start of the choice's content: a tail that might have
+        begun a stop string is only in the reply); ``on_start()`` is called once the request
+        holds the model and its steering is in place (every error of the request itself is
+        raised before)."""
         req = self.parse(body)
         conv = req["messages"]
         self._fit_context(req, body)
         if req["top_p"] == 0:  # the likeliest token alone: greedy decoding
             req["temperature"], req["top_p"] = 0.0, 1.0
+        stops = _Stops(req["stop"], req["n"])
+
+        def grown(i: int, piece: str) -> bool:
+            out, done = stops.push(i, piece)
+            if out and on_text is not None:
+                on_text(i, out)
+            return done  # a stop string appeared: that answer's generation ends here
+
         with self.lock, ExitStack() as stack:
             for i, s in enumerate(req["steering"]):
                 try:
@@ -280,9 +297,12 @@ class _Server:
                                                          positions=s.positions))
                 except ValueError as e:  # e.g. a coefficient too large for the model's dtype
                     raise RequestError(f"steering[{i}]: {e}", f"steering[{i}]") from None
+            if on_start is not None:
+                on_start()
             gens = self.probe.generate(
                 [conv] * req["n"], max_new_tokens=req["max_tokens"], temperature=req["temperature"],
-                top_p=req["top_p"], seed=req["seed"], return_generations=True, progress=False)
+                top_p=req["top_p"], seed=req["seed"], return_generations=True, progress=False,
+                on_text=grown if (req["stop"] or on_text is not None) else None)
             texts, reasons = zip(*(_cut(g.text, req["stop"], g.finished) for g in gens))
             before, after = [], [[] for _ in gens]
             if req["monitor"]:
@@ -338,32 +358,10 @@ class _Server:
         return {"vector": s.vector, "trait": vec.trait, "model_name": vec.model_name,
                 "layers": {str(l): c for l, c in s.layers.items()}, "positions": s.positions}
 
-    def stream(self, body: Any, reply: dict[str, Any]) -> Iterator[str]:
-        """The reply as server-sent events of ``chat.completion.chunk`` objects, OpenAI's way:
-        every chunk carries choices except the usage chunk ``include_usage`` asks for (a
-        client's ``chunk.choices[0]`` never fails otherwise). Each choice's readings ride in
-        its finish chunk's choice; the request's ``persona`` and ``persona_lens`` on the last
-        chunk that has choices."""
-        head = {k: reply[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        usage_none = {"usage": None} if include_usage else {}
-
-        def event(choices: list, **extra: Any) -> str:
-            return f"data: {json.dumps(head | {'choices': choices} | usage_none | extra)}\n\n"
-
-        last = len(reply["choices"]) - 1
-        for j, c in enumerate(reply["choices"]):
-            i = c["index"]
-            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            yield event([{"index": i, "delta": {"content": c["message"]["content"]}, "finish_reason": None}])
-            finish = {"index": i, "delta": {}, "finish_reason": c["finish_reason"]}
-            if "persona" in c:
-                finish["persona"] = c["persona"]
-            yield event([finish], **({k: reply[k] for k in ("persona", "persona_lens") if k in reply}
-                                     if j == last else {}))
-        if include_usage:
-            yield event([], usage=reply["usage"])
-        yield "data: [DONE]\n\n"
+    def stream(self, body: Any) -> "_Stream":
+        """Start answering a ``stream: true`` request in a thread of its own; the returned
+        stream's :meth:`_Stream.first` says whether the request was accepted."""
+        return _Stream(self, body)
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
@@ -375,6 +373,122 @@ class _Server:
              "position": v.position, "norms": [round(float(x), 4) for x in v.norms()]}
             for name, v in self.vectors.items()],
             "default_steering": [self._describe(s) for s in self.steering]}
+
+
+class _Stops:
+    """Stop strings applied while answers grow. Text is released once no stop string can
+    begin in it any more, and an answer ends at its first stop string (which is not part of
+    it, OpenAI's rule), so what is streamed is always a start of what :func:`_cut` gives for
+    the whole answer."""
+
+    def __init__(self, stop: Sequence[str], n: int):
+        self.stop, self.text, self.sent, self.done = list(stop), [""] * n, [0] * n, [False] * n
+
+    def push(self, i: int, piece: str) -> tuple[str, bool]:
+        """(the text of answer ``i`` that can be sent now, whether the answer has ended)."""
+        if self.done[i]:
+            return "", True
+        text = self.text[i] = self.text[i] + piece
+        if not self.stop:
+            self.sent[i] = len(text)
+            return piece, False
+        found = [c for c in (text.find(s) for s in self.stop) if c >= 0]
+        # where a stop string could still begin, given more text
+        open_ = [j for s in self.stop for j in range(max(0, len(text) - len(s) + 1), len(text))
+                 if s.startswith(text[j:])]
+        pending = min(open_, default=len(text))
+        start = self.sent[i]
+        if found and min(found) <= pending:
+            self.sent[i], self.done[i] = min(found), True
+            return text[start : min(found)], True
+        end = min([pending] + found)
+        self.sent[i] = max(start, end)
+        return text[start:end], False
+
+
+class _Stream:
+    """One ``stream: true`` request: generated in a thread of its own, its pieces passed
+    through a queue to the server-sent events. :meth:`cancel` (the client left) stops the
+    generation at its next token, which releases the model and removes the steering."""
+
+    def __init__(self, server: _Server, body: Any):
+        self.server, self.body = server, body
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="persona-lens-stream").start()
+
+    def _run(self) -> None:
+        try:
+            reply = self.server.complete(self.body, on_text=self._piece,
+                                         on_start=lambda: self.events.put(("start", None)))
+            self.events.put(("reply", reply))
+        except BaseException as e:  # noqa: BLE001 - every end reaches the client's side of the queue
+            self.events.put(("error", e))
+
+    def _piece(self, i: int, text: str) -> None:
+        if self.cancelled.is_set():
+            raise _ClientLeft
+        self.events.put(("piece", (i, text)))
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def first(self) -> BaseException | None:
+        """Wait until the request holds the model; its error if it failed before that."""
+        kind, value = self.events.get()
+        return value if kind == "error" else None
+
+    def chunks(self) -> Iterator[str]:
+        """The reply as server-sent events of ``chat.completion.chunk`` objects, OpenAI's way:
+        every chunk carries choices except the usage chunk ``include_usage`` asks for (a
+        client's ``chunk.choices[0]`` never fails otherwise). Each choice's readings ride in
+        its finish chunk's choice; the request's ``persona`` and ``persona_lens`` on the last
+        chunk that has choices. A failure during generation is sent as an ``error`` event,
+        which OpenAI's clients raise."""
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.server.name}
+        include_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
+        usage_none = {"usage": None} if include_usage else {}
+
+        def event(choices: list, **extra: Any) -> str:
+            return f"data: {json.dumps(head | {'choices': choices} | usage_none | extra)}\n\n"
+
+        n = self.body.get("n") or 1
+        sent = [""] * n
+        for i in range(n):
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while True:
+            kind, value = self.events.get()
+            if kind == "piece":
+                i, text = value
+                sent[i] += text
+                yield event([{"index": i, "delta": {"content": text}, "finish_reason": None}])
+            elif kind == "error":
+                status, kind_ = (400, "invalid_request_error") if isinstance(value, ValueError) else (500, "server_error")
+                message = str(value) if status == 400 else f"internal error ({type(value).__name__}): {value}"
+                yield f"data: {json.dumps({'error': {'message': V.redact(message), 'type': kind_, 'param': None, 'code': None}})}\n\n"
+                return
+            else:
+                break
+        reply = value
+        last = len(reply["choices"]) - 1
+        for c in reply["choices"]:  # what was held back at the end (a piece of a stop string that never came)
+            rest = c["message"]["content"][len(sent[c["index"]]):]
+            if rest:
+                yield event([{"index": c["index"], "delta": {"content": rest}, "finish_reason": None}])
+        for j, c in enumerate(reply["choices"]):
+            finish = {"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
+            if "persona" in c:
+                finish["persona"] = c["persona"]
+            yield event([finish], **({k: reply[k] for k in ("persona", "persona_lens") if k in reply}
+                                     if j == last else {}))
+        if include_usage:
+            yield event([], usage=reply["usage"])
+        yield "data: [DONE]\n\n"
+
+
+class _ClientLeft(Exception):
+    """Raised inside a streamed generation whose client has gone: it stops the generation."""
 
 
 def _cut(text: str, stop: Sequence[str], finished: bool) -> tuple[str, str]:
@@ -449,19 +563,37 @@ def make_app(
         return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail} (this server answers "
                                       f"{routes})", code="not_found" if exc.status_code == 404 else None)
 
+    class EventStream(StreamingResponse):
+        """Server-sent events that stop their generation however the response ends (the
+        client left, or a write failed), not only when every chunk was sent."""
+
+        def __init__(self, stream: _Stream):
+            super().__init__(stream.chunks(), media_type="text/event-stream")
+            self.stream = stream
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.stream.cancel()
+
+    def failed(e: BaseException):
+        if isinstance(e, RequestError):
+            return error(e.status, str(e), e.param, code=e.code)
+        if isinstance(e, ValueError):  # the library's checks (context length, ...): the request's fault
+            return error(400, str(e))
+        return error(500, f"internal error ({type(e).__name__}): {e}", kind="server_error")
+
     @app.post("/v1/chat/completions")
     def chat_completions(body: Any = Body(...)):
+        if isinstance(body, dict) and body.get("stream") is True:
+            stream = server.stream(body)
+            e = stream.first()  # every error of the request itself comes before the first chunk
+            return failed(e) if e is not None else EventStream(stream)
         try:
-            reply = server.complete(body)
-        except RequestError as e:
-            return error(e.status, str(e), e.param, code=e.code)
-        except ValueError as e:  # the library's checks (context length, ...): the request's fault
-            return error(400, str(e))
-        except Exception as e:  # noqa: BLE001 - answered as a 500 with its type; the server keeps running
-            return error(500, f"internal error ({type(e).__name__}): {e}", kind="server_error")
-        if body.get("stream"):
-            return StreamingResponse(server.stream(body, reply), media_type="text/event-stream")
-        return reply
+            return server.complete(body)
+        except Exception as e:  # noqa: BLE001 - answered with its type; the server keeps running
+            return failed(e)
 
     @app.get("/v1/models")
     def models():

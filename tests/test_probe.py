@@ -518,3 +518,58 @@ def test_steering_an_all_zero_row_is_refused(tiny):
         probe.steering(vec, layer=2, coef=1.0)
     assert probe.steering(vec, layer=2, coef=0.0)[0].coef == 0.0  # the unsteered cell of a sweep
     assert probe.steering(vec, layer=1, coef=1.0)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_on_text_pieces_join_to_each_answer_and_change_nothing(tiny, use_cache):
+    probe, _, _ = tiny
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=4, batch_size=2, use_cache=use_cache)  # two batches
+    plain = probe.generate(PROMPTS, **kw)
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(PROMPTS))}
+    got = probe.generate(PROMPTS, on_text=lambda i, t: pieces[i].append(t), **kw)
+    assert got == plain
+    assert ["".join(pieces[i]) for i in range(len(PROMPTS))] == plain
+    assert all(p for ps in pieces.values() for p in ps)  # no empty piece is sent
+    assert sum(len(ps) > 1 for ps in pieces.values()) >= 2  # pieces as the answers grow, not one at the end
+
+
+def test_on_text_true_stops_that_answer_only(tiny):
+    probe, _, _ = tiny
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=4, return_generations=True)
+    plain = probe.generate(PROMPTS, **kw)
+    long_row = max(range(len(PROMPTS)), key=lambda i: len(plain[i].response_ids))
+    assert len(plain[long_row].response_ids) > 6
+    seen: dict[int, list[str]] = {i: [] for i in range(len(PROMPTS))}
+
+    def on_text(i, t):
+        seen[i].append(t)
+        return i == long_row and len(seen[i]) == 3
+
+    got = probe.generate(PROMPTS, on_text=on_text, **kw)
+    for i, (g, p) in enumerate(zip(got, plain)):
+        if i == long_row:  # stopped where it was: its text is what was sent, a start of the full answer
+            assert g.text == "".join(seen[i]) and p.text.startswith(g.text) and len(g.text) < len(p.text)
+            assert g.response_ids == p.response_ids[: len(g.response_ids)] and not g.finished
+        else:  # the other rows are untouched (same tokens, same sampling)
+            assert (g.text, g.response_ids, g.finished) == (p.text, p.response_ids, p.finished)
+
+
+def test_an_exception_in_on_text_stops_generation_and_removes_every_hook(tiny):
+    probe, _, _ = tiny
+    vec = random_vector(probe)
+    before = all_hook_counts(probe.model)
+    with probe.steer(vec, layer=1, coef=2.0):
+        steered = probe.generate(PROMPTS, max_new_tokens=12)
+
+        def boom(i, t):
+            raise KeyboardInterrupt("client gone")
+
+        with pytest.raises(KeyboardInterrupt, match="client gone"):
+            probe.generate(PROMPTS, max_new_tokens=12, on_text=boom)
+        assert probe.generate(PROMPTS, max_new_tokens=12) == steered  # the user's steering still acts alone
+    assert all_hook_counts(probe.model) == before and probe._handles == []
+    with pytest.raises(TypeError, match="on_text"):
+        probe.generate(PROMPTS, on_text="print")

@@ -13,6 +13,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 import openai  # noqa: E402
@@ -204,6 +206,108 @@ def test_stream_carries_the_same_answers_usage_and_readings(client, questions):
     chunks = list(ask(client, questions[2], stream=True, stream_options={"include_usage": True}, **kw))
     assert all(c.choices for c in chunks[:-1]) and not chunks[-1].choices and all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stream_sends_the_answer_as_it_grows_and_stops_at_a_stop_string(client, hf, questions):
+    conv = [{"role": "user", "content": questions[0]}]
+    full = hf_greedy(hf, conv, 24)
+    chunks = list(ask(client, questions[0], temperature=0, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == full and len(pieces) > 3  # piece by piece, not the answer in one chunk
+    assert len({c.id for c in chunks}) == 1
+    word = full.split()[3]
+    want = full[: full.index(" " + word)]  # OpenAI's rule: the answer ends before the stop string
+    whole = ask(client, questions[0], temperature=0, stop=[" " + word, "never said"])
+    streamed = list(ask(client, questions[0], temperature=0, stop=[" " + word, "never said"], stream=True,
+                        stream_options={"include_usage": True}))
+    got = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert whole.choices[0].message.content == got == want
+    assert whole.choices[0].finish_reason == [c for c in streamed if c.choices][-1].choices[0].finish_reason == "stop"
+    # generation ends where the stop string appears: fewer tokens than the whole answer took
+    n_full = [c for c in chunks if not c.choices][0].usage.completion_tokens
+    assert whole.usage.completion_tokens == streamed[-1].usage.completion_tokens < n_full
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text("ab .", max_size=14), stop=st.lists(st.text("ab .", min_size=1, max_size=3), max_size=3),
+       cuts=st.lists(st.integers(0, 14), max_size=5))
+def test_stop_strings_on_a_growing_answer_give_what_the_whole_answer_gives(text, stop, cuts):
+    from persona_lens.serve import _Stops
+
+    found = [text.find(s) for s in stop if s in text]
+    want = text[: min(found)] if found else text  # the earliest stop string ends the answer
+    stops, sent, ended = _Stops(stop, 1), "", False
+    bounds = sorted(set(c for c in cuts if c < len(text))) + [len(text)]
+    start = 0
+    for b in bounds:
+        out, done = stops.push(0, text[start:b])
+        start = b
+        assert not ended or out == ""
+        sent += out
+        assert want.startswith(sent)  # never past the stop, never a piece that changes later
+        ended = ended or done
+    assert ended == bool(found) and (sent == want or not ended)
+
+
+def test_a_failure_while_streaming_is_an_error_event_and_frees_the_model(app, probe, vec, questions, monkeypatch):
+    client = openai.OpenAI(base_url="http://test/v1", api_key="none", http_client=TestClient(app), max_retries=0)
+    real = type(probe).generate
+
+    def half(self, *a, on_text=None, **k):
+        on_text(0, "the first words")
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(probe), "generate", half)
+        got = []
+        with pytest.raises(openai.APIError, match="device lost"):
+            for c in ask(client, questions[0], stream=True, extra_body={
+                    "steering": [{"vector": "evil", "layer": 5, "coef": 2.0}]}):
+                got.append(c.choices[0].delta.content or "")
+    assert "".join(got) == "the first words"
+    assert list(probe.interventions) == [] and type(probe).generate is real
+    assert app.state.persona_lens.lock.acquire(timeout=5)
+    app.state.persona_lens.lock.release()
+
+
+def test_a_client_that_leaves_stops_its_generation(tiny_dirs):
+    """Over a real socket: closing the stream mid-answer ends the generation at once, where
+    the same request left alone runs to its token limit."""
+    import httpx
+    import uvicorn
+
+    import persona_lens as pl
+
+    probe = pl.PersonaProbe(pl.load_model(tiny_dirs["llama"], device="cpu"))
+    steps = []
+    step = probe._step
+    probe._step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    app = make_app(probe, max_tokens=400)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "stream": True}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+            n_whole = len(steps)
+            assert '"finish_reason": "length"' in lines[-1] and n_whole == 400  # left alone: all 400 tokens
+            steps.clear()
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if '"content": "' in line and '"role"' not in line:
+                        break  # the first piece of the answer: leave
+        lock = app.state.persona_lens.lock
+        assert lock.acquire(timeout=60)  # the generation ended and gave the model back
+        lock.release()
+        assert len(steps) < n_whole // 4, len(steps)
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_default_steering_applies_until_a_request_replaces_it(probe, vec, hf, questions):

@@ -103,3 +103,26 @@ def test_contrastive_vector_steers_generation(smollm2):
         vec, layer=layer, at="response_mean",
     )
     assert proj[1] > proj[0], (base, steered, proj)
+
+
+def test_streamed_pieces_join_to_the_answer_on_a_byte_level_tokenizer(smollm2):
+    """Pieces sent as an answer grows never split a character: a multi-byte character whose
+    bytes are spread over several tokens waits for its last byte; spaces before punctuation
+    that the decoder cleans up are never sent early."""
+    from persona_lens.probe.generation import _TextStream
+
+    tok = smollm2.tokenizer
+    text = "Café au lait 🙂 , naïve ! Ça va ? 東京 . done"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[:k]) for k in range(1, len(ids)))  # characters split over tokens
+    pieces: list[str] = []
+    stream = _TextStream(tok, [0], set(), lambda i, t: pieces.append(t))
+    for t in ids:
+        stream.step(torch.tensor([t]), torch.tensor([False]))
+    final = tok.decode(ids, skip_special_tokens=True).strip()
+    stream.close(0, final)
+    assert "".join(pieces) == final and not any("\ufffd" in p for p in pieces)
+    answers: dict[int, list[str]] = {0: [], 1: []}
+    got = smollm2.generate([QUESTION, "Write a short greeting in French."], max_new_tokens=24, temperature=1.0,
+                           seed=2, on_text=lambda i, t: answers[i].append(t))
+    assert ["".join(answers[i]) for i in (0, 1)] == got

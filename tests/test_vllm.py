@@ -393,3 +393,24 @@ def test_the_cli_hands_engine_to_load_model(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli._load_probe(args)
     assert "engine" not in seen or seen["engine"] == "transformer_lens"
+
+
+def test_streamed_answers_and_stop_strings_on_the_engine_equal_the_hf_path(engine, hf, vec, prompts):
+    """The engine returns whole answers: a streamed request gets each as one piece, cut at its
+    stop string as on the HF path."""
+    pytest.importorskip("fastapi")
+    from persona_lens.serve import make_app
+
+    def served(probe):
+        server = make_app(probe, {"evil": vec}, max_tokens=MAX_NEW).state.persona_lens
+        body = {"messages": prompts[0], "temperature": 0, "steering": [{"vector": "evil", "layer": 3, "coef": 4.0}]}
+        full = server.complete(body)["choices"][0]["message"]["content"]
+        stop = " " + full.split()[2]
+        pieces: list[str] = []
+        r = server.complete({**body, "stop": [stop]}, on_text=lambda i, t: pieces.append(t))
+        got = r["choices"][0]
+        assert "".join(pieces) == got["message"]["content"] == full[: full.index(stop)]
+        assert got["finish_reason"] == "stop"
+        return full, got["message"]["content"]
+
+    assert served(engine) == served(hf)

@@ -9,6 +9,7 @@ defaults are written.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -159,6 +160,7 @@ class GenerationMixin:
         return_generations: bool = False,
         progress: bool | None = DEFAULTS.progress,
         interventions: Sequence[Sequence[Any]] | None = None,
+        on_text: Callable[[int, str], Any] | None = None,
     ) -> list[str] | list[Generation]:
         """Generate responses to chat prompts; active steering/monitoring hooks apply.
 
@@ -175,6 +177,13 @@ class GenerationMixin:
                 :meth:`PersonaProbe.steering`), applied after the active ones: rows of one call
                 may carry different vectors and coefficients. The vLLM engine runs them all as
                 one batch; a local model runs one batch per distinct list.
+            on_text: called as ``on_text(i, text)`` each time the answer to ``prompts[i]``
+                grows, with the new text only: the pieces of one answer join to exactly its
+                final text (a character whose bytes are not all generated yet waits for
+                them). Returning True stops that answer where it is (the other rows go on,
+                unchanged); an exception raised in it stops the call and propagates, with
+                every hook removed. The vLLM engine runs whole requests: there it is called
+                once per answer, when the answer is complete.
 
         Example:
             >>> smollm2.generate(["What is the capital of France?"], max_new_tokens=16)
@@ -188,9 +197,16 @@ class GenerationMixin:
             ...     alone = probe.generate(prompts[:1], max_new_tokens=16)
             >>> both[1] == alone[0]
             True
+            >>> pieces = []
+            >>> text = probe.generate(prompts[:1], on_text=lambda i, t: pieces.append(t))[0]
+            >>> "".join(pieces) == text and len(pieces) > 1     # print(t, end="") shows it live
+            True
         """
         prompts = as_conversations(prompts, name="prompts")
         V.boolean("return_generations", return_generations)
+        if on_text is not None and not callable(on_text):
+            raise V.InvalidArgumentType("on_text", on_text, "a function on_text(i, text), e.g. "
+                                        "lambda i, t: print(t, end=\"\")")
         settings = GenerationSettings(
             system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             seed=seed, batch_size=batch_size, use_cache=use_cache, progress=progress,
@@ -203,24 +219,27 @@ class GenerationMixin:
             interventions = [list(V.items(f"interventions[{i}]", ivs, what="a list of Steer / Ablate values"))
                              for i, ivs in enumerate(interventions)]
         if interventions is None or not any(interventions):
-            texts, gens = self._generate(prompts, settings, reader=None)
+            texts, gens = self._generate(prompts, settings, reader=None, on_text=on_text)
         elif self._on_engine:
             gens, _ = self._generate_on_engine(prompts, settings, extra=interventions)
+            _whole_answers(gens, on_text)
             texts = [g.text for g in gens]
         else:
-            gens = self._generate_per_row(prompts, settings, interventions)
+            gens = self._generate_per_row(prompts, settings, interventions, on_text)
             texts = [g.text for g in gens]
         return gens if return_generations else texts
 
-    def _generate_per_row(self, prompts, settings, interventions) -> list[Generation]:
+    def _generate_per_row(self, prompts, settings, interventions, on_text=None) -> list[Generation]:
         """A local model: one batch per distinct list of interventions, in order of first use."""
         groups: dict[tuple, list[int]] = {}
         for i, ivs in enumerate(interventions):
             groups.setdefault(tuple(id(iv) for iv in ivs), []).append(i)
         gens: list[Generation | None] = [None] * len(prompts)
         for idx in groups.values():
+            # the group's own row k is the caller's prompt idx[k]
+            pieces = None if on_text is None else (lambda k, t, idx=idx: on_text(idx[k], t))
             with self._intervening(interventions[idx[0]]):
-                _, part = self._generate([prompts[i] for i in idx], settings, reader=None)
+                _, part = self._generate([prompts[i] for i in idx], settings, reader=None, on_text=pieces)
             for i, g in zip(idx, part):
                 gens[i] = g
         return gens
@@ -251,6 +270,7 @@ class GenerationMixin:
         prompts: Sequence[ConversationLike],
         settings: GenerationSettings,
         reader: Callable[[ChatBatch, list[int]], Callable[[Tensor], None]] | None,
+        on_text: Callable[[int, str], Any] | None = None,
     ) -> tuple[list[str], list[Generation]]:
         system, max_new_tokens, temperature = settings.system, settings.max_new_tokens, settings.temperature
         top_p, seed, batch_size, use_cache, progress = (
@@ -259,6 +279,7 @@ class GenerationMixin:
             if reader is not None:  # pragma: no cover - monitor has its own engine path
                 raise NotImplementedError("readers run on the probe's own forwards")
             gens, _ = self._generate_on_engine(prompts, settings)
+            _whole_answers(gens, on_text)
             return [g.text for g in gens], gens
         convs = as_conversations(prompts, name="prompts", system=system)
         rows = chat_rows(self.tokenizer, convs, with_response=False, name="prompts")
@@ -275,21 +296,27 @@ class GenerationMixin:
         eos = torch.tensor(sorted(eos_set), device=self.device, dtype=torch.long)
         groups = self._batches(rows, batch_size)
         bar = progress_bar(total=len(rows), desc="generate", unit="resp", disable=quiet(progress, len(groups)))
-        for idx in groups:
-            batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
-            finish = reader(batch, idx) if reader else None
-            new_ids, finished = self._decode(batch, max_new_tokens, temperature, top_p, generator, eos, use_cache)
-            for j, i in enumerate(idx):
-                ids = new_ids[j].tolist()
-                if finished[j]:
-                    stop = next(k for k, t in enumerate(ids) if t in eos_set)
-                    ids = ids[: stop + 1]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                gens[i] = Generation(convs[i], text, rows[i][0], ids, bool(finished[j]))
-            if finish:
-                finish(new_ids)
-            bar.update(len(idx))
-        bar.close()
+        try:
+            for idx in groups:
+                batch = encode_rows(self.tokenizer, [rows[i] for i in idx], idx).to(self.device)
+                finish = reader(batch, idx) if reader else None
+                texts = None if on_text is None else _TextStream(self.tokenizer, idx, eos_set, on_text)
+                new_ids, finished, lengths = self._decode(batch, max_new_tokens, temperature, top_p, generator, eos,
+                                                          use_cache, on_step=texts.step if texts else None)
+                for j, i in enumerate(idx):
+                    ids = new_ids[j, : lengths[j]].tolist()
+                    if finished[j]:
+                        stop = next(k for k, t in enumerate(ids) if t in eos_set)
+                        ids = ids[: stop + 1]
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    gens[i] = Generation(convs[i], text, rows[i][0], ids, bool(finished[j]))
+                    if texts:
+                        texts.close(j, text)
+                if finish:
+                    finish(new_ids)
+                bar.update(len(idx))
+        finally:
+            bar.close()
         done = [g for g in gens if g is not None]
         return [g.text for g in done], done
 
@@ -302,8 +329,13 @@ class GenerationMixin:
         generator: torch.Generator | None,
         eos: Tensor,
         use_cache: bool,
-    ) -> tuple[Int[Tensor, "batch new"], Bool[Tensor, " batch"]]:
-        """The decoding loop: one forward per new token, masks set for every step."""
+        on_step: Callable[[Tensor, Tensor], Sequence[int]] | None = None,
+    ) -> tuple[Int[Tensor, "batch new"], Bool[Tensor, " batch"], list[int]]:
+        """The decoding loop: one forward per new token, masks set for every step.
+
+        Returns the new tokens, which rows ended at an end-of-sequence token, and each row's
+        number of real tokens (up to where ``on_step`` stopped it: it is called after every
+        step with the step's tokens and the rows already done, and returns rows to stop)."""
         b, p = batch.input_ids.shape
         total = p + max_new_tokens
         positions = batch_positions(batch, total)
@@ -316,6 +348,9 @@ class GenerationMixin:
         run = self._runner()
         cache = run.new_cache(b) if use_cache else None
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        # rows stopped by on_step: padded from then on like finished rows, but not ended by EOS
+        halted = torch.zeros(b, dtype=torch.bool, device=self.device)
+        lengths = [max_new_tokens] * b
         new_tokens = []
         step_input, start = tokens, 0
         longest_prompt = int(attn.sum(1).max())
@@ -335,18 +370,25 @@ class GenerationMixin:
                 raise V.NumericalError(self._numerical_message(
                     f"the model's next-token logits at generation step {step}"))
             nxt = sample(logits, temperature, top_p, generator)
-            nxt = torch.where(finished, pad, nxt)
+            done = finished | halted
+            nxt = torch.where(done, pad, nxt)
             new_tokens.append(nxt)
-            finished |= torch.isin(nxt, eos)
+            finished |= torch.isin(nxt, eos) & ~done
+            if on_step is not None:
+                for j in on_step(nxt, done):
+                    if not bool(finished[j] | halted[j]):
+                        halted[j] = True
+                        lengths[j] = step + 1
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             attn = torch.cat([attn, attn.new_ones(b, 1)], dim=1)
-            if bool(finished.all()):
+            if bool((finished | halted).all()):
                 break
             if use_cache:
                 step_input, start = nxt[:, None], tokens.shape[1] - 1
             else:
                 step_input, start = tokens, 0
-        return torch.stack(new_tokens, dim=1), finished
+        new = torch.stack(new_tokens, dim=1)
+        return new, finished, [min(n, new.shape[1]) for n in lengths]
 
     @torch.no_grad()
     def monitor(
@@ -431,6 +473,54 @@ class GenerationMixin:
                 )
             )
         return out
+
+
+_UNSETTLED = re.compile(r"[\s\ufffd]+$")
+
+
+class _TextStream:
+    """One batch's answers as text pieces for ``generate(on_text=)``.
+
+    Each step decodes a row's tokens so far and sends what is new. Text that may still change
+    is held back: a trailing replacement character (a character whose bytes are not all
+    generated yet) and trailing spaces (the final text is stripped, and some tokenizers
+    clean a space up when punctuation follows). So the pieces join to exactly the answer's
+    final text, which :meth:`close` completes.
+    """
+
+    def __init__(self, tokenizer: Any, idx: Sequence[int], eos: set[int], on_text: Callable[[int, str], Any]):
+        self.tokenizer, self.idx, self.eos, self.on_text = tokenizer, list(idx), eos, on_text
+        self.ids: list[list[int]] = [[] for _ in idx]
+        self.sent = [""] * len(idx)
+
+    def _send(self, j: int, text: str) -> bool:
+        if not text.startswith(self.sent[j]) or len(text) == len(self.sent[j]):
+            return False  # nothing new, or an earlier piece's text changed: wait for the final text
+        piece, self.sent[j] = text[len(self.sent[j]):], text
+        return bool(self.on_text(self.idx[j], piece))
+
+    def step(self, nxt: Tensor, done: Tensor) -> list[int]:
+        stop = []
+        for j, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
+            if d or t in self.eos:
+                continue
+            self.ids[j].append(t)
+            text = _UNSETTLED.sub("", self.tokenizer.decode(self.ids[j], skip_special_tokens=True).strip())
+            if self._send(j, text):
+                stop.append(j)
+        return stop
+
+    def close(self, j: int, text: str) -> None:
+        """The row's final text: send whatever of it was held back."""
+        self._send(j, text)
+
+
+def _whole_answers(gens: Sequence[Generation], on_text: Callable[[int, str], Any] | None) -> None:
+    """``on_text`` for an engine that returns whole answers: one piece per answer."""
+    if on_text is not None:
+        for i, g in enumerate(gens):
+            if g.text:
+                on_text(i, g.text)
 
 
 def sample(
