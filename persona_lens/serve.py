@@ -464,9 +464,7 @@ class _Stream:
                 sent[i] += text
                 yield event([{"index": i, "delta": {"content": text}, "finish_reason": None}])
             elif kind == "error":
-                status, kind_ = (400, "invalid_request_error") if isinstance(value, ValueError) else (500, "server_error")
-                message = str(value) if status == 400 else f"internal error ({type(value).__name__}): {value}"
-                yield f"data: {json.dumps({'error': {'message': V.redact(message), 'type': kind_, 'param': None, 'code': None}})}\n\n"
+                yield f"data: {json.dumps(_error_reply(value)[1])}\n\n"
                 return
             else:
                 break
@@ -485,6 +483,20 @@ class _Stream:
         if include_usage:
             yield event([], usage=reply["usage"])
         yield "data: [DONE]\n\n"
+
+
+def _error_reply(e: BaseException) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, OpenAI error object) for a request that failed: its own fault (400, or
+    the status a RequestError names) or the server's (500, with the exception's type)."""
+    if isinstance(e, RequestError):
+        return _error_object(e.status, str(e), e.param, "invalid_request_error", e.code)
+    if isinstance(e, ValueError):  # the library's checks (context length, ...): the request's fault
+        return _error_object(400, str(e), None, "invalid_request_error", None)
+    return _error_object(500, f"internal error ({type(e).__name__}): {e}", None, "server_error", None)
+
+
+def _error_object(status: int, message: str, param: str | None, kind: str, code: str | None) -> tuple[int, dict]:
+    return status, {"error": {"message": V.redact(message), "type": kind, "param": param, "code": code}}
 
 
 class _ClientLeft(Exception):
@@ -549,8 +561,7 @@ def make_app(
 
     def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
               code: str | None = None):
-        return JSONResponse({"error": {"message": V.redact(message), "type": kind, "param": param, "code": code}},
-                            status_code=status)
+        return JSONResponse(_error_object(status, message, param, kind, code)[1], status_code=status)
 
     @app.exception_handler(RequestValidationError)
     def _bad_json(request: Any, exc: RequestValidationError):  # FastAPI's own 422: OpenAI's 400 instead
@@ -578,11 +589,8 @@ def make_app(
                 self.stream.cancel()
 
     def failed(e: BaseException):
-        if isinstance(e, RequestError):
-            return error(e.status, str(e), e.param, code=e.code)
-        if isinstance(e, ValueError):  # the library's checks (context length, ...): the request's fault
-            return error(400, str(e))
-        return error(500, f"internal error ({type(e).__name__}): {e}", kind="server_error")
+        status, body = _error_reply(e)
+        return JSONResponse(body, status_code=status)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: Any = Body(...)):
