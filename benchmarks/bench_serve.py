@@ -6,7 +6,9 @@ Workloads, interleaved (each repeat runs each once, medians over repeats after a
 - ``probe.generate`` under ``probe.steer`` (the library called directly);
 - the same request through the app in process (FastAPI's test client: request parsing,
   checks, the reply's JSON, no socket);
-- the same request over HTTP to uvicorn on a local port (``openai`` client, socket, event loop).
+- the same request over HTTP to uvicorn on a local port (``openai`` client, socket, event loop);
+- the same request streamed over HTTP (``stream: true``), with the time its first piece of
+  answer took beside the whole answer's.
 
 Every side generates the same greedy tokens (``--new-tokens`` exactly is not forced: the
 answers are the model's own and equal on every side, checked before timing). The ratios are
@@ -84,12 +86,25 @@ def main(argv=None) -> dict[str, float]:
                                                max_tokens=args.new_tokens, extra_body={"steering": body["steering"]})
         return reply.choices[0].message.content
 
-    answers = {direct(), in_process(), over_http()}
+    first: list[float] = []  # seconds to the first piece of each streamed answer
+
+    def streamed():
+        t, pieces = time.perf_counter(), []
+        for chunk in client.chat.completions.create(model=body["model"], messages=body["messages"], temperature=0,
+                                                    max_tokens=args.new_tokens, stream=True,
+                                                    extra_body={"steering": body["steering"]}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                if not pieces:
+                    first.append(time.perf_counter() - t)
+                pieces.append(chunk.choices[0].delta.content)
+        return "".join(pieces)
+
+    answers = {direct(), in_process(), over_http(), streamed()}
     if len(answers) != 1:
-        raise SystemExit(f"the three sides answered differently: {answers}")
+        raise SystemExit(f"the four sides answered differently: {answers}")
     try:
         times = run_interleaved({"probe.generate (direct)": direct, "app in process": in_process,
-                                 "HTTP + openai client": over_http}, args.repeats, "cpu")
+                                 "HTTP + openai client": over_http, "HTTP streamed": streamed}, args.repeats, "cpu")
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -100,6 +115,9 @@ def main(argv=None) -> dict[str, float]:
     print(f"{'workload':<28} {'median ms':>10} {'direct / this':>14}")
     for k, v in med.items():
         print(f"{k:<28} {1000 * v:>10.2f} {base / v:>13.2f}x")
+    to_first = statistics.median(first[2:])  # after the answer check and the warm-up
+    print(f"{'  first streamed piece':<28} {1000 * to_first:>10.2f} {to_first / med['HTTP streamed']:>13.2f} "
+          f"of the streamed answer's time")
     return {k: base / v for k, v in med.items()}
 
 

@@ -56,6 +56,7 @@ def test_serve_benchmark_checks_the_answers_agree_and_prints_ratios(capsys):
     from benchmarks import bench_serve
 
     ratios = bench_serve.main(["--new-tokens", "4", "--repeats", "1"])
-    assert set(ratios) == {"probe.generate (direct)", "app in process", "HTTP + openai client"}
+    assert set(ratios) == {"probe.generate (direct)", "app in process", "HTTP + openai client", "HTTP streamed"}
     assert all(r > 0 for r in ratios.values())
-    assert "HTTP + openai client" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "HTTP + openai client" in out and "first streamed piece" in out
