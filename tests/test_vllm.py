@@ -304,6 +304,27 @@ def test_the_server_on_the_engine_answers_and_reads_as_on_the_hf_path(engine, hf
         assert g[1:] == pytest.approx(w[1:], rel=1e-4, abs=1e-3)
 
 
+def test_streamed_answers_and_stop_strings_on_the_engine_equal_the_hf_path(engine, hf, vec, prompts):
+    """The engine returns whole answers: a streamed request gets each as one piece, cut at its
+    stop string as on the HF path."""
+    pytest.importorskip("fastapi")
+    from persona_lens.serve import make_app
+
+    def served(probe):
+        server = make_app(probe, {"evil": vec}, max_tokens=MAX_NEW).state.persona_lens
+        body = {"messages": prompts[0], "temperature": 0, "steering": [{"vector": "evil", "layer": 3, "coef": 4.0}]}
+        full = server.complete(body)["choices"][0]["message"]["content"]
+        stop = " " + full.split()[2]
+        pieces: list[str] = []
+        r = server.complete({**body, "stop": [stop]}, on_text=lambda i, t: pieces.append(t))
+        got = r["choices"][0]
+        assert "".join(pieces) == got["message"]["content"] == full[: full.index(stop)]
+        assert got["finish_reason"] == "stop"
+        return full, got["message"]["content"]
+
+    assert served(engine) == served(hf)
+
+
 @pytest.mark.smollm
 def test_smollm2_steered_greedy_tokens_equal_the_hf_path(smollm2):
     from persona_lens.models import cache_root
@@ -394,23 +415,3 @@ def test_the_cli_hands_engine_to_load_model(monkeypatch):
         cli._load_probe(args)
     assert "engine" not in seen or seen["engine"] == "transformer_lens"
 
-
-def test_streamed_answers_and_stop_strings_on_the_engine_equal_the_hf_path(engine, hf, vec, prompts):
-    """The engine returns whole answers: a streamed request gets each as one piece, cut at its
-    stop string as on the HF path."""
-    pytest.importorskip("fastapi")
-    from persona_lens.serve import make_app
-
-    def served(probe):
-        server = make_app(probe, {"evil": vec}, max_tokens=MAX_NEW).state.persona_lens
-        body = {"messages": prompts[0], "temperature": 0, "steering": [{"vector": "evil", "layer": 3, "coef": 4.0}]}
-        full = server.complete(body)["choices"][0]["message"]["content"]
-        stop = " " + full.split()[2]
-        pieces: list[str] = []
-        r = server.complete({**body, "stop": [stop]}, on_text=lambda i, t: pieces.append(t))
-        got = r["choices"][0]
-        assert "".join(pieces) == got["message"]["content"] == full[: full.index(stop)]
-        assert got["finish_reason"] == "stop"
-        return full, got["message"]["content"]
-
-    assert served(engine) == served(hf)
