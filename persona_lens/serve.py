@@ -19,9 +19,9 @@ the same answer) and the steering it applied, with each vector's trait and sourc
 One model serves one request at a time (a lock around the probe: steering is model-wide
 state); ``n`` choices of one request are one batch. For throughput, load the model on the
 vLLM engine (``--engine vllm``). ``stream: true`` sends the answer in OpenAI's server-sent
-events as it is generated (on the vLLM engine each answer comes whole, when it is done); a
-client that leaves stops its generation at the next token. A stop string ends an answer's
-generation where it appears, streamed or not. Fields this server
+events as it is generated (on the vLLM engine each answer comes whole, when it is done). A
+client that leaves, streamed or not, stops its generation at the next token. A stop string
+ends an answer's generation where it appears. Fields this server
 does not implement (tools, logprobs, penalties, ...) are refused with a message naming them
 when they ask for something; an unknown field is refused too, so a misspelt ``"steering"``
 never passes unnoticed.
@@ -358,10 +358,10 @@ class _Server:
         return {"vector": s.vector, "trait": vec.trait, "model_name": vec.model_name,
                 "layers": {str(l): c for l, c in s.layers.items()}, "positions": s.positions}
 
-    def stream(self, body: Any) -> "_Stream":
-        """Start answering a ``stream: true`` request in a thread of its own; the returned
-        stream's :meth:`_Stream.first` says whether the request was accepted."""
-        return _Stream(self, body)
+    def start(self, body: Any) -> "_Job":
+        """Start answering a request in a thread of its own; the returned job's
+        :meth:`_Job.first` says whether the request was accepted."""
+        return _Job(self, body)
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
@@ -406,16 +406,19 @@ class _Stops:
         return text[start:end], False
 
 
-class _Stream:
-    """One ``stream: true`` request: generated in a thread of its own, its pieces passed
-    through a queue to the server-sent events. :meth:`cancel` (the client left) stops the
-    generation at its next token, which releases the model and removes the steering."""
+class _Job:
+    """One request, answered in a thread of its own so that its client can be watched while
+    it generates: :meth:`cancel` (the client left) stops the generation at its next token,
+    which releases the model and removes the steering. A ``stream: true`` request's pieces
+    pass through a queue to the server-sent events (:meth:`chunks`); another request's reply
+    comes whole (:meth:`reply`)."""
 
     def __init__(self, server: _Server, body: Any):
         self.server, self.body = server, body
+        self.streamed = isinstance(body, dict) and body.get("stream") is True
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
-        threading.Thread(target=self._run, daemon=True, name="persona-lens-stream").start()
+        threading.Thread(target=self._run, daemon=True, name="persona-lens-request").start()
 
     def _run(self) -> None:
         try:
@@ -428,7 +431,8 @@ class _Stream:
     def _piece(self, i: int, text: str) -> None:
         if self.cancelled.is_set():
             raise _ClientLeft
-        self.events.put(("piece", (i, text)))
+        if self.streamed:
+            self.events.put(("piece", (i, text)))
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -437,6 +441,23 @@ class _Stream:
         """Wait until the request holds the model; its error if it failed before that."""
         kind, value = self.events.get()
         return value if kind == "error" else None
+
+    async def reply(self, client_left: Any, every: float = 0.1) -> dict[str, Any]:
+        """The whole reply (an unstreamed request), asking ``client_left()`` every ``every``
+        seconds meanwhile and cancelling when it says so; raises the request's failure."""
+        import asyncio
+
+        done = asyncio.get_running_loop().run_in_executor(None, self.events.get)
+        while True:
+            finished, _ = await asyncio.wait({done}, timeout=every)
+            if finished:
+                break
+            if not self.cancelled.is_set() and await client_left():
+                self.cancel()
+        kind, value = done.result()
+        if kind == "error":
+            raise value
+        return value
 
     def chunks(self) -> Iterator[str]:
         """The reply as server-sent events of ``chat.completion.chunk`` objects, OpenAI's way:
@@ -549,7 +570,8 @@ def make_app(
         (0, {'5': 1.15})
     """
     try:
-        from fastapi import Body, FastAPI
+        from fastapi import Body, FastAPI, Request
+        from fastapi.concurrency import run_in_threadpool
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, StreamingResponse
         from starlette.exceptions import HTTPException
@@ -578,30 +600,38 @@ def make_app(
         """Server-sent events that stop their generation however the response ends (the
         client left, or a write failed), not only when every chunk was sent."""
 
-        def __init__(self, stream: _Stream):
-            super().__init__(stream.chunks(), media_type="text/event-stream")
-            self.stream = stream
+        def __init__(self, job: _Job):
+            super().__init__(job.chunks(), media_type="text/event-stream")
+            self.job = job
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                self.stream.cancel()
+                self.job.cancel()
 
     def failed(e: BaseException):
         status, body = _error_reply(e)
         return JSONResponse(body, status_code=status)
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(body: Any = Body(...)):
-        if isinstance(body, dict) and body.get("stream") is True:
-            stream = server.stream(body)
-            e = stream.first()  # every error of the request itself comes before the first chunk
-            return failed(e) if e is not None else EventStream(stream)
+    async def chat_completions(request, body: Any = Body(...)):
+        job = server.start(body)
+        # every error of the request itself comes before it holds the model (and before a
+        # stream's first chunk); the wait for the model is a thread's, not the event loop's
+        e = await run_in_threadpool(job.first)
+        if e is not None:
+            return failed(e)
+        if job.streamed:
+            return EventStream(job)
         try:
-            return server.complete(body)
+            return await job.reply(request.is_disconnected)
         except Exception as e:  # noqa: BLE001 - answered with its type; the server keeps running
             return failed(e)
+
+    # set here, not written in the signature: this module's annotations are strings, and
+    # FastAPI resolves those in the module, where Request (an optional dependency) is not
+    chat_completions.__annotations__["request"] = Request
+    app.post("/v1/chat/completions")(chat_completions)
 
     @app.get("/v1/models")
     def models():

@@ -271,8 +271,10 @@ def test_a_failure_while_streaming_is_an_error_event_and_frees_the_model(app, pr
 
 
 def test_a_client_that_leaves_stops_its_generation(tiny_dirs):
-    """Over a real socket: closing the stream mid-answer ends the generation at once, where
-    the same request left alone runs to its token limit."""
+    """Over a real socket: a client that leaves mid-answer, streamed or not, ends the
+    generation at once, where the same request left alone runs to its token limit."""
+    import time
+
     import httpx
     import uvicorn
 
@@ -281,30 +283,42 @@ def test_a_client_that_leaves_stops_its_generation(tiny_dirs):
     probe = pl.PersonaProbe(pl.load_model(tiny_dirs["llama"], device="cpu"))
     steps = []
     step = probe._step
-    probe._step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+
+    def slow_step(*a, **k):  # 400 steps take seconds, so that leaving early is early
+        steps.append(1)
+        time.sleep(0.005)
+        return step(*a, **k)
+
+    probe._step = slow_step
     app = make_app(probe, max_tokens=400)
+    lock = app.state.persona_lens.lock
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         while not server.started:
             thread.join(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
         body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "stream": True}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+        with httpx.Client(base_url=url, timeout=120) as http:
             with http.stream("POST", "/v1/chat/completions", json=body) as r:
                 lines = [line for line in r.iter_lines() if line.startswith("data: {")]
-            n_whole = len(steps)
-            assert '"finish_reason": "length"' in lines[-1] and n_whole == 400  # left alone: all 400 tokens
+        n_whole = len(steps)
+        assert '"finish_reason": "length"' in lines[-1] and n_whole == 400  # left alone: all 400 tokens
+        for streamed in (True, False):
             steps.clear()
-            with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                for line in r.iter_lines():
-                    if '"content": "' in line and '"role"' not in line:
-                        break  # the first piece of the answer: leave
-        lock = app.state.persona_lens.lock
-        assert lock.acquire(timeout=60)  # the generation ended and gave the model back
-        lock.release()
-        assert len(steps) < n_whole // 4, len(steps)
+            with httpx.Client(base_url=url, timeout=120 if streamed else 0.3) as http:
+                if streamed:
+                    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                        for line in r.iter_lines():
+                            if '"content": "' in line and '"role"' not in line:
+                                break  # the first piece of the answer: leave
+                else:
+                    with pytest.raises(httpx.ReadTimeout):  # gives up waiting for the whole answer
+                        http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert lock.acquire(timeout=60)  # the generation ended and gave the model back
+            lock.release()
+            assert len(steps) < n_whole // 4, (streamed, len(steps))
     finally:
         server.should_exit = True
         thread.join(10)
