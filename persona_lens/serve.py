@@ -29,6 +29,7 @@ never passes unnoticed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import secrets
@@ -386,12 +387,11 @@ class _Stops:
 
     def push(self, i: int, piece: str) -> tuple[str, bool]:
         """(the text of answer ``i`` that can be sent now, whether the answer has ended)."""
+        if not self.stop:
+            return piece, False
         if self.done[i]:
             return "", True
         text = self.text[i] = self.text[i] + piece
-        if not self.stop:
-            self.sent[i] = len(text)
-            return piece, False
         found = [c for c in (text.find(s) for s in self.stop) if c >= 0]
         # where a stop string could still begin, given more text
         open_ = [j for s in self.stop for j in range(max(0, len(text) - len(s) + 1), len(text))
@@ -445,8 +445,6 @@ class _Job:
     async def reply(self, client_left: Any, every: float = 0.1) -> dict[str, Any]:
         """The whole reply (an unstreamed request), asking ``client_left()`` every ``every``
         seconds meanwhile and cancelling when it says so; raises the request's failure."""
-        import asyncio
-
         done = asyncio.get_running_loop().run_in_executor(None, self.events.get)
         while True:
             finished, _ = await asyncio.wait({done}, timeout=every)
@@ -521,7 +519,7 @@ def _error_object(status: int, message: str, param: str | None, kind: str, code:
 
 
 class _ClientLeft(Exception):
-    """Raised inside a streamed generation whose client has gone: it stops the generation."""
+    """Raised inside a generation whose client has gone: it stops the generation."""
 
 
 def _cut(text: str, stop: Sequence[str], finished: bool) -> tuple[str, str]:
